@@ -1,0 +1,216 @@
+"""Turn whatever image a notebook user holds into the RGB PIL image LLaVA processors expect.
+
+Users have paths, URLs, bytes, data URIs, PIL images, numpy arrays, torch tensors, or just the
+name of a variable. ``load_image`` accepts all of them and fails with one-line messages that
+name the input and the fix, never a PIL traceback or a screenful of bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llava_nb.errors import LlavaError
+
+MAX_PIXELS = 64_000_000  # far above any vision tower's input; refuses decompression bombs
+MAX_IMAGE_BYTES = 50 * 1024 * 1024  # cap on downloaded bytes
+FETCH_TIMEOUT_S = 10  # seconds, so a dead server cannot hang a notebook cell
+USER_AGENT = "llava_nb (Python urllib)"  # some hosts refuse the default one
+ACCEPTED = (
+    "a path, an http(s) URL, a data:image URI, bytes, a PIL image, a numpy array, "
+    "a torch tensor, or the name of a notebook variable holding one"
+)
+
+
+class ImageError(LlavaError):
+    """An image could not be loaded; the message names the input and the fix."""
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """Cut ``text`` to ``limit`` chars, so no message dumps a whole input."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(text: str) -> str:
+    return repr(_cut(text))
+
+
+def _one_line(err: object) -> str:
+    return _cut(" ".join(str(err).split())) or type(err).__name__
+
+
+def _unreadable(label: str, err: Exception) -> str:
+    why = "unknown image format" if isinstance(err, UnidentifiedImageError) else _one_line(err)
+    return f"{label} is not a readable image ({why}); pass a complete PNG/JPEG/WebP/GIF file"
+
+
+def _too_big(label: str, size: str = "") -> ImageError:
+    return ImageError(f"{label} is {size}more than {MAX_PIXELS:,} pixels; downscale it first")
+
+
+def load_image(source: object, *, namespace: Mapping[str, object] | None = None) -> Image.Image:
+    """Load ``source`` (see ``ACCEPTED``) as an upright RGB image, transparency on white."""
+    if isinstance(source, str) and source.isidentifier() and source in (namespace or {}):
+        try:
+            return load_image(namespace[source])
+        except ImageError as err:
+            raise ImageError(f"variable {source!r}: {err}") from err
+    if isinstance(source, Image.Image):
+        return _finish(source, f"PIL image (mode {source.mode}, {source.width}x{source.height})")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return _decode(data, f"image bytes ({len(data):,} bytes)")
+    if isinstance(source, str) and source[:5].lower() == "data:":
+        return image_from_data_uri(source)
+    if isinstance(source, str) and re.match(r"(?i)https?://", source):
+        return _decode(_fetch(source), f"image at {_short(source)}")
+    if isinstance(source, str) and re.match(r"(?i)([a-z][\w+.-]+://|file:)", source):
+        raise ImageError(f"cannot load {_short(source)}: only http(s) URLs are fetched; use a path")
+    if isinstance(source, (str, os.PathLike)):
+        return _decode(*_read_file(source))
+    np = sys.modules.get("numpy")  # an ndarray implies numpy is imported already
+    if np is not None and isinstance(source, np.ndarray):
+        return _from_array(source, f"array of shape {source.shape}", torch=False)
+    if type(source).__module__.startswith("torch") and hasattr(source, "detach"):
+        tensor = source.detach().cpu()
+        tensor = tensor.float() if tensor.is_floating_point() else tensor  # bfloat16 -> numpy
+        return _from_array(tensor.numpy(), f"tensor of shape {tuple(source.shape)}", torch=True)
+    kind, mod = type(source).__qualname__, type(source).__module__
+    kind = kind if mod == "builtins" else f"{mod}.{kind}"
+    raise ImageError(
+        f"cannot load an image from type {kind} ({_one_line(repr(source))}); pass {ACCEPTED}"
+    )
+
+
+def _read_file(source: str | os.PathLike) -> tuple[bytes, str]:
+    label = f"image file {_short(os.fspath(source))}"
+    try:
+        return Path(source).expanduser().read_bytes(), label
+    except FileNotFoundError:
+        raise ImageError(
+            f"{label} not found; check the path (relative paths start at {os.getcwd()})"
+        ) from None
+    except IsADirectoryError:
+        raise ImageError(f"{label} is a directory; pass an image file inside it") from None
+    except OSError as err:
+        raise ImageError(f"{label} cannot be read ({_one_line(err)}); check the path") from err
+
+
+def _fetch(url: str) -> bytes:
+    """GET ``url`` with a timeout and a byte cap, so a bad server cannot hang or flood us."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
+            data = response.read(MAX_IMAGE_BYTES + 1)
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        if isinstance(err, urllib.error.HTTPError):
+            why = f"HTTP {err.code} {err.reason}"
+            err.close()
+        else:
+            reason = getattr(err, "reason", err)  # URLError wraps the socket error
+            timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
+            why = f"timed out after {FETCH_TIMEOUT_S} s" if timed_out else _one_line(reason)
+        raise ImageError(f"cannot fetch {_short(url)} ({why}); check the URL and network") from err
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"image at {_short(url)} is over {MAX_IMAGE_BYTES:,} bytes; shrink it")
+    return data
+
+
+def _decode(data: bytes, label: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _too_big(label) from err
+    except Exception as err:
+        raise ImageError(_unreadable(label, err)) from err
+    return _finish(img, label)
+
+
+def _finish(img: Image.Image, label: str) -> Image.Image:
+    """Check the size, decode fully, apply EXIF orientation, and convert to RGB."""
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise _too_big(label, f"{width}x{height}, ")
+    if width * height == 0:
+        raise ImageError(f"{label} is empty ({width}x{height}); pass an image with pixels")
+    try:
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+    except Exception as err:
+        raise ImageError(_unreadable(label, err)) from err
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to RGB: alpha composited on white, 16/32-bit and float scaled to 8 bits."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257  # 16-bit range
+        elif img.mode == "F" and arr.max(initial=0) <= 1:
+            arr = arr * 255  # float in [0, 1]
+        img = Image.fromarray(np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, "white")
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _from_array(arr: object, label: str, *, torch: bool) -> Image.Image:
+    import numpy as np
+
+    arr = np.asarray(arr)
+    if torch and arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # CxHxW -> HxWxC
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        shapes = "HxW, HxWx1, HxWx3 or HxWx4" + (" (or CxHxW)" if torch else "")
+        raise ImageError(f"{label} is not an image; use shape {shapes}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype.kind == "f":
+        arr = (np.nan_to_num(arr) * 255).round().clip(0, 255).astype(np.uint8)
+    elif arr.dtype.kind in "iu" and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255)):
+        arr = arr.astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageError(f"{label} has dtype {arr.dtype}; use uint8 in 0-255 or float in 0-1")
+    return _finish(Image.fromarray(np.ascontiguousarray(arr)), label)
+
+
+def image_to_data_uri(img: Image.Image, format: str = "PNG") -> str:
+    """Encode ``img`` as a base64 data URI, to embed it in saved chats and API messages."""
+    fmt = "JPEG" if format.upper() == "JPG" else format.upper()
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = _to_rgb(img)  # JPEG has no alpha
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    mime = Image.MIME.get(fmt, f"image/{fmt.lower()}")
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def image_from_data_uri(uri: str) -> Image.Image:
+    """Decode a ``data:image/...;base64,...`` URI (as from ``image_to_data_uri``) to RGB."""
+    head, comma, payload = uri.partition(",")
+    label = f"data URI {_short(uri)}"
+    if not (comma and head.lower().startswith("data:image/") and head.lower().endswith(";base64")):
+        raise ImageError(f"{label} is not a base64 image URI; use 'data:image/png;base64,...'")
+    payload = "".join(payload.split())
+    try:
+        data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except binascii.Error as err:
+        raise ImageError(f"{label} has broken base64 ({_one_line(err)}); re-encode it") from err
+    return _decode(data, label)

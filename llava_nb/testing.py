@@ -1,0 +1,180 @@
+"""Tiny random LLaVA checkpoints, built offline, for tests and examples.
+
+They are saved with ``save_pretrained`` and load through the same ``from_pretrained`` path
+as ``llava-hf/llava-1.5-7b-hf`` and ``llava-hf/llava-v1.6-mistral-7b-hf``: same model classes,
+same processor classes, a chat template in the same style. Only the sizes are tiny, and the
+weights are random, so the answers are gibberish.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The chat templates follow the llava-hf checkpoints: LLaVA-1.5 ("USER: <image>\n... ASSISTANT:")
+# and LLaVA-NeXT on Mistral ("[INST] <image>\n... [/INST]").
+LLAVA_15_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA_NEXT_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{ ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ ' ' + content['text'] }}{% endfor %}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+_CORPUS = """\
+USER: What is in this picture? ASSISTANT: The picture shows a red car parked next to a tree.
+[INST] Describe the image. [/INST] A small dog sits on green grass under a blue sky.
+What color is it? It is yellow. How many people are there? There are three people.
+Where is the cat? The cat is on the left, near the window, on top of a wooden table.
+Is there any text in the photo? Yes, a sign says OPEN. The woman wears a dark uniform.
+Explain the chart: sales rise from January to June, then fall in July. 0 1 2 3 4 5 6 7 8 9
+"""
+_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+_KINDS = ("llava", "llava_next")
+
+
+def _tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained in-process, with LLaVA's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def make_tiny_llava(
+    path: str | Path, kind: str = "llava", *, width: int = 64, layers: int = 2, seed: int = 0
+) -> str:
+    """Build a tiny random LLaVA (``kind="llava"``) or LLaVA-NeXT (``"llava_next"``) checkpoint.
+
+    ``width`` >= 64 keeps every linear layer wide enough for bitsandbytes 4-bit on the CPU.
+    Returns the folder, ready for ``Model(path)`` or ``from_pretrained(path)``.
+    """
+    if kind not in _KINDS:
+        from llava_nb.errors import LlavaError
+
+        raise LlavaError(f"unknown tiny checkpoint kind {kind!r}; use one of {', '.join(_KINDS)}")
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    path = Path(path)
+    tokenizer = _tokenizer(vocab_size=320)
+    image_size, patch = 32, 8
+    vision = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=width,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    common = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    if kind == "llava":
+        config = LlavaConfig(**common)
+        model = LlavaForConditionalGeneration(config)
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_15_TEMPLATE,
+        )
+    else:
+        pinpoints = [
+            [image_size, 2 * image_size],
+            [2 * image_size, image_size],
+            [2 * image_size] * 2,
+        ]
+        config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=pinpoints,
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_NEXT_MISTRAL_TEMPLATE,
+        )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,355 @@
+"""Tests for llava_nb.images: every accepted input kind, every mode, and every failure path."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_nb import images
+from llava_nb.errors import LlavaError
+from llava_nb.images import ImageError, image_from_data_uri, image_to_data_uri, load_image
+
+RED = (255, 0, 0)
+WHITE = (255, 255, 255)
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 400
+    return msg
+
+
+@pytest.fixture
+def red_png(tmp_path: Path) -> Path:
+    path = tmp_path / "red.png"
+    Image.new("RGB", (6, 4), RED).save(path)
+    return path
+
+
+# --- input kinds ---------------------------------------------------------------------------
+
+
+def test_path_str_and_pathlike(red_png: Path) -> None:
+    for src in (str(red_png), red_png):
+        img = load_image(src)
+        assert img.mode == "RGB" and img.size == (6, 4) and img.getpixel((0, 0)) == RED
+
+
+def test_path_expands_home(red_png: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(red_png.parent))
+    assert load_image("~/red.png").size == (6, 4)
+
+
+def test_bytes_bytearray_memoryview(red_png: Path) -> None:
+    data = red_png.read_bytes()
+    for src in (data, bytearray(data), memoryview(data)):
+        assert load_image(src).getpixel((1, 1)) == RED
+
+
+def test_pil_image_is_copied_not_aliased() -> None:
+    src = Image.new("RGB", (3, 3), RED)
+    out = load_image(src)
+    assert out is not src and out.getpixel((0, 0)) == RED
+
+
+def test_data_uri_round_trip() -> None:
+    uri = image_to_data_uri(Image.new("RGB", (5, 5), RED))
+    assert uri.startswith("data:image/png;base64,")
+    assert load_image(uri).getpixel((2, 2)) == RED
+    assert image_from_data_uri(uri).size == (5, 5)
+    jpeg = image_to_data_uri(Image.new("RGBA", (5, 5), (0, 0, 255, 255)), format="jpg")
+    assert jpeg.startswith("data:image/jpeg;base64,") and load_image(jpeg).size == (5, 5)
+
+
+def test_bad_data_uris() -> None:
+    with pytest.raises(ImageError, match="not a base64 image URI"):
+        load_image("data:text/plain;base64,aGVsbG8=")
+    with pytest.raises(ImageError, match="broken base64"):
+        image_from_data_uri("data:image/png;base64,@@@@")
+    with pytest.raises(ImageError, match="not a readable image") as err:
+        load_image("data:image/png;base64," + base64.b64encode(b"x" * 500).decode())
+    assert len(one_line(err)) < 250  # the URI is shortened, not dumped
+
+
+@pytest.mark.parametrize(
+    ("arr", "expected"),
+    [
+        (np.full((4, 6), 255, np.uint8), WHITE),
+        (np.full((4, 6, 1), 0, np.uint8), (0, 0, 0)),
+        (np.tile(np.array(RED, np.uint8), (4, 6, 1)), RED),
+        (np.tile(np.array([255, 0, 0, 0], np.uint8), (4, 6, 1)), WHITE),  # transparent
+        (np.tile(np.array([1.0, 0.0, 0.0]), (4, 6, 1)), RED),
+        (np.tile(np.array([2.0, -1.0, 0.0], np.float32), (4, 6, 1)), RED),  # clipped
+        (np.ones((4, 6), bool), WHITE),
+        (np.full((4, 6), 255, np.int64), WHITE),
+    ],
+)
+def test_numpy_arrays(arr: np.ndarray, expected: tuple[int, int, int]) -> None:
+    img = load_image(arr)
+    assert img.mode == "RGB" and img.size == (6, 4) and img.getpixel((0, 0)) == expected
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 4, 6, 3), (4, 6, 2), (4, 6, 5)])
+def test_numpy_bad_shapes(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ImageError, match="HxW, HxWx1, HxWx3 or HxWx4") as err:
+        load_image(np.zeros(shape, np.uint8))
+    one_line(err)
+
+
+def test_numpy_bad_values_and_empty() -> None:
+    with pytest.raises(ImageError, match="dtype int64"):
+        load_image(np.full((4, 6), 1000, np.int64))
+    with pytest.raises(ImageError, match="empty"):
+        load_image(np.zeros((0, 6, 3), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.zeros(3, 4, 6).index_fill_(0, torch.tensor([0]), 1.0),  # CxHxW float
+        torch.zeros(4, 6, 3, dtype=torch.uint8).index_fill_(2, torch.tensor([0]), 255),  # HWC
+        torch.zeros(4, 4, 6).index_fill_(0, torch.tensor([0, 3]), 1.0),  # CxHxW RGBA
+        torch.zeros(3, 4, 6, dtype=torch.bfloat16).index_fill_(0, torch.tensor([0]), 1.0),
+        torch.zeros(3, 4, 6, requires_grad=True).index_fill(0, torch.tensor([0]), 1.0),
+    ],
+)
+def test_torch_tensors(tensor: torch.Tensor) -> None:
+    img = load_image(tensor)
+    assert img.size == (6, 4) and img.getpixel((5, 3)) == RED
+
+
+def test_torch_gray_and_bad_shape() -> None:
+    assert load_image(torch.ones(1, 4, 6)).getpixel((0, 0)) == WHITE
+    assert load_image(torch.ones(4, 6)).size == (6, 4)
+    with pytest.raises(ImageError, match="or CxHxW"):
+        load_image(torch.zeros(2, 3, 4, 6))
+
+
+def test_namespace_lookup(red_png: Path) -> None:
+    ns = {"cat": str(red_png), "arr": np.zeros((2, 2), np.uint8), "bad": 42}
+    assert load_image("cat", namespace=ns).size == (6, 4)
+    assert load_image("arr", namespace=ns).size == (2, 2)
+    with pytest.raises(
+        ImageError, match=r"^variable 'bad': cannot load an image from type int \(42\)"
+    ):
+        load_image("bad", namespace=ns)
+    with pytest.raises(ImageError, match="not found"):
+        load_image("dog", namespace=ns)  # not a variable, so it is a (missing) path
+
+
+@pytest.mark.parametrize("value", [42, {"a": 1}, None, 3.5, object()])
+def test_unsupported_types(value: object) -> None:
+    with pytest.raises(ImageError, match=r"cannot load an image from type .*; pass a path") as err:
+        load_image(value)
+    assert type(value).__name__ in one_line(err)
+
+
+def test_image_error_is_llava_error() -> None:
+    assert issubclass(ImageError, LlavaError)
+
+
+# --- processing ----------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20), RED)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif)
+    with Image.open(path) as raw:
+        assert raw.size == (40, 20)
+    assert load_image(path).size == (20, 40)
+
+
+def test_rgba_transparency_on_white() -> None:
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    img.putpixel((0, 0), (255, 0, 0, 255))
+    out = load_image(png_bytes(img))
+    assert out.getpixel((0, 0)) == RED and out.getpixel((3, 3)) == WHITE
+    half = load_image(Image.new("LA", (2, 2), (0, 128)))
+    assert half.getpixel((0, 0)) == (127, 127, 127)
+
+
+def test_palette_with_transparency() -> None:
+    img = Image.new("P", (4, 4), 1)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    out = load_image(png_bytes(img, transparency=0))
+    assert out.getpixel((0, 0)) == WHITE and out.getpixel((1, 1)) == RED
+    assert load_image(png_bytes(img)).getpixel((0, 0)) == (0, 0, 0)  # opaque palette
+
+
+def test_sixteen_bit_and_wide_modes() -> None:
+    arr16 = np.full((4, 6), 65535, np.uint16)
+    arr16[0, 0] = 0
+    out = load_image(png_bytes(Image.fromarray(arr16)))
+    assert out.getpixel((1, 1)) == WHITE and out.getpixel((0, 0)) == (0, 0, 0)
+    assert load_image(Image.fromarray(np.full((2, 2), 0.5, np.float32))).getpixel((0, 0)) == (
+        128,
+        128,
+        128,
+    )
+    assert load_image(Image.new("I", (2, 2), 65535)).getpixel((0, 0)) == WHITE
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "CMYK", "P", "YCbCr", "I;16"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    assert load_image(Image.new(mode, (3, 2))).mode == "RGB"
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+def test_missing_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImageError, match=r"image file 'cat\.jpg' not found; check the path") as err:
+        load_image("cat.jpg")
+    assert str(tmp_path) in one_line(err)
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_long_input_is_shortened(tmp_path: Path) -> None:
+    with pytest.raises(ImageError) as err:
+        load_image(str(tmp_path / ("x" * 300)))
+    assert len(one_line(err)) < 300
+
+
+def test_truncated_jpeg(tmp_path: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = png_bytes(Image.fromarray(noise), "JPEG", quality=95)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ImageError, match=r"'.*cut\.jpg' is not a readable image .*truncated"
+    ) as err:
+        load_image(path)
+    one_line(err)
+
+
+def test_text_file_named_jpg(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jpg"
+    path.write_text("not an image\n" * 50)
+    with pytest.raises(ImageError, match=r"is not a readable image \(unknown image format\)"):
+        load_image(path)
+    with pytest.raises(ImageError, match=r"image bytes \(13 bytes\) is not a readable"):
+        load_image(b"not an image\n")
+
+
+def test_pixel_limit(red_png: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "MAX_PIXELS", 10)
+    with pytest.raises(ImageError, match="is 6x4, more than 10 pixels; downscale it first"):
+        load_image(red_png)
+    with pytest.raises(ImageError, match="more than 10 pixels"):
+        load_image(np.zeros((4, 6), np.uint8))
+
+
+def test_decompression_bomb_header() -> None:
+    data = bytearray(png_bytes(Image.new("L", (1, 1))))
+    ihdr = struct.pack(">II", 100_000, 100_000) + bytes(data[24:29])  # claims 10^10 pixels
+    data[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(ImageError, match="more than 64,000,000 pixels"):
+        load_image(bytes(data))
+
+
+def test_other_url_schemes_refused(red_png: Path) -> None:
+    for url in (red_png.as_uri(), "ftp://example.com/cat.png"):
+        with pytest.raises(ImageError, match="only http\\(s\\) URLs"):
+            load_image(url)
+
+
+# --- URLs, against a real local HTTP server ----------------------------------------------
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/slow":
+            time.sleep(2)
+        if self.headers.get("User-Agent", "").startswith("Python-urllib"):
+            self.send_error(403, "default user agent")
+            return
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    Image.new("RGB", (6, 4), RED).save(tmp_path / "red.png")
+    (tmp_path / "slow").write_bytes((tmp_path / "red.png").read_bytes())
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path))
+    )
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_url_success(server: str) -> None:
+    img = load_image(f"{server}/red.png")
+    assert img.size == (6, 4) and img.getpixel((0, 0)) == RED
+
+
+def test_url_404(server: str) -> None:
+    with pytest.raises(ImageError, match=r"cannot fetch '.*/nope.png' \(HTTP 404") as err:
+        load_image(f"{server}/nope.png")
+    one_line(err)
+
+
+def test_url_too_large(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 20)
+    with pytest.raises(ImageError, match="is over 20 bytes"):
+        load_image(f"{server}/red.png")
+
+
+def test_url_connection_refused() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ImageError, match=f"cannot fetch 'http://127.0.0.1:{port}/x.png'"):
+        load_image(f"http://127.0.0.1:{port}/x.png")
+
+
+def test_url_timeout(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "FETCH_TIMEOUT_S", 0.5)
+    start = time.monotonic()
+    with pytest.raises(ImageError, match=r"timed out after 0.5 s"):
+        load_image(f"{server}/slow")
+    assert time.monotonic() - start < 1.5
+
+
+# --- import cost ---------------------------------------------------------------------------
+
+
+def test_import_is_cheap() -> None:
+    code = (
+        "import llava_nb.images, sys; "
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
