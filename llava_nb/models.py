@@ -1,0 +1,477 @@
+"""Known checkpoints and `Model`: a LLaVA checkpoint that loads on first use.
+
+Nothing here imports torch or transformers at module level: `Model(...)` is only a description
+until `load()` (or the first question) runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import queue
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_nb.errors import LlavaError
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}
+QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
+
+
+class ModelError(LlavaError):
+    """A checkpoint could not be found, is not LLaVA, or failed to load."""
+
+
+class GenerationError(LlavaError):
+    """A question could not be answered (prompt too long, out of memory, bad settings)."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    id: str
+    family: str  # a key of FAMILIES
+    size: str
+    language_model: str
+    fp16_gb: float  # weights in fp16; 4-bit needs about a third, plus activations
+
+
+REGISTRY: dict[str, KnownModel] = {
+    m.id: m
+    for m in (
+        KnownModel("llava-hf/llava-1.5-7b-hf", "llava", "7B", "Vicuna-7B", 14.1),
+        KnownModel("llava-hf/llava-1.5-13b-hf", "llava", "13B", "Vicuna-13B", 26.7),
+        KnownModel("llava-hf/llava-v1.6-mistral-7b-hf", "llava_next", "7B", "Mistral-7B", 15.1),
+        KnownModel("llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next", "7B", "Vicuna-7B", 14.1),
+        KnownModel("llava-hf/llava-v1.6-vicuna-13b-hf", "llava_next", "13B", "Vicuna-13B", 26.7),
+        KnownModel("llava-hf/llava-v1.6-34b-hf", "llava_next", "34B", "Yi-34B", 69.5),
+    )
+}
+
+
+def default_model_id() -> str:
+    """The model a chat uses when none is named: `$LLAVA_NB_MODEL`, else LLaVA-1.5-7B."""
+    return os.environ.get("LLAVA_NB_MODEL") or DEFAULT_MODEL
+
+
+def pick_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _pick_dtype(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device == "mps" else torch.float32
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick request, so an unknown id fails in seconds rather than after the hub's retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(
+            urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout
+        )
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except OSError:
+        return False
+    return True
+
+
+def _load_config(model_id: str):
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import AutoConfig
+
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"folder '{model_id}' has no config.json; point at a saved checkpoint")
+        return AutoConfig.from_pretrained(local)
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise ModelError(f"model folder '{model_id}' does not exist; check the path")
+    cached = try_to_load_from_cache(model_id, "config.json")
+    if not isinstance(cached, str) and not _hub_reachable():
+        raise ModelError(
+            f"model '{model_id}' is not in the local Hugging Face cache and the hub cannot be "
+            "reached; download it where there is network, or pass a local checkpoint folder "
+            "(HF_HUB_OFFLINE=1 uses only the cache)"
+        )
+    try:
+        return AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"model '{model_id}' not found ({first}); check the id or pass a local folder"
+        ) from None
+
+
+def _fp16_bytes(config) -> int:
+    """Bytes of the weights in fp16, counted on the meta device (no memory, no download)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def _import_bitsandbytes() -> None:
+    """Import bitsandbytes here, not inside `from_pretrained`: frames captured while it is
+    first imported would otherwise keep the first quantized model alive after `unload()`."""
+    try:
+        import bitsandbytes  # noqa: F401
+        import transformers.integrations.bitsandbytes  # noqa: F401
+    except ImportError as e:
+        message = f"4-bit / 8-bit loading needs bitsandbytes ({e}); pip install bitsandbytes"
+        raise ModelError(message) from None
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
+
+
+class Model:
+    """A LLaVA or LLaVA-NeXT checkpoint (hub id or local folder), loaded on first use.
+
+    quantization: "auto" (4-bit NF4 on CUDA when the fp16 weights would not fit in free GPU
+    memory, none elsewhere), "none", "4bit" or "8bit" (bitsandbytes; the vision tower, the
+    projector and lm_head stay unquantized, as in QLoRA practice for LLaVA).
+    """
+
+    def __init__(
+        self,
+        model_id: str | None = None,
+        *,
+        quantization: str = "auto",
+        device: str | None = None,
+    ) -> None:
+        if quantization not in QUANTIZATIONS:
+            raise ModelError(
+                f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}"
+            )
+        self.model_id = str(model_id or default_model_id())
+        self.quantization = quantization
+        self.device = device
+        self.model: Any = None
+        self.processor: Any = None
+        self._loaded_quantization: str | None = None
+        self._state = "unloaded"
+        self._load_seconds: float | None = None
+        self._lock = threading.RLock()  # one load or generation at a time
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.model_id!r}, quantization={self.quantization!r}, state={self._state!r})"
+        )
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def status(self) -> dict[str, Any]:
+        info = REGISTRY.get(self.model_id)
+        status: dict[str, Any] = {
+            "state": self._state,
+            "model": self.model_id,
+            "family": FAMILIES.get(info.family) if info else None,
+            "device": self.device,
+            "dtype": None,
+            "quantization": self._loaded_quantization or self.quantization,
+            "memory": 0,
+        }
+        if self.model is not None:
+            status.update(
+                family=FAMILIES.get(self.model.config.model_type, self.model.config.model_type),
+                device=str(self.model.device),
+                dtype=str(self.model.dtype).removeprefix("torch."),
+                memory=int(self.model.get_memory_footprint()),
+                load_seconds=round(self._load_seconds or 0.0, 2),
+            )
+        return status
+
+    def load(self) -> Model:
+        """Load weights and processor now (a no-op when loaded); prints one progress line."""
+        with self._lock:
+            if self.model is None:
+                self._state = "loading"
+                try:
+                    self._load()
+                except BaseException:
+                    self._release()
+                    raise
+                self._state = "loaded"
+        return self
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+        start = time.perf_counter()
+        config = _load_config(self.model_id)
+        if config.model_type not in FAMILIES:
+            raise ModelError(
+                f"'{self.model_id}' is a {config.model_type!r} model, not LLaVA or LLaVA-NeXT; "
+                "choose a llava-hf checkpoint (see %llava models)"
+            )
+        device = self.device or pick_device()
+        dtype = _pick_dtype(device)
+        quant = self._choose_quantization(config, device)
+        kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+        if quant in ("4bit", "8bit"):
+            _import_bitsandbytes()
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=quant == "4bit",
+                load_in_8bit=quant == "8bit",
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                llm_int8_skip_modules=[
+                    "model.vision_tower",
+                    "model.multi_modal_projector",
+                    "lm_head",
+                ],
+            )
+        label = f"{quant}, " if quant != "none" else ""
+        dtype_name = str(dtype).removeprefix("torch.")
+        print(f"llava_nb: loading {self.model_id} on {device} ({label}{dtype_name})…", flush=True)
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model_id)
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kwargs).eval()
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            hint = "try --4bit (quantization='4bit')" if quant != "4bit" else "try a smaller model"
+            raise ModelError(f"out of memory loading {self.model_id} on {device}; {hint}") from None
+        except ImportError as e:
+            raise ModelError(f"loading {self.model_id} needs a package: {e}") from None
+        self.device, self._loaded_quantization = device, quant
+        self._load_seconds = time.perf_counter() - start
+        gb = self.model.get_memory_footprint() / 1e9
+        print(f"llava_nb: loaded in {self._load_seconds:.1f} s ({gb:.2f} GB)", flush=True)
+
+    def _choose_quantization(self, config, device: str) -> str:
+        if self.quantization != "auto":
+            return self.quantization
+        if not device.startswith("cuda"):
+            return "none"
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return "4bit" if 1.2 * _fp16_bytes(config) > free else "none"
+
+    def unload(self) -> None:
+        """Drop the weights and give their memory back (GPU memory included)."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        self.model = self.processor = None
+        self._loaded_quantization = None
+        self._state = "unloaded"
+        gc.collect()
+        if "torch" in __import__("sys").modules:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Generation:
+        """Start answering a conversation in the processor's chat-message format.
+
+        Returns a `Generation`: iterate it for text pieces; `.text` is the answer.
+        """
+        check_settings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+        self.load()
+        inputs = self.processor.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        ).to(self.model.device, self.model.dtype)
+        prompt_tokens = inputs["input_ids"].shape[1]
+        context = self.model.config.text_config.max_position_embeddings
+        if prompt_tokens >= context:
+            raise GenerationError(
+                f"the conversation is {prompt_tokens} tokens, more than the model's context of "
+                f"{context}; start a new chat (reset, or --new) or ask with fewer images"
+            )
+        options = {
+            "max_new_tokens": min(max_new_tokens, context - prompt_tokens),
+            "do_sample": False,
+        }
+        if temperature > 0:
+            options.update(do_sample=True, temperature=temperature, top_p=top_p)
+        return Generation(self, inputs, options, seed)
+
+
+def check_settings(*, max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
+    """Refuse bad generation settings before any work starts."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, int | float) or temperature < 0:
+        raise GenerationError(
+            f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}"
+        )
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and not isinstance(seed, int):
+        raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+
+
+class Generation:
+    """One answer being generated in a worker thread; iterate it for text pieces.
+
+    The model runs off the calling thread, so an interrupt (KeyboardInterrupt, `stop()`, or
+    leaving the loop early) ends it after the current token and keeps the partial answer.
+    """
+
+    def __init__(self, model: Model, inputs, options: dict[str, Any], seed: int | None) -> None:
+        self._model = model
+        self._prompt_tokens = inputs["input_ids"].shape[1]
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self.done = False
+        self._worker = threading.Thread(
+            target=self._run, args=(inputs, options, seed), name="llava_nb-generate", daemon=True
+        )
+        self._worker.start()
+
+    def stop(self) -> None:
+        """Ask the worker to stop after the current token."""
+        self._stop.set()
+
+    def _run(self, inputs, options: dict[str, Any], seed: int | None) -> None:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        try:
+            with self._model._lock, torch.inference_mode():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = self._model.model.generate(
+                    **inputs,
+                    **options,
+                    streamer=_QueueStreamer(self._queue),
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]),
+                )
+            self._queue.put(("end", out[0, self._prompt_tokens :].tolist()))
+        except BaseException as e:  # handed to the consumer thread, raised there
+            self._queue.put(("error", e))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._model.processor.decode(ids, skip_special_tokens=True)
+
+    def __iter__(self) -> Iterator[str]:
+        emitted = ""
+        try:
+            while True:
+                kind, value = self._queue.get()
+                if kind == "token":
+                    self.token_ids.append(value)
+                    text = self._decode(self.token_ids).rstrip("\ufffd")  # hold back split bytes
+                elif kind == "end":
+                    self.token_ids = value
+                    text = self.text = self._decode(value)
+                else:
+                    self.done = True
+                    raise _generation_error(value)
+                if text.startswith(emitted) and len(text) > len(emitted):
+                    yield text[len(emitted) :]
+                    emitted = text
+                if kind == "end":
+                    self.done = True
+                    return
+        finally:
+            if not self.done:  # interrupted, stopped or abandoned: keep what we have
+                self._stop.set()
+                self._worker.join()
+                self.stopped = True
+                self.text = self._decode(self.token_ids)
+                self.done = True
+
+    def wait(self) -> str:
+        """Consume the whole generation; return the answer."""
+        for _ in self:
+            pass
+        return self.text
+
+
+class _QueueStreamer:
+    """The streamer protocol of `generate()`: the prompt first, then each new token."""
+
+    def __init__(self, sink: queue.Queue) -> None:
+        self.sink, self.seen_prompt = sink, False
+
+    def put(self, value) -> None:
+        if self.seen_prompt:
+            self.sink.put(("token", int(value.reshape(-1)[0])))
+        self.seen_prompt = True
+
+    def end(self) -> None:
+        pass
+
+
+class _StopOnEvent:
+    """A stopping criterion that ends generation once the event is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        stop = self.event.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _generation_error(error: BaseException) -> BaseException:
+    if isinstance(error, LlavaError):
+        return error
+    if _is_oom(error):
+        return GenerationError(
+            "out of memory while generating; lower max_new_tokens, start a new chat, "
+            "or load the model with --4bit"
+        )
+    return error
+
+
+_shared: dict[tuple[str, str, str | None], Model] = {}
+
+
+def get_model(model: Model | str | None, *, quantization: str = "auto", device: str | None = None):
+    """The one shared `Model` for an id (chats naming the same id share its weights)."""
+    if isinstance(model, Model):
+        return model
+    key = (str(model or default_model_id()), quantization, device)
+    if key not in _shared:
+        _shared[key] = Model(key[0], quantization=quantization, device=device)
+    return _shared[key]

@@ -1,0 +1,206 @@
+"""Model: lazy loading, status, unload, quantization, errors, and the generation worker."""
+
+import gc
+import sys
+import time
+import weakref
+
+import pytest
+
+from llava_nb.errors import LlavaError
+from llava_nb.models import (
+    REGISTRY,
+    GenerationError,
+    Model,
+    ModelError,
+    default_model_id,
+    get_model,
+)
+
+
+def _question(text="What is in this picture?", image=None):
+    content = [{"type": "image", "image": image}] if image is not None else []
+    return [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+
+
+def test_registry_lists_the_llava_hf_checkpoints():
+    assert {
+        "llava-hf/llava-1.5-7b-hf",
+        "llava-hf/llava-1.5-13b-hf",
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+        "llava-hf/llava-v1.6-vicuna-7b-hf",
+        "llava-hf/llava-v1.6-vicuna-13b-hf",
+        "llava-hf/llava-v1.6-34b-hf",
+    } <= set(REGISTRY)
+    assert REGISTRY["llava-hf/llava-1.5-7b-hf"].family == "llava"
+    assert (
+        REGISTRY["llava-hf/llava-v1.6-34b-hf"].fp16_gb
+        > REGISTRY["llava-hf/llava-1.5-13b-hf"].fp16_gb
+    )
+
+
+def test_default_model_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("LLAVA_NB_MODEL", raising=False)
+    assert default_model_id() == "llava-hf/llava-1.5-7b-hf"
+    monkeypatch.setenv("LLAVA_NB_MODEL", "/some/folder")
+    assert Model().model_id == "/some/folder"
+
+
+def test_model_is_lazy(tiny_llava):
+    model = Model(tiny_llava)
+    assert model.model is None
+    assert model.status()["state"] == "unloaded"
+    assert model.status()["memory"] == 0
+
+
+def test_load_status_and_unload_frees_the_weights(tiny_llava, capsys):
+    model = Model(tiny_llava).load()
+    assert "loading" in capsys.readouterr().out  # progress is shown
+    status = model.status()
+    assert status["state"] == "loaded"
+    assert status["family"] == "LLaVA-1.5"
+    assert status["device"] == "cpu"
+    assert status["dtype"] == "float32"
+    assert status["quantization"] == "none"  # auto picks none on the CPU
+    assert status["memory"] >= sum(p.numel() * 4 for p in model.model.parameters())
+    weights = weakref.ref(model.model)
+    model.unload()
+    gc.collect()
+    assert weights() is None, "something still holds the unloaded weights"
+    assert model.status() | {"model": None} == {
+        "state": "unloaded",
+        "model": None,
+        "family": None,
+        "device": "cpu",
+        "dtype": None,
+        "quantization": "auto",
+        "memory": 0,
+    }
+
+
+def test_llava_next_family(tiny_llava_next):
+    assert Model(tiny_llava_next).load().status()["family"] == "LLaVA-NeXT"
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_loading_keeps_vision_projector_and_head_unquantized(tiny_llava, bits, photo):
+    import torch
+
+    full = Model(tiny_llava).load()
+    model = Model(tiny_llava, quantization=bits).load()
+    quantized = type(model.model.model.language_model.layers[0].self_attn.q_proj).__name__
+    assert quantized == {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[bits]
+    vision_q = model.model.model.vision_tower.encoder.layers[0].self_attn.q_proj
+    for kept in (vision_q, model.model.model.multi_modal_projector.linear_1, model.model.lm_head):
+        assert type(kept) is torch.nn.Linear
+    assert model.status()["quantization"] == bits
+    assert model.status()["memory"] < full.status()["memory"]
+    answer = model.generate(_question(image=photo), max_new_tokens=5).wait()
+    assert isinstance(answer, str)
+    weights = weakref.ref(model.model)
+    model.unload()
+    gc.collect()
+    assert weights() is None
+
+
+def test_unknown_hub_id_fails_fast_with_a_fix(monkeypatch):
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache.*local checkpoint"):
+        Model("nobody/no-such-llava").load()
+    assert time.perf_counter() - start < 5
+
+
+def test_missing_folder_and_non_llava_checkpoints(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        Model(str(tmp_path / "nope" / "x")).load()
+    with pytest.raises(ModelError, match="no config.json"):
+        Model(str(tmp_path)).load()
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, num_hidden_layers=1).save_pretrained(tmp_path / "llama")
+    model = Model(str(tmp_path / "llama"))
+    with pytest.raises(ModelError, match="'llama' model, not LLaVA"):
+        model.load()
+    assert model.status()["state"] == "unloaded"
+
+
+def test_bad_quantization_is_refused():
+    with pytest.raises(ModelError, match="unknown quantization '3bit'"):
+        Model("x", quantization="3bit")
+
+
+def test_get_model_shares_one_instance_per_id(tiny_llava):
+    assert get_model(tiny_llava) is get_model(tiny_llava)
+    assert get_model(tiny_llava, quantization="4bit") is not get_model(tiny_llava)
+    model = Model(tiny_llava)
+    assert get_model(model) is model
+
+
+def test_streamed_pieces_add_up_to_the_answer(tiny_llava, photo):
+    generation = Model(tiny_llava).generate(_question(image=photo), max_new_tokens=30)
+    pieces = list(generation)
+    assert generation.done and not generation.stopped
+    assert "".join(pieces) == generation.text
+    assert len(generation.token_ids) == 30 or generation.token_ids[-1] == 2  # length or </s>
+
+
+def test_stop_ends_generation_within_a_token_or_two(tiny_llava):
+    generation = Model(tiny_llava).generate(_question(), max_new_tokens=900)
+    pieces = iter(generation)
+    while len(generation.token_ids) < 3:
+        next(pieces)
+    seen = len(generation.token_ids)
+    pieces.close()  # what leaving a loop early, or KeyboardInterrupt, does
+    assert generation.stopped
+    assert seen <= len(generation.token_ids) <= seen + 2
+    assert generation.text.startswith(
+        generation._decode(generation.token_ids[:seen]).rstrip("\ufffd")
+    )
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_llava):
+    model = Model(tiny_llava)
+    settings = {"max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9}
+    a = model.generate(_question(), seed=7, **settings).wait()
+    b = model.generate(_question(), seed=7, **settings).wait()
+    c = model.generate(_question(), seed=8, **settings).wait()
+    assert a == b
+    assert a != c
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"temperature": -1}, "temperature must be a number >= 0"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"seed": "x"}, "seed must be an integer"),
+    ],
+)
+def test_bad_settings_are_refused_before_loading(setting, message):
+    model = Model("never/loaded")
+    with pytest.raises(GenerationError, match=message):
+        model.generate(_question(), **setting)
+    assert model.model is None
+
+
+def test_prompt_longer_than_the_context(tiny_llava):
+    model = Model(tiny_llava)
+    with pytest.raises(GenerationError, match="more than the model's context of 1024"):
+        model.generate(_question("why " * 1200))
+    assert model.generate(_question(), max_new_tokens=2).wait() is not None  # still works
+
+
+def test_importing_llava_nb_stays_light():
+    import subprocess
+
+    code = (
+        "import llava_nb, llava_nb.models, llava_nb.chat, sys;"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_llava_error_is_the_base_of_model_errors():
+    assert issubclass(ModelError, LlavaError) and issubclass(GenerationError, LlavaError)
