@@ -1,0 +1,198 @@
+"""`Chat`: one conversation (its turns, images and settings) and the model that answers it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from llava_nb.errors import LlavaError
+from llava_nb.images import image_from_data_uri, image_to_data_uri, load_image
+from llava_nb.models import Model, check_settings, get_model
+
+FILE_FORMAT = "llava_nb.chat"
+FILE_VERSION = 1
+SETTINGS = ("max_new_tokens", "temperature", "top_p", "seed")
+
+
+class ChatFileError(LlavaError):
+    """A saved chat could not be read or written."""
+
+
+@dataclass
+class Turn:
+    """A question (with the images it brought) and the answer it got."""
+
+    question: str
+    images: list[Image.Image] = field(default_factory=list)
+    answer: str = ""
+    interrupted: bool = False  # the answer was stopped before it ended
+
+
+class Chat:
+    """A multi-turn conversation about images.
+
+    Images given in earlier turns stay in the context of later ones. The prompt is built by
+    the checkpoint's own chat template (through its processor), never by hand.
+    """
+
+    def __init__(
+        self,
+        model: Model | str | None = None,
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        check_settings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+        self.model = get_model(model)
+        self.settings: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
+        self._turns: list[Turn] = []
+
+    def __repr__(self) -> str:
+        return f"Chat(model={self.model.model_id!r}, turns={len(self._turns)})"
+
+    @property
+    def history(self) -> list[Turn]:
+        """The turns so far, oldest first (a copy: edit the chat through its methods)."""
+        return list(self._turns)
+
+    def messages(self, question: str | None = None, images: list[Image.Image] = ()) -> list[dict]:
+        """The conversation in the processor's chat format, optionally with a new question."""
+        turns = (
+            [*self._turns, Turn(question, list(images))] if question is not None else self._turns
+        )
+        messages: list[dict] = []
+        for turn in turns:
+            content = [{"type": "image", "image": image} for image in turn.images]
+            content.append({"type": "text", "text": turn.question})
+            messages.append({"role": "user", "content": content})
+            if turn is not turns[-1] or question is None:
+                messages.append(
+                    {"role": "assistant", "content": [{"type": "text", "text": turn.answer}]}
+                )
+        return messages
+
+    def stream(self, question: str, image: Any = None, **settings: Any) -> Iterator[str]:
+        """Ask a question and yield the answer in pieces as they are generated.
+
+        `image` is one image or a list (path, URL, bytes, PIL, array, tensor). Stopping early
+        (KeyboardInterrupt, or leaving the loop) keeps the partial answer, marked interrupted.
+        """
+        question = question.strip() if isinstance(question, str) else question
+        if not isinstance(question, str) or not question:
+            raise LlavaError("the question is empty; write a question about the image")
+        unknown = set(settings) - set(SETTINGS)
+        if unknown:
+            raise LlavaError(f"unknown setting {sorted(unknown)[0]!r}; use {', '.join(SETTINGS)}")
+        sources = image if isinstance(image, list | tuple) else [] if image is None else [image]
+        images = [load_image(source) for source in sources]
+        generation = self.model.generate(
+            self.messages(question, images), **{**self.settings, **settings}
+        )
+        return self._record(generation, Turn(question, images))
+
+    def _record(self, generation, turn: Turn) -> Iterator[str]:
+        try:
+            yield from generation
+        except (KeyboardInterrupt, GeneratorExit):
+            self._keep(turn, generation)  # the partial answer, marked interrupted
+            raise
+        self._keep(turn, generation)
+
+    def _keep(self, turn: Turn, generation) -> None:
+        turn.answer, turn.interrupted = generation.text, generation.stopped
+        self._turns.append(turn)
+
+    def ask(self, question: str, image: Any = None, **settings: Any) -> str:
+        """Ask a question (optionally about new images) and return the whole answer."""
+        with closing(self.stream(question, image, **settings)) as pieces:
+            for _ in pieces:
+                pass
+        return self._turns[-1].answer
+
+    def undo(self) -> Turn | None:
+        """Remove the last turn (question and answer) and return it."""
+        return self._turns.pop() if self._turns else None
+
+    def reset(self) -> None:
+        """Forget every turn; the model and settings stay."""
+        self._turns.clear()
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the chat, its images embedded, to a JSON file (atomically: never half-written)."""
+        path = Path(path).expanduser()
+        data = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "model": self.model.model_id,
+            "settings": self.settings,
+            "turns": [
+                {
+                    "question": t.question,
+                    "images": [image_to_data_uri(image) for image in t.images],
+                    "answer": t.answer,
+                    "interrupted": t.interrupted,
+                }
+                for t in self._turns
+            ],
+        }
+        temporary = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(
+                "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+            ) as f:
+                temporary = f.name
+                json.dump(data, f)
+            os.replace(temporary, path)
+        except OSError as e:
+            if temporary and os.path.exists(temporary):
+                os.remove(temporary)
+            message = f"cannot save chat to '{path}' ({e.strerror or e}); choose another path"
+            raise ChatFileError(message) from None
+        return str(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Model | str | None = None) -> Chat:
+        """Read a chat written by `save`; `model` overrides the model it was saved with."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ChatFileError(f"chat file '{path}' not found; check the path") from None
+        except (OSError, ValueError) as e:
+            raise ChatFileError(
+                f"chat file '{path}' is not readable JSON ({e}); check the file"
+            ) from None
+        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+            raise ChatFileError(f"'{path}' is not a llava_nb chat file; save one with chat.save()")
+        try:
+            chat = cls(model or data["model"], **data["settings"])
+            chat._turns = [
+                Turn(
+                    t["question"],
+                    [image_from_data_uri(u) for u in t["images"]],
+                    t["answer"],
+                    bool(t.get("interrupted")),
+                )
+                for t in data["turns"]
+            ]
+        except (KeyError, TypeError, LlavaError) as e:
+            raise ChatFileError(f"chat file '{path}' is damaged ({e}); check the file") from None
+        return chat

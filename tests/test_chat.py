@@ -1,0 +1,209 @@
+"""Chat: turns and images across turns, exact greedy answers, interrupts, save/load."""
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_nb.chat import Chat, ChatFileError, Turn
+from llava_nb.errors import LlavaError
+from llava_nb.images import ImageError
+from llava_nb.models import Model
+
+
+def _plain_transformers_answers(path, turns, max_new_tokens):
+    """What plain transformers answers, turn by turn, with the same processor chat format."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    messages, answers = [], []
+    for question, images in turns:
+        content = [{"type": "image", "image": image} for image in images]
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        inputs = processor.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers.append(answer)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return answers
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_greedy_answers_equal_plain_transformers(kind, request, photo):
+    path = request.getfixturevalue(f"tiny_{kind}")
+    square = Image.new("RGB", (64, 64), (20, 200, 30))
+    turns = [
+        ("What is in this picture?", [photo]),
+        ("And what color is it?", []),
+        ("Compare it with this one.", [square]),
+    ]
+    chat = Chat(path, max_new_tokens=24)
+    ours = [chat.ask(question, image=images or None) for question, images in turns]
+    assert ours == _plain_transformers_answers(path, turns, 24)
+    assert all(isinstance(answer, str) and answer for answer in ours)
+
+
+def test_images_stay_in_context_for_later_turns(tiny_llava, photo):
+    chat = Chat(tiny_llava, max_new_tokens=4)
+    chat.ask("What is this?", image=photo)
+    chat.ask("Tell me more.")
+    messages = chat.messages("And now?")
+    first_user = messages[0]["content"]
+    assert [part["type"] for part in first_user] == ["image", "text"]
+    assert (
+        messages[1]["role"] == "assistant"
+        and messages[1]["content"][0]["text"] == chat.history[0].answer
+    )
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert len(chat.history) == 2 and chat.history[0].images[0].size == photo.size
+
+
+def test_stream_yields_the_answer_and_records_the_turn(tiny_llava_next, photo):
+    chat = Chat(tiny_llava_next, max_new_tokens=16)
+    pieces = list(chat.stream("Describe the image.", image=photo))
+    assert len(pieces) > 1
+    assert "".join(pieces) == chat.history[-1].answer
+    assert chat.history[-1] == Turn("Describe the image.", chat.history[-1].images, "".join(pieces))
+
+
+def test_leaving_the_stream_early_keeps_a_partial_interrupted_answer(tiny_llava):
+    chat = Chat(tiny_llava, max_new_tokens=200)
+    pieces = chat.stream("Why?")
+    next(pieces)
+    pieces.close()
+    turn = chat.history[-1]
+    assert turn.interrupted and turn.answer
+    chat.ask("Go on.", max_new_tokens=3)  # the chat stays usable
+    assert len(chat.history) == 2 and not chat.history[-1].interrupted
+
+
+def test_keyboard_interrupt_stops_generation_and_keeps_the_chat(tmp_path):
+    from llava_nb.testing import make_tiny_llava
+
+    path = make_tiny_llava(tmp_path / "slow", width=256, layers=4)  # slow enough to interrupt
+    chat = Chat(path, max_new_tokens=1000)
+    chat.ask("Warm up.", max_new_tokens=1)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        chat.ask("Tell me a long story.")
+    timer.cancel()
+    turn = chat.history[-1]
+    assert turn.question == "Tell me a long story." and turn.interrupted
+    assert 0 < len(chat.model.processor.tokenizer(turn.answer).input_ids) < 1000
+    assert chat.ask("Short answer?", max_new_tokens=2) == chat.history[-1].answer
+
+
+def test_settings_per_chat_and_per_question(tiny_llava):
+    chat = Chat(tiny_llava, max_new_tokens=3, temperature=0.7, seed=1)
+    assert chat.settings == {"max_new_tokens": 3, "temperature": 0.7, "top_p": 1.0, "seed": 1}
+    again = Chat(tiny_llava, max_new_tokens=3, temperature=0.7, seed=1)
+    assert chat.ask("Hi?") == again.ask("Hi?")  # seeded sampling repeats
+    assert chat.ask("Hi?", temperature=0.0) == Chat(tiny_llava, max_new_tokens=3).ask("Hi?")
+    with pytest.raises(LlavaError, match="unknown setting 'top_k'"):
+        chat.ask("Hi?", top_k=3)
+
+
+def test_bad_input_leaves_the_chat_unchanged(tiny_llava, tmp_path):
+    chat = Chat(tiny_llava, max_new_tokens=3)
+    chat.ask("Hello?")
+    before = chat.history
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    for question, image, error in [
+        ("", None, "the question is empty"),
+        ("What?", str(tmp_path / "missing.png"), "not found"),
+        ("What?", str(broken), "not a readable image"),
+        ("why " * 1200, None, "more than the model's context"),
+    ]:
+        with pytest.raises(LlavaError, match=error):
+            chat.ask(question, image=image)
+    with pytest.raises(ImageError):
+        chat.ask("What?", image=42)
+    assert chat.history == before
+
+
+def test_undo_and_reset(tiny_llava):
+    chat = Chat(tiny_llava, max_new_tokens=2)
+    assert chat.undo() is None
+    chat.ask("One?")
+    chat.ask("Two?")
+    assert chat.undo().question == "Two?"
+    assert [t.question for t in chat.history] == ["One?"]
+    chat.reset()
+    assert chat.history == []
+    assert chat.model.loaded  # reset keeps the model
+
+
+def test_save_and_load_round_trip_with_images(tiny_llava, photo, tmp_path):
+    chat = Chat(tiny_llava, max_new_tokens=5, temperature=0.5, top_p=0.9, seed=3)
+    chat.ask("What is this?", image=photo)
+    chat.ask("More?")
+    path = chat.save(tmp_path / "sub" / "chat.json")
+    data = json.loads(Path(path).read_text())
+    assert data["format"] == "llava_nb.chat"
+    assert data["turns"][0]["images"][0].startswith("data:image/png")
+    loaded = Chat.load(path)
+    assert loaded.model is chat.model  # the same shared model, loaded once
+    assert loaded.settings == chat.settings
+    assert [(t.question, t.answer, t.interrupted) for t in loaded.history] == [
+        (t.question, t.answer, t.interrupted) for t in chat.history
+    ]
+    assert loaded.history[0].images[0].tobytes() == photo.tobytes()
+    other = Model(tiny_llava)
+    assert Chat.load(path, model=other).model is other
+    # the next answer continues the same conversation
+    assert loaded.ask("Again?", temperature=0.0) == chat.ask("Again?", temperature=0.0)
+
+
+def test_loading_bad_chat_files(tmp_path):
+    with pytest.raises(ChatFileError, match="not found"):
+        Chat.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ChatFileError, match="not readable JSON"):
+        Chat.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    with pytest.raises(ChatFileError, match="not a llava_nb chat file"):
+        Chat.load(tmp_path / "other.json")
+    (tmp_path / "damaged.json").write_text('{"format": "llava_nb.chat", "model": "m"}')
+    with pytest.raises(ChatFileError, match="damaged"):
+        Chat.load(tmp_path / "damaged.json")
+
+
+def test_saving_never_leaves_a_half_written_file(tiny_llava, tmp_path):
+    chat = Chat(tiny_llava, max_new_tokens=2)
+    chat.ask("Hi?")
+    target = tmp_path / "chat.json"
+    chat.save(target)
+    good = target.read_text()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ChatFileError, match="cannot save chat"):
+        chat.save(tmp_path / "a-file" / "chat.json")  # its folder cannot exist
+    chat.ask("More?")
+    real_dump = json.dump
+
+    def dump_then_fail(data, f):  # the disk fills up halfway through the write
+        f.write("{")
+        raise OSError(28, "No space left on device")
+
+    json.dump = dump_then_fail
+    try:
+        with pytest.raises(ChatFileError, match="No space left"):
+            chat.save(target)
+    finally:
+        json.dump = real_dump
+    assert target.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "chat.json"]
