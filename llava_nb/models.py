@@ -185,6 +185,7 @@ class Model:
         return self.model is not None
 
     def status(self) -> dict[str, Any]:
+        """State, model, family, device, dtype, quantization, and weight memory in bytes."""
         info = REGISTRY.get(self.model_id)
         status: dict[str, Any] = {
             "state": self._state,
@@ -203,6 +204,10 @@ class Model:
                 memory=int(self.model.get_memory_footprint()),
                 load_seconds=round(self._load_seconds or 0.0, 2),
             )
+        if str(self.device).startswith("cuda"):  # what the process holds on the GPU, all models
+            import torch
+
+            status["gpu_memory_allocated"] = torch.cuda.memory_allocated(self.device)
         return status
 
     def load(self) -> Model:

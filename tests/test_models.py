@@ -204,3 +204,32 @@ def test_importing_llava_nb_stays_light():
 
 def test_llava_error_is_the_base_of_model_errors():
     assert issubclass(ModelError, LlavaError) and issubclass(GenerationError, LlavaError)
+
+
+def test_out_of_memory_while_loading_suggests_4bit(tmp_path):
+    """A real allocation failure: the loading process gets too little address space."""
+    import subprocess
+
+    from llava_nb.testing import make_tiny_llava
+
+    path = make_tiny_llava(tmp_path / "big", width=768, layers=4)  # ~200 MB of fp32 weights
+    code = f"""
+import resource
+import transformers.models.llava.modeling_llava
+from llava_nb.models import Model
+model = Model({path!r})
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 80_000_000, vm + 80_000_000))
+try:
+    model.load()
+except Exception as e:
+    print(type(e).__name__, e)
+print(model.status()["state"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert (
+        lines[-2]
+        == f"ModelError out of memory loading {path} on cpu; try --4bit (quantization='4bit')"
+    )
+    assert lines[-1] == "unloaded"
