@@ -69,6 +69,32 @@ def pick_device() -> str:
     return "cpu"
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot use here, before any weights are read."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ModelError(f"unknown device {device!r}; use cuda, cuda:N, mps or cpu") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if kind not in available:
+        raise ModelError(f"device {device!r} is not supported; use cuda, cuda:N, mps or cpu")
+    if not available[kind]:
+        raise ModelError(
+            f"device {device!r} is not available to this torch build; "
+            "use --device cpu, or install torch with support for it"
+        )
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ModelError(f"device {device!r} does not exist ({count} CUDA device(s)); use cuda:0")
+
+
 def _pick_dtype(device: str):
     import torch
 
@@ -235,6 +261,7 @@ class Model:
                 "choose a llava-hf checkpoint (see %llava models)"
             )
         device = self.device or pick_device()
+        _check_device(device)
         dtype = _pick_dtype(device)
         quant = self._choose_quantization(config, device)
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
@@ -367,8 +394,7 @@ class Generation:
         self.done = False
         self._worker = threading.Thread(
             target=self._run, args=(inputs, options, seed), name="llava_nb-generate", daemon=True
-        )
-        self._worker.start()
+        )  # started by the first iteration: a generation nobody reads costs nothing
 
     def stop(self) -> None:
         """Ask the worker to stop after the current token."""
@@ -396,7 +422,10 @@ class Generation:
         return self._model.processor.decode(ids, skip_special_tokens=True)
 
     def __iter__(self) -> Iterator[str]:
+        if self.done:
+            return
         emitted = ""
+        self._worker.start()
         try:
             while True:
                 kind, value = self._queue.get()

@@ -207,3 +207,12 @@ def test_saving_never_leaves_a_half_written_file(tiny_llava, tmp_path):
         json.dump = real_dump
     assert target.read_text() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "chat.json"]
+
+
+def test_a_stream_never_read_records_nothing_and_blocks_nothing(tiny_llava):
+    chat = Chat(tiny_llava, max_new_tokens=900)
+    pieces = chat.stream("Why?")
+    pieces.close()
+    del pieces
+    assert chat.history == []
+    assert chat.ask("Short?", max_new_tokens=2) == chat.history[-1].answer

@@ -233,3 +233,42 @@ print(model.status()["state"])
         == f"ModelError out of memory loading {path} on cpu; try --4bit (quantization='4bit')"
     )
     assert lines[-1] == "unloaded"
+
+
+def test_fp16_size_is_counted_without_loading(tiny_llava_next):
+    """What quantization="auto" compares with free GPU memory, for any config, from the config."""
+    from transformers import AutoConfig
+
+    from llava_nb.models import _fp16_bytes
+
+    model = Model(tiny_llava_next).load()
+    expected = 2 * sum(p.numel() for p in model.model.parameters())
+    assert _fp16_bytes(AutoConfig.from_pretrained(tiny_llava_next)) == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("bogus", "unknown device 'bogus'"),
+        ("cuda", "device 'cuda' is not available to this torch build; use --device cpu"),
+        ("meta", "device 'meta' is not supported"),
+    ],
+)
+def test_unusable_devices_are_refused_in_one_line(tiny_llava, device, message):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model = Model(tiny_llava, device=device)
+    with pytest.raises(ModelError, match=message):
+        model.load()
+    assert model.status()["state"] == "unloaded"
+
+
+def test_a_generation_nobody_reads_does_no_work(tiny_llava):
+    model = Model(tiny_llava)
+    generation = model.generate(_question(), max_new_tokens=900)
+    assert not generation._worker.is_alive() and generation.token_ids == []
+    assert model.generate(_question(), max_new_tokens=2).wait() is not None
+    finished = model.generate(_question(), max_new_tokens=2)
+    assert finished.wait() == finished.wait()  # reading it again gives the same answer
