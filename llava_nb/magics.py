@@ -1,0 +1,452 @@
+"""`%llava` and `%%llava`: argument parsing first, then one small handler per sub-command.
+
+Handlers turn what the user typed into `Chat` / `Model` calls and display what comes back;
+bad input of any kind prints one line (`llava_nb: ...`) and leaves chats and models unharmed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from contextlib import closing
+from typing import Any
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import Markdown, display
+from IPython.utils.text import FullEvalFormatter
+from traitlets import Enum, Float, Integer, TraitError, Unicode, observe, validate
+
+from llava_nb.errors import LlavaError
+
+DEFAULT_CHAT = "default"
+UPDATE_INTERVAL_S = 0.1  # how often the streaming answer is redrawn
+
+HELP = """\
+%%llava [-m MODEL] [-i IMAGE ...] [-c CHAT] [--new] [--max-new-tokens N] [--temperature T]
+        [--top-p P] [--seed S] [-o VAR]
+question text, with {python_variable} interpolation
+
+    -i IMAGE   a path, an http(s) URL, or a notebook variable holding an image (PIL, array,
+               tensor, bytes); one or more, -i may be repeated. Images stay in the chat for
+               later turns.
+    -c CHAT    a named conversation (default: "default"); --new starts it afresh.
+    -o VAR     store the answer in the notebook variable VAR instead of returning it.
+
+%llava load [MODEL] [--4bit | --8bit | --no-quant] [--device DEV]   load now (else on first use)
+%llava unload | status | models | chats | help
+%llava history [CHAT] | reset [CHAT] | undo [CHAT]
+%llava save FILE [CHAT] | open FILE [CHAT]
+%llava config [KEY=VALUE ...]       model, quantization, device, max_new_tokens, temperature, top_p
+"""
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line LlavaError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise LlavaError(f"{self.prog}: {message}; see %llava help")
+
+
+def _identifier(name: str) -> str:
+    if not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{name!r} is not a Python variable name")
+    return name
+
+
+def _question_parser() -> _Parser:
+    p = _Parser(prog="%%llava", add_help=False)
+    p.add_argument("-m", "--model")
+    p.add_argument("-i", "--image", action="extend", nargs="+", default=[])
+    p.add_argument("-c", "--chat", default=DEFAULT_CHAT)
+    p.add_argument("--new", action="store_true")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("-o", "--output", type=_identifier)
+    return p
+
+
+def _command_parser() -> _Parser:
+    p = _Parser(prog="%llava", add_help=False)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    load = sub.add_parser("load", add_help=False)
+    load.add_argument("model", nargs="?")
+    quant = load.add_mutually_exclusive_group()
+    quant.add_argument("--4bit", dest="quantization", action="store_const", const="4bit")
+    quant.add_argument("--8bit", dest="quantization", action="store_const", const="8bit")
+    quant.add_argument("--no-quant", dest="quantization", action="store_const", const="none")
+    load.add_argument("--device")
+    for name in ("unload", "status", "models", "chats", "help"):
+        sub.add_parser(name, add_help=False)
+    for name in ("history", "reset", "undo"):
+        sub.add_parser(name, add_help=False).add_argument("chat", nargs="?", default=DEFAULT_CHAT)
+    for name in ("save", "open"):
+        cmd = sub.add_parser(name, add_help=False)
+        cmd.add_argument("file")
+        cmd.add_argument("chat", nargs="?", default=DEFAULT_CHAT)
+    sub.add_parser("config", add_help=False).add_argument("assignments", nargs="*")
+    return p
+
+
+def parse_question(line: str) -> argparse.Namespace:
+    return _question_parser().parse_args(_split(line))
+
+
+def parse_command(line: str) -> argparse.Namespace:
+    args = _split(line)
+    if not args:
+        raise LlavaError(
+            "%llava needs a command (status, load, ...); questions go in %%llava cells"
+        )
+    return _command_parser().parse_args(args)
+
+
+def interpolate(text: str, namespace: dict[str, Any]) -> str:
+    """Fill `{expression}` fields from the notebook namespace; leave the text as is if one fails.
+
+    Only the user's namespace is used (never the locals of IPython's own frames), and `$` is
+    left alone, so "Is this worth $5?" stays as typed.
+    """
+    try:
+        return FullEvalFormatter().vformat(text, (), namespace)
+    except Exception:
+        return text
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        raise LlavaError(f"cannot parse options '{line}' ({e}); check the quotes") from None
+
+
+# ---------------------------------------------------------------- display objects
+
+
+class Answer(str):
+    """The answer text; notebooks render it as Markdown."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def _shown(text: str) -> dict[str, str]:
+    """A raw Markdown display bundle for model text.
+
+    Not `Markdown(text)`: that reads `text` as a file or fetches it as a URL when it looks like
+    one (an answer "." or "http://..." would fail or go on the network).
+    """
+    return {"text/markdown": text, "text/plain": text}
+
+
+def _table(rows: list[dict[str, Any]]) -> Markdown:
+    if not rows:
+        return Markdown("*(none)*")
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
+    return Markdown("\n".join(lines))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+
+
+# ---------------------------------------------------------------- handlers
+
+
+@magics_class
+class LlavaMagics(Magics):
+    """The %llava magics; its settings are also `%config LlavaMagics.model = ...`."""
+
+    model = Unicode(
+        "", help="Default model id or folder ('' = $LLAVA_NB_MODEL or LLaVA-1.5-7B)"
+    ).tag(config=True)
+    quantization = Enum(["auto", "none", "4bit", "8bit"], "auto", help="Quantization").tag(
+        config=True
+    )
+    device = Unicode("", help="Device ('' = cuda, mps or cpu, whichever is there)").tag(config=True)
+    max_new_tokens = Integer(512, help="Longest answer, in tokens").tag(config=True)
+    temperature = Float(0.0, help="0 = greedy (deterministic)").tag(config=True)
+    top_p = Float(1.0, help="Nucleus sampling when temperature > 0").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs) -> None:
+        # set before the traits: config given to the constructor fires the observers below
+        self.chats: dict[str, Any] = {}
+        self.pinned: set[str] = set()  # chats given their own model (-m, open); others follow
+        self.current: Any = None  # the configured Model, made on first use
+        self._retired: list[Any] = []  # models configured before; unloaded once unused
+        super().__init__(shell=shell, **kwargs)
+
+    @observe("model", "quantization", "device")
+    def _model_changed(self, change) -> None:
+        if self.current is not None:
+            self._retired.append(self.current)
+        self.current = None
+
+    @validate("max_new_tokens", "temperature", "top_p")
+    def _valid_setting(self, proposal):
+        from llava_nb.models import check_settings
+
+        names = ("max_new_tokens", "temperature", "top_p")
+        settings = {name: getattr(self, name) for name in names}
+        settings[proposal["trait"].name] = proposal["value"]
+        try:
+            check_settings(**settings, seed=None)
+        except LlavaError as e:
+            raise TraitError(str(e)) from None
+        return proposal["value"]
+
+    @observe("max_new_tokens", "temperature", "top_p")
+    def _setting_changed(self, change) -> None:
+        for chat in self.chats.values():  # a new setting applies to the chats already open
+            chat.settings[change["name"]] = change["new"]
+
+    @line_cell_magic
+    def llava(self, line: str, cell: str | None = None):
+        try:
+            if cell is None:
+                return self._command(parse_command(line))
+            return self._ask(parse_question(line), cell)
+        except LlavaError as e:
+            print(f"llava_nb: {e}", file=sys.stderr)
+
+    # --- questions
+
+    def _current_model(self):
+        from llava_nb.models import get_model
+
+        if self.current is None:
+            self.current = get_model(
+                self.model or None, quantization=self.quantization, device=self.device or None
+            )
+        return self.current
+
+    def _release_unused(self) -> None:
+        """Unload models configured before, unless the current one or a pinned chat uses them."""
+        used = [self.current, *(chat.model for n, chat in self.chats.items() if n in self.pinned)]
+        for model in self._retired:
+            if model.loaded and not any(model is m for m in used):
+                model.unload()
+        self._retired = [m for m in self._retired if m.loaded]
+
+    def _ask(self, args: argparse.Namespace, cell: str):
+        from llava_nb.chat import Chat
+        from llava_nb.images import load_image
+        from llava_nb.models import get_model
+
+        namespace = self.shell.user_ns if self.shell else {}
+        question = interpolate(cell.strip(), namespace).strip()
+        if not question:
+            raise LlavaError("the cell is empty; write a question below %%llava")
+        images = [load_image(source, namespace=namespace) for source in args.image]
+        chat = self.chats.get(args.chat)
+        if args.model:
+            model = get_model(
+                args.model, quantization=self.quantization, device=self.device or None
+            )
+        elif chat is not None and args.chat in self.pinned and not args.new:
+            model = chat.model
+        else:
+            model = self._current_model()
+        if chat is None or args.new:  # kept only once the question is under way
+            chat = Chat(
+                model,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+            )
+        settings = {
+            key: value
+            for key, value in {
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "seed": args.seed,
+            }.items()
+            if value is not None
+        }
+        previous, chat.model = chat.model, model
+        try:
+            pieces = chat.stream(question, images, **settings)  # bad input fails here
+        except BaseException:
+            chat.model = previous
+            raise
+        self.chats[args.chat] = chat
+        if args.model:
+            self.pinned.add(args.chat)
+        elif args.new:
+            self.pinned.discard(args.chat)
+        answer, interrupted = self._stream(chat, pieces, keep=bool(args.output))
+        self._release_unused()
+        if interrupted:
+            return None
+        if args.output:
+            self.shell.user_ns[args.output] = Answer(answer)
+            return None
+        return Answer(answer)
+
+    def _stream(self, chat, pieces, keep: bool = False) -> tuple[str, bool]:
+        """Show the answer as it grows (one display, redrawn at most every UPDATE_INTERVAL_S).
+
+        Returns the answer as the chat recorded it, and whether it was interrupted. At the end
+        the display is emptied (the cell's value shows the answer), or keeps the answer when
+        `keep` (-o VAR: the cell has no value).
+        """
+        turns = len(chat.history)
+        handle = display(_shown("…"), raw=True, display_id=True)
+        text, shown = "", 0.0
+        try:
+            with closing(pieces):
+                for piece in pieces:
+                    text += piece
+                    if time.monotonic() - shown > UPDATE_INTERVAL_S:
+                        handle.update(_shown(text), raw=True)
+                        shown = time.monotonic()
+        except KeyboardInterrupt:
+            if len(chat.history) > turns:
+                text = chat.history[-1].answer  # the partial answer, kept in the chat
+            handle.update(_shown(text + " *(interrupted)*"), raw=True)
+            return text, True
+        except BaseException:
+            handle.update(_shown(""), raw=True)  # the error line says what happened
+            raise
+        text = chat.history[-1].answer  # the whole decoded answer, as the chat keeps it
+        handle.update(_shown(text if keep else ""), raw=True)
+        return text, False
+
+    # --- commands
+
+    def _command(self, args: argparse.Namespace):
+        return getattr(self, f"_cmd_{args.command}")(args)
+
+    def _cmd_help(self, args) -> None:
+        print(HELP)
+
+    def _cmd_load(self, args) -> None:
+        before = (self.model, self.quantization, self.device, self.current)
+        self.model = args.model or self.model
+        self.quantization = args.quantization or self.quantization
+        self.device = args.device or self.device
+        try:
+            self._current_model().load()
+        except BaseException:  # a bad id or option leaves the settings and model as they were
+            self.model, self.quantization, self.device = before[:3]
+            self.current = before[3]
+            raise
+        self._release_unused()  # one model in memory at a time
+
+    def _cmd_unload(self, args) -> None:
+        models = [self.current, *self._retired, *(chat.model for chat in self.chats.values())]
+        loaded = {id(m): m for m in models if m is not None and m.loaded}
+        if not loaded:
+            print("llava_nb: no model is loaded")
+            return
+        for model in loaded.values():
+            model.unload()
+            print(f"llava_nb: unloaded {model.model_id}")
+        self._retired.clear()
+
+    def _cmd_status(self, args) -> Markdown:
+        status = self._current_model().status()
+        status["memory"] = _gb(status["memory"])
+        chats = ", ".join(f"{n} ({len(c.history)} turns)" for n, c in self.chats.items())
+        status["chats"] = chats or "none"
+        return Markdown("\n".join(f"- **{k}**: {v}" for k, v in status.items() if v is not None))
+
+    def _cmd_models(self, args) -> Markdown:
+        from llava_nb.models import FAMILIES, REGISTRY
+
+        return _table(
+            [
+                {
+                    "model": m.id,
+                    "family": FAMILIES[m.family],
+                    "size": m.size,
+                    "language model": m.language_model,
+                    "fp16 weights": f"{m.fp16_gb:.1f} GB",
+                    "4-bit weights": f"~{m.fp16_gb / 3.4:.1f} GB",
+                }
+                for m in REGISTRY.values()
+            ]
+        )
+
+    def _cmd_chats(self, args) -> Markdown:
+        return _table(
+            [
+                {"chat": name, "model": chat.model.model_id, "turns": len(chat.history)}
+                for name, chat in self.chats.items()
+            ]
+        )
+
+    def _existing(self, name: str):
+        if name not in self.chats:
+            known = ", ".join(self.chats) or "none yet"
+            raise LlavaError(f"no chat named '{name}' (chats: {known}); ask with -c {name} first")
+        return self.chats[name]
+
+    def _cmd_history(self, args) -> Markdown:
+        lines = []
+        for turn in self._existing(args.chat).history:
+            pictures = f" *[{len(turn.images)} image(s)]*" if turn.images else ""
+            stopped = " *(interrupted)*" if turn.interrupted else ""
+            lines += [f"**You:**{pictures} {turn.question}", f"**LLaVA:** {turn.answer}{stopped}"]
+        return Markdown("\n\n".join(lines) or "*(no turns yet)*")
+
+    def _cmd_reset(self, args) -> None:
+        self._existing(args.chat).reset()
+        print(f"llava_nb: chat '{args.chat}' reset")
+
+    def _cmd_undo(self, args) -> None:
+        turn = self._existing(args.chat).undo()
+        print(f"llava_nb: removed '{turn.question[:60]}'" if turn else "llava_nb: nothing to undo")
+
+    def _cmd_save(self, args) -> None:
+        chat = self._existing(args.chat)
+        path = chat.save(args.file)
+        print(f"llava_nb: saved chat '{args.chat}' ({len(chat.history)} turns) to {path}")
+
+    def _cmd_open(self, args) -> None:
+        from llava_nb.chat import Chat
+
+        chat = Chat.load(args.file)
+        if chat.model.model_id == self._current_model().model_id:
+            self.pinned.discard(args.chat)
+        else:
+            self.pinned.add(args.chat)
+        self.chats[args.chat] = chat
+        print(f"llava_nb: opened {args.file} as chat '{args.chat}' ({len(chat.history)} turns)")
+
+    def _cmd_config(self, args):
+        names = self.class_trait_names(config=True)
+        before = {name: getattr(self, name) for name in names}
+        try:
+            for assignment in args.assignments:
+                key, sep, value = assignment.partition("=")
+                key = key.replace("-", "_")
+                if not sep or key not in names:
+                    raise LlavaError(f"config takes KEY=VALUE with KEY one of {', '.join(names)}")
+                try:
+                    setattr(self, key, self.traits()[key].from_string(value))
+                except Exception as e:
+                    raise LlavaError(f"bad value for {key}: {value!r} ({e})") from None
+        except LlavaError:  # all or nothing
+            for name, value in before.items():
+                if getattr(self, name) != value:
+                    setattr(self, name, value)
+            raise
+        if not args.assignments:
+            return _table([{"key": n, "value": repr(getattr(self, n))} for n in names])
+
+
+def register(shell) -> None:
+    magics = LlavaMagics(shell=shell)
+    shell.register_magics(magics)
+    if magics not in shell.configurables:
+        shell.configurables.append(magics)

@@ -1,0 +1,678 @@
+"""The %llava / %%llava magics, driven through a real (bare) IPython shell and tiny real models.
+
+The tiny checkpoints have random weights, so answers are gibberish: the tests check behaviour
+(what is stored, shown, pinned, loaded) and that the magic's answer is exactly the Chat's.
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from IPython.utils.capture import capture_output
+
+from llava_nb.magics import Answer, LlavaMagics
+from llava_nb.models import REGISTRY
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG_QUESTION = "Describe every little detail of the picture please. " * 200  # > 1024 tokens
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    with pytest.MonkeyPatch.context() as patch:  # its profile and history go to a temp dir
+        patch.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
+        shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "llava_nb")
+    return shell
+
+
+def _reset(magics: LlavaMagics) -> None:
+    magics.chats.clear()
+    magics.pinned.clear()
+    for name, trait in magics.traits(config=True).items():
+        setattr(magics, name, trait.default())
+    magics.current = None
+
+
+@pytest.fixture
+def magics(shell, tiny_llava, photo, monkeypatch) -> LlavaMagics:
+    """The shell's LlavaMagics, fresh: no chats, default settings, the tiny model configured."""
+    monkeypatch.delenv("LLAVA_NB_MODEL", raising=False)
+    magics = shell.magics_manager.registry["LlavaMagics"]
+    _reset(magics)
+    magics.model = tiny_llava
+    magics.max_new_tokens = 8  # short answers keep the tests fast
+    shell.user_ns["photo"] = photo
+    yield magics
+    _reset(magics)
+
+
+@pytest.fixture(scope="module")
+def photo_path() -> str:
+    import matplotlib.cbook
+
+    return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+@pytest.fixture(scope="module")
+def endless_llava(tmp_path_factory) -> str:
+    """A tiny checkpoint that never says end-of-sequence: it answers up to max_new_tokens."""
+    from llava_nb.testing import make_tiny_llava
+
+    path = Path(make_tiny_llava(tmp_path_factory.mktemp("tiny") / "endless", "llava"))
+    config = json.loads((path / "generation_config.json").read_text())
+    config["suppress_tokens"] = [config["eos_token_id"]]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def ask(shell, line: str, cell: str):
+    with capture_output() as cap:
+        result = shell.run_cell_magic("llava", line, cell)
+    return result, cap
+
+
+def cmd(shell, line: str):
+    with capture_output() as cap:
+        result = shell.run_line_magic("llava", line)
+    return result, cap
+
+
+def markdown(result) -> str:
+    assert result is not None, "expected a Markdown value"
+    return result._repr_markdown_()
+
+
+def quiet(cap) -> bool:
+    """No error line and no traceback (a first load may show transformers' progress bar)."""
+    return "llava_nb:" not in cap.stderr and "Traceback" not in cap.stdout + cap.stderr
+
+
+def one_error(cap, *fragments: str) -> str:
+    """The output is exactly one `llava_nb: ...` line on stderr, no traceback, no display."""
+    lines = cap.stderr.strip().splitlines()
+    assert len(lines) == 1, cap.stderr
+    assert lines[0].startswith("llava_nb: "), lines[0]
+    assert "Traceback" not in cap.stdout + cap.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def same_pixels(a, b) -> bool:
+    return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def snapshot(magics: LlavaMagics) -> dict:
+    return {
+        name: [(t.question, t.answer, len(t.images), t.interrupted) for t in chat.history]
+        for name, chat in magics.chats.items()
+    }
+
+
+def image_tokens_in_prompt(chat, question: str = "next?") -> int:
+    """How many <image> placeholders the checkpoint's own template puts in the next prompt."""
+    template = chat.model.processor.apply_chat_template(
+        chat.messages(question), tokenize=False, add_generation_prompt=True
+    )
+    return template.count("<image>")
+
+
+# ---------------------------------------------------------------- questions
+
+
+def test_question_streams_into_one_display_and_returns_the_answer(shell, magics):
+    result, cap = ask(shell, "-i photo", "What is in this picture?")
+    chat = magics.chats["default"]
+    assert isinstance(result, Answer)
+    assert result == chat.history[-1].answer and result
+    assert result._repr_markdown_() == str(result)
+    assert quiet(cap)
+    outputs = cap.outputs
+    assert outputs[0].data["text/markdown"] == "…"  # a placeholder, then updates in place
+    display_id = outputs[0].transient["display_id"]
+    assert len(outputs) >= 2
+    assert all(o.update and o.transient["display_id"] == display_id for o in outputs[1:])
+    shown = [o.data["text/markdown"] for o in outputs[1:-1]]
+    assert all(result.startswith(text) for text in shown)
+    assert outputs[-1].data["text/markdown"] == ""  # the cell's value shows the answer
+
+
+def test_run_cell_makes_the_answer_the_cells_markdown_value(shell, magics):
+    with capture_output() as cap:
+        outcome = shell.run_cell(
+            "%%llava -i photo\nWhat is in this picture?\n", store_history=False
+        )
+    assert outcome.success
+    assert outcome.result == magics.chats["default"].history[-1].answer
+    assert isinstance(outcome.result, Answer)
+    assert "Traceback" not in cap.stdout + cap.stderr
+
+
+def test_image_from_variable_and_from_path(shell, magics, photo, photo_path):
+    ask(shell, "-i photo", "What is this?")
+    shell.user_ns["where"] = photo_path
+    try:
+        ask(shell, "-c by_path -i {where}", "And this?")  # {} in options: IPython expands it
+    finally:
+        shell.user_ns.pop("where")
+    ask(shell, f"-c both -i photo {photo_path} -i photo", "Compare them.")
+    (turn,) = magics.chats["default"].history
+    assert len(turn.images) == 1 and same_pixels(turn.images[0], photo)
+    (turn,) = magics.chats["by_path"].history
+    assert len(turn.images) == 1 and same_pixels(turn.images[0], photo)
+    (turn,) = magics.chats["both"].history
+    assert len(turn.images) == 3
+    assert image_tokens_in_prompt(magics.chats["both"]) == 3
+
+
+def test_images_stay_in_the_chat_for_later_turns(shell, magics, photo):
+    ask(shell, "-i photo", "What is in this picture?")
+    answer, cap = ask(shell, "", "What is she wearing?")
+    assert quiet(cap)
+    chat = magics.chats["default"]
+    first, second = chat.history
+    assert len(first.images) == 1 and second.images == []
+    messages = chat.messages()
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    image_parts = [part for part in messages[0]["content"] if part["type"] == "image"]
+    assert len(image_parts) == 1 and same_pixels(image_parts[0]["image"], photo)
+    assert messages[1]["content"][0]["text"] == first.answer
+    assert messages[3]["content"][0]["text"] == answer == second.answer
+    assert image_tokens_in_prompt(chat) == 1  # the third prompt still shows the photo
+
+
+def test_interpolates_notebook_variables_only(shell, magics):
+    shell.user_ns.update(animal="cat", count=3, line="USER LINE", cell="USER CELL")
+    try:
+        ask(shell, "", "Is there a {animal}? Are there {count + 1} of them? Is it worth $5?")
+        ask(shell, "", "{line} / {cell}")  # the user's variables, not IPython's locals
+        ask(shell, "", "Explain {undefined_name} and {a: 1}")  # left as typed
+    finally:
+        for name in ("animal", "count", "line", "cell"):
+            shell.user_ns.pop(name)
+    questions = [t.question for t in magics.chats["default"].history]
+    assert questions == [
+        "Is there a cat? Are there 4 of them? Is it worth $5?",
+        "USER LINE / USER CELL",
+        "Explain {undefined_name} and {a: 1}",
+    ]
+
+
+def test_named_chat_is_separate_from_default(shell, magics):
+    ask(shell, "-i photo", "First question?")
+    ask(shell, "-c other", "A question in another chat?")
+    ask(shell, "-c other", "And a follow-up?")
+    assert len(magics.chats["default"].history) == 1
+    other = magics.chats["other"]
+    assert [t.question for t in other.history] == [
+        "A question in another chat?",
+        "And a follow-up?",
+    ]
+    assert all(t.images == [] for t in other.history)
+    assert image_tokens_in_prompt(other) == 0
+    table = markdown(cmd(shell, "chats")[0])
+    assert "| default |" in table and "| other |" in table
+
+
+def test_new_starts_the_chat_afresh(shell, magics):
+    ask(shell, "-i photo", "First?")
+    old = magics.chats["default"]
+    ask(shell, "--new", "Fresh start?")
+    chat = magics.chats["default"]
+    assert chat is not old
+    assert [t.question for t in chat.history] == ["Fresh start?"]
+    assert image_tokens_in_prompt(chat) == 0
+    assert len(old.history) == 1
+
+
+def test_output_variable(shell, magics):
+    result, cap = ask(shell, "-i photo -o reply", "What is this?")
+    try:
+        assert result is None
+        reply = shell.user_ns["reply"]
+        assert reply == magics.chats["default"].history[-1].answer
+        assert cap.outputs[-1].data["text/markdown"] == reply  # no cell value: the display keeps it
+    finally:
+        shell.user_ns.pop("reply", None)
+    result, cap = ask(shell, "-o 2bad", "What is this?")
+    one_error(cap, "-o", "not a Python variable name")
+    assert "2bad" not in shell.user_ns and len(magics.chats["default"].history) == 1
+
+
+def test_generation_options(shell, magics):
+    short, _ = ask(shell, "-c a --max-new-tokens 2", "Describe it.")
+    long, _ = ask(shell, "-c b --max-new-tokens 12", "Describe it.")
+    assert len(short) < len(long) and long.startswith(short.rstrip("\ufffd"))
+    sampled = [
+        ask(shell, f"-c s{i} --temperature 1.5 --top-p 0.9 --seed 7", "Describe it.")[0]
+        for i in range(2)
+    ]
+    assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
+    _, cap = ask(shell, "--temperature -1", "Describe it.")
+    one_error(cap, "temperature")
+    _, cap = ask(shell, "--max-new-tokens many", "Describe it.")
+    one_error(cap, "--max-new-tokens", "invalid int value")
+    assert "default" not in magics.chats
+
+
+def test_model_option_pins_a_chat(shell, magics, tiny_llava, tiny_llava_next):
+    ask(shell, "", "Default model?")
+    ask(shell, f"-c next -m {tiny_llava_next} -i photo", "NeXT model?")
+    assert magics.chats["next"].model.model_id == tiny_llava_next
+    assert magics.chats["default"].model.model_id == tiny_llava
+    assert "next" in magics.pinned and "default" not in magics.pinned
+    ask(shell, "-c next", "Still NeXT?")  # the pin holds without -m
+    assert magics.chats["next"].model.model_id == tiny_llava_next
+    cmd(shell, f"config model={tiny_llava_next}")
+    ask(shell, "", "Default follows the config?")
+    assert magics.chats["default"].model.model_id == tiny_llava_next
+    cmd(shell, f"config model={tiny_llava}")
+    ask(shell, "-c next", "Pinned chat ignores the config?")
+    assert magics.chats["next"].model.model_id == tiny_llava_next
+    assert len(magics.chats["next"].history) == 3
+    table = markdown(cmd(shell, "chats")[0])
+    assert f"| next | {tiny_llava_next} | 3 |" in table
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_config_shows_and_sets_settings(shell, magics, tiny_llava):
+    table = markdown(cmd(shell, "config")[0])
+    for key in ("model", "quantization", "device", "max_new_tokens", "temperature", "top_p"):
+        assert f"| {key} |" in table
+    assert repr(tiny_llava) in table
+    ask(shell, "", "A question?")
+    result, cap = cmd(shell, "config max_new_tokens=3 temperature=0.5 top-p=0.8")
+    assert result is None and quiet(cap)
+    assert (magics.max_new_tokens, magics.temperature, magics.top_p) == (3, 0.5, 0.8)
+    settings = magics.chats["default"].settings  # open chats follow the new settings
+    assert (settings["max_new_tokens"], settings["temperature"], settings["top_p"]) == (3, 0.5, 0.8)
+    cmd(shell, "config quantization=none device=cpu")
+    assert (magics.quantization, magics.device) == ("none", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("assignment", "fragment"),
+    [
+        ("bogus=1", "KEY one of"),
+        ("max_new_tokens", "KEY=VALUE"),
+        ("max_new_tokens=abc", "bad value for max_new_tokens"),
+        ("max_new_tokens=0", "positive integer"),
+        ("temperature=-1", "bad value for temperature"),
+        ("top_p=1.5", "bad value for top_p"),
+        ("quantization=16bit", "bad value for quantization"),
+        ("temperature=0.3 quantization=16bit", "bad value for quantization"),  # all or nothing
+    ],
+)
+def test_config_refuses_bad_keys_and_values(shell, magics, assignment, fragment):
+    before = {name: getattr(magics, name) for name in magics.class_trait_names(config=True)}
+    result, cap = cmd(shell, f"config {assignment}")
+    assert result is None
+    one_error(cap, fragment)
+    assert {name: getattr(magics, name) for name in before} == before
+
+
+def test_percent_config_sets_the_default_model(shell, magics, tiny_llava_next):
+    ask(shell, "", "Old model?")
+    with capture_output() as cap:
+        shell.run_line_magic("config", f"LlavaMagics.model = {tiny_llava_next!r}")
+        shell.run_line_magic("config", "LlavaMagics.max_new_tokens = 4")
+    assert quiet(cap)
+    assert magics.model == tiny_llava_next and magics.max_new_tokens == 4
+    ask(shell, "", "New model?")
+    assert magics.chats["default"].model.model_id == tiny_llava_next
+    with capture_output():
+        shell.run_line_magic("config", "LlavaMagics.max_new_tokens = 0")  # IPython logs it
+    assert magics.max_new_tokens == 4
+
+
+def test_env_variable_gives_the_default_model(shell, magics, tiny_llava_next, monkeypatch):
+    magics.model = ""
+    monkeypatch.setenv("LLAVA_NB_MODEL", tiny_llava_next)
+    result, cap = ask(shell, "-i photo", "Which model?")
+    assert quiet(cap) and result
+    assert magics.chats["default"].model.model_id == tiny_llava_next
+    assert f"**model**: {tiny_llava_next}" in markdown(cmd(shell, "status")[0])
+
+
+# ---------------------------------------------------------------- model commands
+
+
+def test_load_unload_status(shell, magics, tiny_llava):
+    cmd(shell, "load")
+    cmd(shell, "unload")
+    status = markdown(cmd(shell, "status")[0])
+    assert "**state**: unloaded" in status and "**memory**: 0.00 MB" in status
+    assert "**chats**: none" in status
+    result, cap = cmd(shell, "load")
+    assert result is None and cap.stderr.count("llava_nb:") == 0
+    assert f"llava_nb: loading {tiny_llava} on cpu" in cap.stdout
+    assert "llava_nb: loaded in" in cap.stdout
+    assert magics.current.loaded
+    ask(shell, "", "Question?")
+    status = markdown(cmd(shell, "status")[0])
+    assert "**state**: loaded" in status and f"**model**: {tiny_llava}" in status
+    assert "**device**: cpu" in status and "**dtype**: float32" in status
+    memory = status.split("**memory**: ")[1].split()[0]
+    assert float(memory) > 0
+    assert "**chats**: default (1 turns)" in status
+    model = magics.current
+    _, cap = cmd(shell, "unload")
+    assert cap.stdout.strip() == f"llava_nb: unloaded {tiny_llava}"
+    assert not model.loaded and "**state**: unloaded" in markdown(cmd(shell, "status")[0])
+    _, cap = cmd(shell, "unload")
+    assert cap.stdout.strip() == "llava_nb: no model is loaded"
+    result, cap = ask(shell, "", "Loads again on first use?")
+    assert result and model.loaded and len(magics.chats["default"].history) == 2
+
+
+def test_load_with_options_switches_models(shell, magics, tiny_llava, tiny_llava_next):
+    cmd(shell, "load")
+    old = magics.current
+    _, cap = cmd(shell, "load --no-quant --device cpu")
+    assert quiet(cap) and (magics.quantization, magics.device) == ("none", "cpu")
+    assert magics.current.loaded and magics.current is not old
+    assert not old.loaded  # one model in memory at a time
+    assert "**quantization**: none" in markdown(cmd(shell, "status")[0])
+    cmd(shell, f"load {tiny_llava_next}")
+    assert magics.model == tiny_llava_next and magics.current.loaded
+    assert "**family**: LLaVA-NeXT" in markdown(cmd(shell, "status")[0])
+    _, cap = cmd(shell, "load --4bit --8bit")
+    one_error(cap, "not allowed with argument")
+
+
+def test_unknown_model_fails_fast_and_harms_nothing(shell, magics, tiny_llava):
+    ask(shell, "-i photo", "First?")
+    before = snapshot(magics)
+    model = magics.current
+    start = time.monotonic()
+    _, cap = ask(shell, "-m llava-hf/no-such-model", "Second?")
+    one_error(cap, "llava-hf/no-such-model")
+    _, cap = cmd(shell, "load llava-hf/no-such-model")
+    one_error(cap, "llava-hf/no-such-model")
+    _, cap = ask(shell, "-c fresh -m /no/such/folder", "Third?")
+    one_error(cap, "/no/such/folder")
+    assert time.monotonic() - start < 10  # offline: no waiting on the hub's retries
+    assert snapshot(magics) == before and "fresh" not in magics.chats
+    assert magics.pinned == set()
+    assert magics.model == tiny_llava and magics.current is model and model.loaded
+    result, cap = ask(shell, "", "Still works?")
+    assert quiet(cap) and result == magics.chats["default"].history[-1].answer
+    assert magics.chats["default"].model is model
+
+
+def test_models_table(shell, magics):
+    table = markdown(cmd(shell, "models")[0])
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | family | size |")
+    assert len(lines) == 2 + len(REGISTRY)
+    for model_id in REGISTRY:
+        assert f"| {model_id} |" in table
+    assert "LLaVA-NeXT" in table and "4-bit weights" in table
+
+
+def test_help(shell, magics):
+    result, cap = cmd(shell, "help")
+    assert result is None
+    for word in ("%%llava", "--max-new-tokens", "%llava load", "history", "save FILE", "config"):
+        assert word in cap.stdout
+
+
+# ---------------------------------------------------------------- history commands
+
+
+def test_history_undo_reset(shell, magics):
+    ask(shell, "-i photo", "What is this?")
+    ask(shell, "", "Tell me more.")
+    chat = magics.chats["default"]
+    history = markdown(cmd(shell, "history")[0])
+    assert history.count("**You:**") == 2 and history.count("**LLaVA:**") == 2
+    assert "**You:** *[1 image(s)]* What is this?" in history
+    assert f"**LLaVA:** {chat.history[1].answer}" in history
+    _, cap = cmd(shell, "undo")
+    assert cap.stdout.strip() == "llava_nb: removed 'Tell me more.'"
+    assert [t.question for t in chat.history] == ["What is this?"]
+    assert image_tokens_in_prompt(chat) == 1
+    _, cap = cmd(shell, "reset")
+    assert cap.stdout.strip() == "llava_nb: chat 'default' reset" and chat.history == []
+    assert markdown(cmd(shell, "history")[0]) == "*(no turns yet)*"
+    _, cap = cmd(shell, "undo")
+    assert cap.stdout.strip() == "llava_nb: nothing to undo"
+    ask(shell, "-c other", "Other?")
+    assert "Other?" in markdown(cmd(shell, "history other")[0])
+    cmd(shell, "undo other")
+    assert magics.chats["other"].history == []
+    for command in ("history nope", "undo nope", "reset nope", "save x.json nope"):
+        _, cap = cmd(shell, command)
+        one_error(cap, "no chat named 'nope'")
+
+
+def test_save_and_open_round_trip(shell, magics, tmp_path, photo, tiny_llava_next):
+    ask(shell, "-i photo", "What is this?")
+    ask(shell, "", "Tell me more.")
+    path = tmp_path / "chats" / "default.json"
+    _, cap = cmd(shell, f"save {path}")
+    assert cap.stdout.strip() == f"llava_nb: saved chat 'default' (2 turns) to {path}"
+    assert json.loads(path.read_text())["format"] == "llava_nb.chat"
+    _, cap = cmd(shell, f"open {path} restored")
+    assert cap.stdout.strip() == f"llava_nb: opened {path} as chat 'restored' (2 turns)"
+    original, restored = magics.chats["default"], magics.chats["restored"]
+    assert restored is not original and "restored" not in magics.pinned
+    assert [(t.question, t.answer, t.interrupted) for t in restored.history] == [
+        (t.question, t.answer, t.interrupted) for t in original.history
+    ]
+    assert same_pixels(restored.history[0].images[0], photo)
+    result, _ = ask(shell, "-c restored", "And now?")  # the restored chat goes on
+    assert result == restored.history[-1].answer and len(restored.history) == 3
+    assert image_tokens_in_prompt(restored) == 1
+    assert len(original.history) == 2
+
+    ask(shell, f"-c next -m {tiny_llava_next}", "NeXT?")
+    cmd(shell, f"save {tmp_path / 'next.json'} next")
+    cmd(shell, f"open {tmp_path / 'next.json'} again")
+    assert "again" in magics.pinned  # saved with another model: it keeps that model
+    ask(shell, "-c again", "Still NeXT?")
+    assert magics.chats["again"].model.model_id == tiny_llava_next
+
+
+def test_save_and_open_errors(shell, magics, tmp_path):
+    ask(shell, "", "Question?")
+    before = snapshot(magics)
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    cases = [
+        (f"save {tmp_path / 'file' / 'chat.json'}", "cannot save chat"),
+        (f"open {tmp_path / 'missing.json'}", "not found"),
+        (f"open {tmp_path / 'bad.json'}", "not readable JSON"),
+        (f"open {tmp_path / 'other.json'}", "not a llava_nb chat file"),
+        ("open", "the following arguments are required: file"),
+    ]
+    for line, fragment in cases:
+        result, cap = cmd(shell, line)
+        assert result is None
+        one_error(cap, fragment)
+    assert snapshot(magics) == before
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("line", "cell", "fragment"),
+    [
+        ("-i missing.jpg", "What is this?", "not found"),
+        ("-i {corrupt}", "What is this?", "not a readable image"),
+        ("-i http://127.0.0.1:{port}/photo.jpg", "What is this?", "cannot fetch"),
+        ("-i not_an_image_variable", "What is this?", "cannot load an image"),
+        ("", "\n", "the cell is empty"),
+        ("-i photo", "   \n  ", "the cell is empty"),
+        ("", LONG_QUESTION, "more than the model's context of 1024"),
+        ("-i photo", LONG_QUESTION, "more than the model's context of 1024"),
+        ("--new", LONG_QUESTION, "context"),  # --new only once the question is accepted
+        ("--bogus", "What is this?", "unrecognized arguments: --bogus"),
+        ("-x 1", "What is this?", "unrecognized arguments: -x"),
+        ("-i", "What is this?", "expected at least one argument"),
+        ('-i "photo', "What is this?", "check the quotes"),
+    ],
+)
+def test_bad_input_prints_one_line_and_harms_nothing(shell, magics, tmp_path, line, cell, fragment):
+    ask(shell, "-i photo", "First question?")
+    before = snapshot(magics)
+    chat = magics.chats["default"]
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG" * 10)
+    shell.user_ns.update(corrupt=str(corrupt), port=_closed_port(), not_an_image_variable=42)
+    try:
+        result, cap = ask(shell, line, cell)
+    finally:
+        for name in ("corrupt", "port", "not_an_image_variable"):
+            shell.user_ns.pop(name)
+    assert result is None
+    message = one_error(cap, fragment)
+    assert len(message) < 400
+    assert snapshot(magics) == before and magics.chats["default"] is chat
+    assert all(o.data.get("text/markdown") == "" for o in cap.outputs[1:])
+    result, cap = ask(shell, "", "Does it still work?")
+    assert quiet(cap) and result == chat.history[-1].answer
+    assert image_tokens_in_prompt(chat) == 1
+
+
+def test_cell_with_no_body_gives_one_line(shell, magics):
+    """A bare `%%llava` cell never reaches the magic: IPython itself says so, in one line."""
+    ask(shell, "", "First?")
+    before = snapshot(magics)
+    with capture_output() as cap:
+        outcome = shell.run_cell("%%llava -i photo", store_history=False)
+    assert not outcome.success
+    lines = cap.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the cell body is empty" in lines[0], cap.stderr
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert snapshot(magics) == before
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("", "%llava needs a command"),
+        ("What is this?", "invalid choice: 'What'"),
+        ("frobnicate", "invalid choice: 'frobnicate'"),
+        ("status --verbose", "unrecognized arguments: --verbose"),
+        ("history a b", "unrecognized arguments: b"),
+        ("save", "required: file"),
+    ],
+)
+def test_bad_commands_print_one_line(shell, magics, line, fragment):
+    ask(shell, "", "First?")
+    before = snapshot(magics)
+    result, cap = cmd(shell, line)
+    assert result is None
+    one_error(cap, fragment)
+    assert snapshot(magics) == before
+
+
+def test_errors_go_to_stderr(shell, magics, capsys):
+    shell.run_cell_magic("llava", "-i nowhere.png", "What is this?")
+    shell.run_line_magic("llava", "frobnicate")
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("llava_nb: ") for line in lines)
+
+
+# ---------------------------------------------------------------- interrupting
+
+
+def _interrupt_when(condition) -> threading.Thread:
+    """Raise KeyboardInterrupt in the main thread (as Ctrl-C / a kernel interrupt does)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
+        _thread.interrupt_main()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+def test_interrupt_keeps_the_partial_answer(shell, magics, endless_llava):
+    magics.model = endless_llava
+    ask(shell, "-i photo", "First question?")
+    chat = magics.chats["default"]
+    with capture_output() as cap:
+        streamed = lambda: any(o.update and o.data["text/markdown"] for o in cap.outputs)  # noqa: E731
+        watcher = _interrupt_when(streamed)
+        try:
+            start = time.monotonic()
+            result = shell.run_cell_magic("llava", "--max-new-tokens 1000", "Go on and on.")
+            elapsed = time.monotonic() - start
+            watcher.join()
+            time.sleep(0.05)  # a late interrupt would land here, not in pytest
+        except KeyboardInterrupt:
+            pytest.fail("the interrupt escaped the magic")
+    assert result is None and quiet(cap)
+    assert "Traceback" not in cap.stdout
+    turn = chat.history[-1]
+    assert turn.question == "Go on and on." and turn.interrupted
+    final = cap.outputs[-1].data["text/markdown"]
+    assert final == turn.answer + " *(interrupted)*"
+    assert elapsed < 5
+    history = markdown(cmd(shell, "history")[0])
+    assert history.endswith(f"**LLaVA:** {turn.answer} *(interrupted)*")
+    # the chat goes on: the partial answer is part of the conversation
+    result, cap = ask(shell, "", "Now answer briefly.")
+    assert quiet(cap) and result == chat.history[-1].answer
+    assert len(chat.history) == 3 and not chat.history[-1].interrupted
+    assert chat.messages()[3]["content"][0]["text"] == turn.answer
+
+
+# ---------------------------------------------------------------- import cost
+
+
+def test_import_and_load_ext_do_not_import_torch():
+    code = """
+import sys
+import llava_nb
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+shell.run_line_magic("load_ext", "llava_nb")
+for line in ("help", "models", "config", "config max_new_tokens=16", "chats", "status"):
+    shell.run_line_magic("llava", line)
+print("HEAVY:", sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY: []" in done.stdout, done.stdout + done.stderr
