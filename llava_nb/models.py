@@ -6,9 +6,13 @@ until `load()` (or the first question) runs.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
+import logging
 import os
 import queue
+import sys
 import threading
 import time
 import urllib.request
@@ -166,6 +170,21 @@ def _import_bitsandbytes() -> None:
     except ImportError as e:
         message = f"4-bit / 8-bit loading needs bitsandbytes ({e}); pip install bitsandbytes"
         raise ModelError(message) from None
+    int8_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _quiet_int8_casts not in int8_logger.filters:
+        int8_logger.addFilter(_quiet_int8_casts)
+
+
+def _quiet_int8_casts(record: logging.LogRecord) -> bool:
+    """bitsandbytes logs its (expected) cast to fp16 for every int8 layer on every token."""
+    return "inputs will be cast" not in record.getMessage()
+
+
+def _trim_process_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so RSS drops too."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -264,6 +283,8 @@ class Model:
         _check_device(device)
         dtype = _pick_dtype(device)
         quant = self._choose_quantization(config, device)
+        if quant == "8bit" and device.startswith("cuda"):
+            dtype = torch.float16  # LLM.int8 computes in fp16
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
         if quant in ("4bit", "8bit"):
             _import_bitsandbytes()
@@ -316,7 +337,8 @@ class Model:
         self._loaded_quantization = None
         self._state = "unloaded"
         gc.collect()
-        if "torch" in __import__("sys").modules:
+        _trim_process_heap()
+        if "torch" in sys.modules:
             import torch
 
             if torch.cuda.is_available():

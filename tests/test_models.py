@@ -272,3 +272,34 @@ def test_a_generation_nobody_reads_does_no_work(tiny_llava):
     assert model.generate(_question(), max_new_tokens=2).wait() is not None
     finished = model.generate(_question(), max_new_tokens=2)
     assert finished.wait() == finished.wait()  # reading it again gives the same answer
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
+def test_unload_gives_the_memory_back(tmp_path_factory, quantization):
+    """Resident memory, measured: a load/unload cycle (after a first one that imports the
+    libraries) leaves the process no bigger than before."""
+    import subprocess
+
+    from llava_nb.testing import make_tiny_llava
+
+    path = make_tiny_llava(tmp_path_factory.mktemp("rss") / "m", width=768, layers=4)
+    code = f"""
+from llava_nb.models import Model
+def rss():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+question = [{{"role": "user", "content": [{{"type": "text", "text": "hi"}}]}}]
+for cycle in range(2):
+    before = rss()
+    model = Model({path!r}, quantization={quantization!r})
+    model.generate(question, max_new_tokens=3).wait()
+    footprint, loaded = model.status()["memory"], rss()
+    model.unload()
+print(footprint, loaded - before, rss() - before, model.status()["memory"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    footprint, grew, kept, reported = map(int, out.stdout.split()[-4:])
+    assert footprint > 80e6 and grew > footprint / 3  # the weights really were in memory
+    assert kept < footprint / 4, f"{kept / 1e6:.0f} MB of {footprint / 1e6:.0f} MB still held"
+    assert reported == 0
+    assert "inputs will be cast" not in out.stderr
