@@ -187,8 +187,13 @@ def _trim_process_heap() -> None:
             ctypes.CDLL(None).malloc_trim(0)
 
 
+_OOM_MESSAGES = ("out of memory", "not enough memory", "cannot allocate memory", "can't allocate")
+
+
 def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
+    """CUDA, MPS and CPU allocators each say it their own way."""
+    message = str(error).lower()
+    return isinstance(error, MemoryError) or any(m in message for m in _OOM_MESSAGES)
 
 
 class Model:
