@@ -412,16 +412,26 @@ class Generation:
 
     def __init__(self, model: Model, inputs, options: dict[str, Any], seed: int | None) -> None:
         self._model = model
-        self._prompt_tokens = inputs["input_ids"].shape[1]
+        self.prompt_tokens = inputs["input_ids"].shape[1]
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self.max_new_tokens: int = options["max_new_tokens"]
         self.token_ids: list[int] = []
         self.text = ""
-        self.stopped = False
+        self.stopped = False  # ended by stop(), an interrupt, or leaving the loop early
         self.done = False
         self._worker = threading.Thread(
             target=self._run, args=(inputs, options, seed), name="llava_nb-generate", daemon=True
         )  # started by the first iteration: a generation nobody reads costs nothing
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why it ended, as OpenAI names it: "stop" (end of answer), "length", or "interrupted"."""
+        if not self.done:
+            return None
+        if self.stopped:
+            return "interrupted"
+        return "length" if len(self.token_ids) >= self.max_new_tokens else "stop"
 
     def stop(self) -> None:
         """Ask the worker to stop after the current token."""
@@ -441,7 +451,7 @@ class Generation:
                     streamer=_QueueStreamer(self._queue),
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]),
                 )
-            self._queue.put(("end", out[0, self._prompt_tokens :].tolist()))
+            self._queue.put(("end", out[0, self.prompt_tokens :].tolist()))
         except BaseException as e:  # handed to the consumer thread, raised there
             self._queue.put(("error", e))
 

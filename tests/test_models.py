@@ -303,3 +303,16 @@ print(footprint, loaded - before, rss() - before, model.status()["memory"])
     assert kept < footprint / 4, f"{kept / 1e6:.0f} MB of {footprint / 1e6:.0f} MB still held"
     assert reported == 0
     assert "inputs will be cast" not in out.stderr
+
+
+def test_finish_reason(tiny_llava):
+    model = Model(tiny_llava)
+    short = model.generate(_question(), max_new_tokens=2)
+    assert short.finish_reason is None
+    short.wait()
+    assert short.finish_reason == "length"
+    long = model.generate(_question(), max_new_tokens=900)
+    pieces = iter(long)
+    next(pieces)
+    pieces.close()
+    assert long.finish_reason == "interrupted"
