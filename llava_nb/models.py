@@ -202,7 +202,17 @@ class Model:
     quantization: "auto" (4-bit NF4 on CUDA when the fp16 weights would not fit in free GPU
     memory, none elsewhere), "none", "4bit" or "8bit" (bitsandbytes; the vision tower, the
     projector and lm_head stay unquantized, as in QLoRA practice for LLaVA).
+
+    A server URL ("openai:http://host:8000/v1") gives a `RemoteModel` instead, which takes
+    `remote_model=` and `api_key=`.
     """
+
+    def __new__(cls, model_id: str | None = None, **kwargs: Any):
+        from llava_nb.remote import RemoteModel, is_remote
+
+        if cls is Model and is_remote(model_id):
+            return RemoteModel(model_id, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -479,6 +489,8 @@ class Generation:
                     yield text[len(emitted) :]
                     emitted = text
                 if kind == "end":
+                    self._worker.join()  # no thread left running at interpreter exit
+                    self.stopped = self._stop.is_set()
                     self.done = True
                     return
         finally:
@@ -535,14 +547,32 @@ def _generation_error(error: BaseException) -> BaseException:
     return error
 
 
-_shared: dict[tuple[str, str, str | None], Model] = {}
+_shared: dict[tuple, Any] = {}
 
 
-def get_model(model: Model | str | None, *, quantization: str = "auto", device: str | None = None):
-    """The one shared `Model` for an id (chats naming the same id share its weights)."""
-    if isinstance(model, Model):
+def get_model(
+    model: Any = None,
+    *,
+    quantization: str = "auto",
+    device: str | None = None,
+    remote_model: str | None = None,
+    api_key: str | None = None,
+):
+    """The one shared `Model` (or `RemoteModel`) for an id: chats naming it share its weights.
+
+    A model object (anything with `generate`) is returned as it is.
+    """
+    from llava_nb.remote import RemoteModel, is_remote
+
+    if hasattr(model, "generate"):
         return model
-    key = (str(model or default_model_id()), quantization, device)
-    if key not in _shared:
-        _shared[key] = Model(key[0], quantization=quantization, device=device)
+    model_id = str(model or default_model_id())
+    if is_remote(model_id):
+        key: tuple = (model_id, remote_model, api_key)
+        if key not in _shared:
+            _shared[key] = RemoteModel(model_id, remote_model=remote_model, api_key=api_key)
+    else:
+        key = (model_id, quantization, device)
+        if key not in _shared:
+            _shared[key] = Model(model_id, quantization=quantization, device=device)
     return _shared[key]

@@ -316,3 +316,13 @@ def test_finish_reason(tiny_llava):
     next(pieces)
     pieces.close()
     assert long.finish_reason == "interrupted"
+
+
+def test_stop_from_another_thread_marks_the_answer_interrupted(tiny_llava):
+    generation = Model(tiny_llava).generate(_question(), max_new_tokens=900)
+    for _ in generation:
+        if len(generation.token_ids) >= 3:
+            generation.stop()  # as a Stop button or a server's disconnect would
+    assert generation.stopped and generation.finish_reason == "interrupted"
+    assert not generation._worker.is_alive()
+    assert len(generation.token_ids) < 900
