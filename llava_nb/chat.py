@@ -141,6 +141,7 @@ class Chat:
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
             "model": self.model.model_id,
+            "remote_model": getattr(self.model, "remote_model", None),  # never the API key
             "settings": self.settings,
             "turns": [
                 {
@@ -183,7 +184,8 @@ class Chat:
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
             raise ChatFileError(f"'{path}' is not a llava_nb chat file; save one with chat.save()")
         try:
-            chat = cls(model or data["model"], **data["settings"])
+            model = model or get_model(data["model"], remote_model=data.get("remote_model"))
+            chat = cls(model, **data["settings"])
             chat._turns = [
                 Turn(
                     t["question"],

@@ -35,6 +35,8 @@ question text, with {python_variable} interpolation
     -o VAR     store the answer in the notebook variable VAR instead of returning it.
 
 %llava load [MODEL] [--4bit | --8bit | --no-quant] [--device DEV]   load now (else on first use)
+%llava load http://host:8000/v1 [--remote-model NAME] [--api-key KEY]   use a server (vLLM,
+            Ollama, llama.cpp, llava-nb serve) instead of local weights
 %llava unload | status | models | chats | help
 %llava history [CHAT] | reset [CHAT] | undo [CHAT]
 %llava save FILE [CHAT] | open FILE [CHAT]
@@ -82,6 +84,8 @@ def _command_parser() -> _Parser:
     quant.add_argument("--8bit", dest="quantization", action="store_const", const="8bit")
     quant.add_argument("--no-quant", dest="quantization", action="store_const", const="none")
     load.add_argument("--device")
+    load.add_argument("--remote-model", help="the model's name on a server (URL models)")
+    load.add_argument("--api-key", help="the server's API key (default: $OPENAI_API_KEY)")
     for name in ("unload", "status", "models", "chats", "help"):
         sub.add_parser(name, add_help=False)
     for name in ("history", "reset", "undo"):
@@ -172,6 +176,10 @@ class LlavaMagics(Magics):
         config=True
     )
     device = Unicode("", help="Device ('' = cuda, mps or cpu, whichever is there)").tag(config=True)
+    remote_model = Unicode("", help="Model name on the server, when model is a URL").tag(
+        config=True
+    )
+    api_key = Unicode("", help="API key of the server, when model is a URL").tag(config=True)
     max_new_tokens = Integer(512, help="Longest answer, in tokens").tag(config=True)
     temperature = Float(0.0, help="0 = greedy (deterministic)").tag(config=True)
     top_p = Float(1.0, help="Nucleus sampling when temperature > 0").tag(config=True)
@@ -184,7 +192,7 @@ class LlavaMagics(Magics):
         self._retired: list[Any] = []  # models configured before; unloaded once unused
         super().__init__(shell=shell, **kwargs)
 
-    @observe("model", "quantization", "device")
+    @observe("model", "quantization", "device", "remote_model", "api_key")
     def _model_changed(self, change) -> None:
         if self.current is not None:
             self._retired.append(self.current)
@@ -223,10 +231,16 @@ class LlavaMagics(Magics):
         from llava_nb.models import get_model
 
         if self.current is None:
-            self.current = get_model(
-                self.model or None, quantization=self.quantization, device=self.device or None
-            )
+            self.current = get_model(self.model or None, **self._model_options())
         return self.current
+
+    def _model_options(self) -> dict[str, Any]:
+        return {
+            "quantization": self.quantization,
+            "device": self.device or None,
+            "remote_model": self.remote_model or None,
+            "api_key": self.api_key or None,
+        }
 
     def _release_unused(self) -> None:
         """Unload models configured before, unless the current one or a pinned chat uses them."""
@@ -248,9 +262,7 @@ class LlavaMagics(Magics):
         images = [load_image(source, namespace=namespace) for source in args.image]
         chat = self.chats.get(args.chat)
         if args.model:
-            model = get_model(
-                args.model, quantization=self.quantization, device=self.device or None
-            )
+            model = get_model(args.model, **self._model_options())
         elif chat is not None and args.chat in self.pinned and not args.new:
             model = chat.model
         else:
@@ -330,15 +342,17 @@ class LlavaMagics(Magics):
         print(HELP)
 
     def _cmd_load(self, args) -> None:
-        before = (self.model, self.quantization, self.device, self.current)
-        self.model = args.model or self.model
-        self.quantization = args.quantization or self.quantization
-        self.device = args.device or self.device
+        keys = ("model", "quantization", "device", "remote_model", "api_key")
+        before = {key: getattr(self, key) for key in keys}
+        current = self.current
+        for key in keys:
+            setattr(self, key, getattr(args, key) or before[key])
         try:
             self._current_model().load()
         except BaseException:  # a bad id or option leaves the settings and model as they were
-            self.model, self.quantization, self.device = before[:3]
-            self.current = before[3]
+            for key, value in before.items():
+                setattr(self, key, value)
+            self.current = current
             raise
         self._release_unused()  # one model in memory at a time
 
@@ -442,7 +456,11 @@ class LlavaMagics(Magics):
                     setattr(self, name, value)
             raise
         if not args.assignments:
-            return _table([{"key": n, "value": repr(getattr(self, n))} for n in names])
+            shown = {
+                n: "'***'" if n == "api_key" and self.api_key else repr(getattr(self, n))
+                for n in names
+            }
+            return _table([{"key": n, "value": value} for n, value in shown.items()])
 
 
 def register(shell) -> None:

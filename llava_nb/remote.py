@@ -1,0 +1,229 @@
+"""`RemoteModel`: the same interface as `Model`, answered by an OpenAI-compatible server.
+
+vLLM, Ollama, llama.cpp's server and `llava-nb serve` all speak the chat-completions API, so a
+notebook can stay light while the weights live on a GPU server. The official `openai` client
+does the HTTP and the streaming (extra `llava_nb[remote]`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from llava_nb.images import image_to_data_uri
+from llava_nb.models import GenerationError, ModelError, check_settings
+
+PREFIX = "openai:"
+
+
+def is_remote(model_id: object) -> bool:
+    """True for "openai:URL" and plain http(s) URLs: ids that name a server, not weights."""
+    return isinstance(model_id, str) and model_id.startswith((PREFIX, "http://", "https://"))
+
+
+def _message_error(error: Exception) -> str:
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    return str(getattr(error, "message", None) or error).splitlines()[0]
+
+
+class RemoteModel:
+    """A model served over the OpenAI chat-completions API.
+
+    `model_id` is "openai:http://host:8000/v1" (or the bare URL); `remote_model` is the name the
+    server knows the model by (default: the first it lists); `api_key` defaults to
+    `$OPENAI_API_KEY`, and to a placeholder for servers that want none.
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        remote_model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+    ) -> None:
+        if not is_remote(model_id):
+            raise ModelError(f"'{model_id}' is not a server URL; use openai:http://host:port/v1")
+        self.base_url = model_id.removeprefix(PREFIX).rstrip("/")
+        self.model_id = PREFIX + self.base_url
+        self.remote_model = remote_model
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
+        self.timeout = timeout
+        self.client: Any = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RemoteModel({self.model_id!r}, remote_model={self.remote_model!r})"
+
+    @property
+    def loaded(self) -> bool:
+        return self.client is not None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": "connected" if self.loaded else "unloaded",
+            "model": self.model_id,
+            "family": "remote",
+            "device": self.base_url,
+            "dtype": None,
+            "quantization": None,
+            "memory": 0,
+            "remote_model": self.remote_model,
+        }
+
+    def load(self) -> RemoteModel:
+        """Connect: check that the server answers and serves `remote_model`."""
+        with self._lock:
+            if self.client is None:
+                self.client = self._connect()
+        return self
+
+    def _connect(self):
+        try:
+            import openai
+        except ImportError:
+            raise ModelError(
+                "remote models need the openai client: pip install 'llava_nb[remote]'"
+            ) from None
+        client = openai.OpenAI(
+            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0
+        )
+        try:
+            served = [m.id for m in client.models.list()]
+        except openai.AuthenticationError:
+            raise ModelError(
+                f"{self.base_url} refused the API key; pass api_key= (or --api-key)"
+            ) from None
+        except openai.APIConnectionError:
+            raise ModelError(
+                f"cannot reach {self.base_url}; check the URL and that the server is running"
+            ) from None
+        except openai.APIError as e:
+            raise ModelError(f"{self.base_url} answered: {_message_error(e)}") from None
+        if self.remote_model is None and served:
+            self.remote_model = served[0]
+        if self.remote_model is None:
+            raise ModelError(f"{self.base_url} lists no models; pass remote_model=NAME")
+        if served and self.remote_model not in served:
+            raise ModelError(
+                f"{self.base_url} has no model '{self.remote_model}'; it serves: "
+                f"{', '.join(served)}"
+            )
+        return client
+
+    def unload(self) -> None:
+        """Close the connection (the server keeps its weights)."""
+        with self._lock:
+            if self.client is not None:
+                self.client.close()
+            self.client = None
+
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> RemoteGeneration:
+        """Start answering; iterate the result for text pieces (as with `Model.generate`)."""
+        check_settings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+        self.load()
+        request = {
+            "model": self.remote_model,
+            "messages": [_openai_message(m) for m in messages],
+            "max_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "stream": True,
+        }
+        if seed is not None:
+            request["seed"] = seed
+        return RemoteGeneration(self, request)
+
+
+def _openai_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A processor-format chat message (PIL images inline) in OpenAI's format (data URIs)."""
+    parts = []
+    for part in message["content"]:
+        if part["type"] == "image":
+            url = image_to_data_uri(part["image"], "JPEG")  # compact; LLaVA sees 336 px anyway
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            parts.append({"type": "text", "text": part["text"]})
+    if message["role"] == "assistant":
+        return {"role": "assistant", "content": "".join(p.get("text", "") for p in parts)}
+    return {"role": message["role"], "content": parts}
+
+
+class RemoteGeneration:
+    """One streamed answer from the server; the same surface as `models.Generation`.
+
+    Leaving the loop early, `stop()` or KeyboardInterrupt closes the stream, which tells the
+    server to stop generating; the partial answer is kept.
+    """
+
+    def __init__(self, model: RemoteModel, request: dict[str, Any]) -> None:
+        self._model = model
+        self._request = request
+        self._stop = threading.Event()
+        self.max_new_tokens: int = request["max_tokens"]
+        self.prompt_tokens: int | None = None
+        self.text = ""
+        self.stopped = False
+        self.done = False
+        self.finish_reason: str | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def __iter__(self) -> Iterator[str]:
+        import openai
+
+        if self.done:
+            return
+        stream = None
+        try:
+            stream = self._model.client.chat.completions.create(**self._request)
+            for chunk in stream:
+                if self._stop.is_set():
+                    return  # the finally below keeps the partial answer
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                piece = choice.delta.content if choice.delta else None
+                if piece:
+                    self.text += piece
+                    yield piece
+                self.finish_reason = choice.finish_reason or self.finish_reason
+            self.done = True
+        except openai.APIConnectionError:
+            self.done = True
+            raise GenerationError(
+                f"lost the connection to {self._model.base_url}; check that the server runs"
+            ) from None
+        except openai.APIStatusError as e:
+            self.done = True
+            raise GenerationError(
+                f"{self._model.base_url} refused the question (HTTP {e.status_code}): "
+                f"{_message_error(e)}"
+            ) from None
+        finally:
+            if stream is not None:
+                stream.close()  # the server sees the disconnect and stops generating
+            if not self.done:  # stopped, interrupted or abandoned: keep the partial answer
+                self.stopped, self.done, self.finish_reason = True, True, "interrupted"
+
+    def wait(self) -> str:
+        for _ in self:
+            pass
+        return self.text

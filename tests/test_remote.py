@@ -1,0 +1,91 @@
+"""RemoteModel: the Model interface over an OpenAI-compatible server."""
+
+import socket
+
+import pytest
+
+import llava_nb as ln
+from llava_nb.models import GenerationError, ModelError, get_model
+from llava_nb.remote import RemoteModel, is_remote
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_urls_are_remote_ids():
+    assert is_remote("openai:http://gpu:8000/v1")
+    assert is_remote("https://example.org/v1")
+    assert not is_remote("llava-hf/llava-1.5-7b-hf")
+    assert not is_remote("/models/llava")
+
+
+def test_model_with_a_url_is_a_remote_model_and_loads_nothing():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llava_nb as ln;"
+        "m = ln.Model('openai:http://gpu:8000/v1/', remote_model='llava', api_key='k');"
+        "print(type(m).__name__, m.model_id, m.remote_model, m.loaded, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [
+        "RemoteModel",
+        "openai:http://gpu:8000/v1",
+        "llava",
+        "False",
+        "False",
+    ]
+
+
+def test_get_model_shares_remote_models():
+    a = get_model("http://gpu:8000/v1", remote_model="x")
+    assert a is get_model("http://gpu:8000/v1", remote_model="x")
+    assert a is not get_model("http://gpu:8000/v1", remote_model="y")
+    assert a.status()["family"] == "remote" and a.status()["state"] == "unloaded"
+
+
+def test_an_unreachable_server_is_one_clear_error():
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    chat = ln.Chat(url)
+    with pytest.raises(ModelError, match=f"cannot reach {url}; check the URL"):
+        chat.ask("Hello?")
+    assert chat.history == []
+
+
+def test_bad_settings_are_refused_before_connecting():
+    model = RemoteModel(f"http://127.0.0.1:{_closed_port()}/v1")
+    with pytest.raises(GenerationError, match="temperature must be"):
+        model.generate([], temperature=-1)
+    assert not model.loaded
+
+
+def test_only_urls_make_remote_models():
+    with pytest.raises(ModelError, match="not a server URL"):
+        RemoteModel("llava-hf/llava-1.5-7b-hf")
+
+
+def test_a_remote_chat_through_llava_nb_serve_equals_the_local_chat(tiny_llava, photo):
+    """Chat over RemoteModel -> `llava-nb serve` -> the tiny model: same answers as local."""
+    pytest.importorskip("uvicorn")
+    from llava_nb.models import Model
+    from llava_nb.server import create_app
+
+    from .test_server import running
+
+    served = Model(tiny_llava)
+    with running(create_app(served, api_key="secret")) as url:
+        remote = ln.Chat(ln.Model(f"openai:{url}/v1", api_key="secret"), max_new_tokens=8)
+        local = ln.Chat(tiny_llava, max_new_tokens=8)
+        for question, image in [("What is this?", photo), ("And the color?", None)]:
+            assert remote.ask(question, image=image) == local.ask(question, image=image)
+        assert remote.model.remote_model == served.model_id
+        pieces = remote.stream("Go on.", max_new_tokens=400)
+        next(pieces)
+        pieces.close()  # leaving early closes the stream; the partial answer is kept
+        assert remote.history[-1].interrupted
+        with pytest.raises(ModelError, match="refused the API key"):
+            ln.Model(f"{url}/v1", api_key="wrong").load()
