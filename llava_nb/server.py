@@ -1,0 +1,1288 @@
+"""`llava-nb serve`: one LLaVA model behind an OpenAI-compatible HTTP API, and a chat page.
+
+    llava-nb serve --model llava-hf/llava-1.5-7b-hf          # http://127.0.0.1:8000/v1
+
+Endpoints:
+
+- ``POST /v1/chat/completions``: OpenAI's chat-completions API. Messages mix ``text`` and
+  ``image_url`` parts (data URIs; http(s) URLs and local files only when allowed), plain string
+  content, ``system`` messages (folded into the first user text: LLaVA templates have no system
+  role), several turns; ``stream: true`` answers with Server-Sent Events. ``max_tokens`` /
+  ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
+  ``stream_options.include_usage``. As in OpenAI's API, ``temperature`` defaults to 1 (send 0
+  for greedy answers) and ``max_tokens`` to the rest of the context. The ``model`` field may be
+  left out; a name other than the served one gets 404.
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served.
+- ``GET /health``: 200 once the model is loaded, 503 (with Retry-After) while it loads.
+- ``GET /``: a small chat page (``llava_nb/web/index.html``).
+
+Safe by default: it listens on loopback; remote image URLs and local paths are refused unless
+``--allow-image-urls`` / ``--allowed-local-media-path DIR`` allow them, and allowed URLs that
+resolve to loopback, private, link-local or reserved addresses are still refused; requests and
+images have size limits; a client that disconnects stops its generation.
+
+Errors come in OpenAI's format, ``{"error": {"message", "type", "param", "code"}}``, so the
+official clients raise their usual exceptions (400, 401, 404, 413, 415, 429, 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import http.client
+import importlib.resources
+import ipaddress
+import json
+import logging
+import math
+import re
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llava_nb.errors import LlavaError
+from llava_nb.images import (
+    FETCH_TIMEOUT_S,
+    MAX_IMAGE_BYTES,
+    USER_AGENT,
+    ImageError,
+    image_from_data_uri,
+    load_image,
+)
+
+logger = logging.getLogger("llava_nb.server")
+
+MAX_IMAGES_PER_REQUEST = 16
+MAX_STOP_STRINGS = 16
+MAX_REDIRECTS = 3
+LOAD_RETRY_AFTER_S = 5
+NO_LIMIT = 1 << 30  # max_tokens when the request names none: the rest of the context
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.type, self.param, self.code = type, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _too_large(what: str, limit: int) -> ApiError:
+    return ApiError(413, f"{what} is over {limit:,} bytes; send less", code="request_too_large")
+
+
+def _server_error(error: BaseException) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, LlavaError):
+        return ApiError(500, str(error), type="server_error", code="generation_failed")
+    return ApiError(500, f"internal error ({type(error).__name__})", type="server_error")
+
+
+# ---------------------------------------------------------------- FIFO admission
+
+
+class _Busy(Exception):
+    """The queue is full."""
+
+
+class _Gate:
+    """First come, first served: `slots` holders at once, at most `queue_limit` waiting."""
+
+    def __init__(self, slots: int, queue_limit: int | None) -> None:
+        self.slots, self.queue_limit = slots, queue_limit
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def reserve(self) -> asyncio.Future[None]:
+        """A ticket that completes when a slot is its; raises `_Busy` when the queue is full."""
+        ticket = asyncio.get_running_loop().create_future()
+        if self.active < self.slots and not self._waiters:
+            self.active += 1
+            ticket.set_result(None)
+        elif self.queue_limit is not None and len(self._waiters) >= self.queue_limit:
+            raise _Busy
+        else:
+            self._waiters.append(ticket)
+        return ticket
+
+    def leave(self, ticket: asyncio.Future[None]) -> None:
+        """Give back the slot a ticket holds, or stop waiting for one."""
+        if ticket.done() and not ticket.cancelled():
+            while self._waiters:  # hand the slot to the next in line
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+            self.active -= 1
+        else:
+            ticket.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(ticket)
+
+
+# ---------------------------------------------------------------- client disconnects
+
+
+class _ClientGone(Exception):
+    """The client closed the connection."""
+
+
+async def _while_connected(
+    receive: Callable[[], Awaitable[dict]],
+    work: Callable[[], Awaitable[_T]],
+    on_gone: Callable[[], None],
+) -> _T:
+    """Run `work` until it ends or the client disconnects (then `on_gone()`, `_ClientGone`).
+
+    The request body must have been read: after it, `receive()` only reports the disconnect.
+    """
+    outcome: dict[str, Any] = {}
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            outcome["gone"] = True
+            on_gone()
+            group.cancel_scope.cancel()
+
+        async def run() -> None:
+            try:
+                outcome["result"] = await work()
+            except Exception as e:
+                outcome["error"] = e
+            finally:
+                group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        group.start_soon(run)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "result" not in outcome:
+        raise _ClientGone
+    return outcome["result"]
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+class _StopScanner:
+    """Cut the answer at the first stop string; hold back text that may start one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.held = ""
+        self.hit = False
+
+    def feed(self, piece: str) -> str:
+        """The text that is safe to emit now."""
+        if not self.stops:
+            return piece
+        text = self.held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit, self.held = True, ""
+            return text[: min(found)]
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:k]):
+                    keep = k
+                    break
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+# ---------------------------------------------------------------- image sources
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for addresses a server must not fetch from: loopback, private, link-local, ..."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip.teredo is not None:
+            ip = ip.teredo[1]
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return (
+        not ip.is_global
+        or ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+    )
+
+
+def _public_addresses(host: str, port: int, param: str) -> list[str]:
+    """Resolve `host`; refuse it when any of its addresses is internal."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise ApiError(
+            400, f"cannot resolve image URL host {host!r} ({e}); check the URL", param=param
+        ) from None
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    internal = [str(a) for a in addresses if _blocked(a)]
+    if internal or not addresses:
+        raise ApiError(
+            400,
+            f"image URL host {host!r} resolves to a loopback, private, link-local or reserved "
+            f"address ({', '.join(internal) or 'none'}); this server does not fetch internal "
+            "addresses: send the image as a data:image/...;base64 URI",
+            param=param,
+            code="image_url_refused",
+        )
+    return list(dict.fromkeys(str(a) for a in addresses))
+
+
+def _fetch_public_image(url: str, param: str):
+    """GET an http(s) image from a public address: pinned to the vetted IP, size-capped."""
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        https = parts.scheme.lower() == "https"
+        try:
+            host, port = parts.hostname, parts.port or (443 if https else 80)
+        except ValueError:
+            host = None
+        if not host:
+            raise ApiError(400, f"image URL {url[:80]!r} has no valid host", param=param)
+        addresses = _public_addresses(host, port, param)
+        kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        connection = kind(host, port, timeout=FETCH_TIMEOUT_S)
+
+        def connect(_address, timeout=FETCH_TIMEOUT_S, source_address=None, _to=(addresses, port)):
+            """Connect to the addresses just checked, not to a fresh lookup (DNS rebinding)."""
+            error: OSError = OSError("no address")
+            for address in _to[0]:
+                try:
+                    return socket.create_connection((address, _to[1]), timeout, source_address)
+                except OSError as e:
+                    error = e
+            raise error
+
+        connection._create_connection = connect
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        try:
+            connection.request("GET", target, headers={"User-Agent": USER_AGENT})
+            response = connection.getresponse()
+            location = response.getheader("Location")
+            if response.status in (301, 302, 303, 307, 308) and location:
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise ApiError(
+                    400,
+                    f"image URL {url[:80]!r} answered HTTP {response.status}; check the URL",
+                    param=param,
+                )
+            data = response.read(MAX_IMAGE_BYTES + 1)
+        except (OSError, http.client.HTTPException) as e:
+            raise ApiError(
+                400, f"cannot fetch image URL {url[:80]!r} ({e}); check the URL", param=param
+            ) from None
+        finally:
+            connection.close()
+        if len(data) > MAX_IMAGE_BYTES:
+            raise _too_large(f"the image at {url[:80]!r}", MAX_IMAGE_BYTES)
+        return load_image(data)
+    raise ApiError(400, f"image URL {url[:80]!r} redirects too often", param=param)
+
+
+# ---------------------------------------------------------------- one request
+
+
+class _Job:
+    """One chat completion: queued, generated in a worker thread, handed to the event loop."""
+
+    def __init__(self, service: _Service, request: dict[str, Any]) -> None:
+        self.service = service
+        self.messages = request["messages"]
+        self.settings = request["settings"]
+        self.stops = request["stop"]
+        self.include_usage = request["include_usage"]
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self._ticket = service.admission.reserve()  # raises _Busy
+        self._turn: asyncio.Future[None] | None = None
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._released = False
+        self._ended = False  # the generation ended (its last event arrived)
+        self.generation: Any = None
+        self.stop_hit = False  # the answer reached a stop string
+        self.stop_requested = False  # we asked the generation to stop (stop string, client gone)
+        self.disconnected = False
+        service.jobs.add(self)
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Wait for our turn (FIFO), then start generating."""
+        try:
+            await self._ticket
+            if self.service.turn is not None:
+                self._turn = self.service.turn.reserve()
+                await self._turn
+            self.generation = await anyio.to_thread.run_sync(self._generate)
+        except BaseException:
+            self._release()
+            raise
+        loop = asyncio.get_running_loop()
+        threading.Thread(
+            target=self._pump, args=(loop,), name="llava_nb-serve", daemon=True
+        ).start()
+
+    def _generate(self):
+        try:
+            return self.service.model.generate(self.messages, **self.settings)
+        except LlavaError as e:  # prompt longer than the context, bad settings
+            raise ApiError(400, str(e), param="messages") from None
+        except Exception as e:
+            if type(e).__module__.startswith("jinja2"):
+                raise ApiError(
+                    400,
+                    f"the model's chat template refused the conversation ({e})",
+                    param="messages",
+                ) from None
+            raise
+
+    def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: iterate the generation, post each piece to the event loop."""
+
+        def post(*item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(self._events.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: the server stopped
+                self.generation.stop()
+
+        last: tuple[str, Any] = ("end", None)
+        try:
+            for piece in self.generation:
+                post("piece", piece)
+        except BaseException as e:
+            last = ("error", e)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._last, last)
+
+    def _last(self, event: tuple[str, Any]) -> None:
+        """The generation ended: free the model for the next request, then finish the answer."""
+        self._release()
+        self._events.put_nowait(event)
+
+    def _release(self) -> None:
+        """Give back the turn and the slot (once), and keep a record of how it ended."""
+        if self._released:
+            return
+        self._released = True
+        service = self.service
+        if self._turn is not None:
+            service.turn.leave(self._turn)
+        service.admission.leave(self._ticket)
+        service.jobs.discard(self)
+        generation = self.generation
+        finish = getattr(generation, "finish_reason", None)
+        service.finished.append(
+            {
+                "id": self.id,
+                "finish_reason": "stop" if self.stop_hit else finish,
+                "prompt_tokens": getattr(generation, "prompt_tokens", 0),
+                "completion_tokens": len(generation.token_ids) if generation else 0,
+                "stopped": self.stop_requested and bool(generation),
+                "disconnected": self.disconnected,
+            }
+        )
+
+    def abandon(self, *, disconnected: bool = False) -> None:
+        """Stop generating (the client left, or the server stops)."""
+        if disconnected and not self.disconnected:
+            self.disconnected = True
+            self.service.stats["disconnected"] += 1
+        if self.generation is not None and not self._ended and not self._released:
+            self.stop_requested = True
+            self.generation.stop()
+
+    # -- answers
+
+    async def _run(self, emit: Callable[[str], Awaitable[None]]) -> tuple[str, str]:
+        """Hand each piece of the answer (stop strings applied) to `emit`.
+
+        Returns the whole answer and the finish reason."""
+        scanner = _StopScanner(self.stops)
+        parts: list[str] = []
+        while True:
+            kind, value = await self._events.get()
+            if kind == "piece":
+                if scanner.hit:
+                    continue  # past a stop string: waiting for the worker to stop
+                text = scanner.feed(value)
+                if scanner.hit:
+                    self.stop_hit = self.stop_requested = True
+                    self.generation.stop()
+                if text:
+                    parts.append(text)
+                    await emit(text)
+            elif kind == "end":
+                self._ended = True
+                break
+            else:
+                self._ended = True
+                raise value
+        if scanner.hit:
+            return "".join(parts), "stop"
+        tail = scanner.flush()
+        if tail:
+            parts.append(tail)
+            await emit(tail)
+        finish = "length" if self.generation.finish_reason == "length" else "stop"
+        text = "".join(parts)
+        if not self.stops and self.generation.text.startswith(text):
+            text = self.generation.text  # the same, decoded whole
+        return text, finish
+
+    def usage(self) -> dict[str, int]:
+        prompt = int(self.generation.prompt_tokens or 0)
+        completion = len(self.generation.token_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    async def complete(self) -> dict[str, Any]:
+        """The whole answer as a chat.completion object."""
+        await self.start()
+
+        async def ignore(_text: str) -> None:
+            pass
+
+        try:
+            text, finish = await self._run(ignore)
+        except Exception as e:
+            raise _server_error(e) from None
+        self.service.stats["completed"] += 1
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.service.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": self.usage(),
+            "system_fingerprint": None,
+        }
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.service.name,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+
+    async def stream(self, send: Callable[[str], Awaitable[None]]) -> None:
+        """Send the answer as SSE data lines: role, content deltas, finish, [usage], [DONE]."""
+
+        def dump(obj: Any) -> str:
+            return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+        await send(dump(self.chunk({"role": "assistant", "content": ""})))
+
+        async def emit(text: str) -> None:
+            await send(dump(self.chunk({"content": text})))
+
+        try:
+            _, finish = await self._run(emit)
+        except Exception as e:
+            error = _server_error(e)
+            if error.status >= 500:
+                logger.error("generation failed: %s", e, exc_info=not isinstance(e, LlavaError))
+            await send(dump(error.body()))
+            await send("[DONE]")
+            return
+        await send(dump(self.chunk({}, finish)))
+        if self.include_usage:
+            usage = {**self.chunk({}), "choices": [], "usage": self.usage()}
+            await send(dump(usage))
+        await send("[DONE]")
+        self.service.stats["completed"] += 1
+
+
+class _EventStream(Response):
+    """A text/event-stream response that stops the generation when the client disconnects."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+        async def send_data(data: str) -> None:
+            body = f"data: {data}\n\n".encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+        job = self.job
+        try:
+            await _while_connected(
+                receive, lambda: job.stream(send_data), lambda: job.abandon(disconnected=True)
+            )
+        except _ClientGone:
+            return
+        finally:
+            job.abandon()  # a no-op once the answer is complete
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+# ---------------------------------------------------------------- the service
+
+
+class _Service:
+    """What the routes share: the model, its loading state, the queue, counters."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        api_key: str | None,
+        max_concurrency: int,
+        max_queue: int,
+        allow_image_urls: bool,
+        allowed_local_media_path: str | None,
+        max_request_bytes: int,
+    ) -> None:
+        from llava_nb.models import Model
+
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise LlavaError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise LlavaError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self.model = model
+        self.name = str(model.model_id)
+        self.api_key = api_key or None
+        self.allow_image_urls = allow_image_urls
+        self.media_root: Path | None = None
+        if allowed_local_media_path is not None:
+            root = Path(allowed_local_media_path).expanduser()
+            if not root.is_dir():
+                raise LlavaError(
+                    f"--allowed-local-media-path {allowed_local_media_path!r} is not a folder; "
+                    "name an existing folder"
+                )
+            self.media_root = root.resolve()
+        self.max_request_bytes = max_request_bytes
+        self.admission = _Gate(max_concurrency, max_queue)
+        # A local Model generates one at a time (its lock); this FIFO turn keeps that order fair.
+        self.turn = _Gate(1, None) if isinstance(model, Model) else None
+        self.jobs: set[_Job] = set()
+        self.finished: deque[dict[str, Any]] = deque(maxlen=256)
+        self.stats: Counter[str] = Counter()
+        self.created = int(time.time())
+        self.load_error: BaseException | None = None
+        self._loader: threading.Thread | None = None
+
+    # -- loading
+
+    def start_loading(self) -> None:
+        """Load the weights in the background, so the first request does not pay for it."""
+        if self.model.loaded or (self._loader is not None and self._loader.is_alive()):
+            return
+
+        def load() -> None:
+            try:
+                self.model.load()
+            except BaseException as e:
+                self.load_error = e
+                logger.error("cannot load %s: %s", self.name, e)
+
+        self._loader = threading.Thread(target=load, name="llava_nb-load", daemon=True)
+        self._loader.start()
+
+    def state(self) -> str:
+        if self.model.loaded:
+            return "ok"
+        if self.load_error is not None:
+            return "error"
+        return "loading"
+
+    def check_ready(self) -> None:
+        state = self.state()
+        if state == "ok":
+            return
+        if state == "error":
+            raise ApiError(
+                503,
+                f"the model failed to load ({self.load_error}); see the server log",
+                type="server_error",
+                code="model_load_failed",
+            )
+        self.start_loading()
+        raise ApiError(
+            503,
+            f"the model {self.name} is loading; retry in a few seconds",
+            type="server_error",
+            code="model_loading",
+            headers={"Retry-After": str(LOAD_RETRY_AFTER_S)},
+        )
+
+    def shutdown(self) -> None:
+        for job in list(self.jobs):
+            job.abandon()
+
+    # -- requests
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization")
+        headers = {"WWW-Authenticate": "Bearer"}
+        if not header:
+            raise ApiError(
+                401,
+                "missing API key: this server needs 'Authorization: Bearer KEY' "
+                "(the key it was started with, --api-key)",
+                code="invalid_api_key",
+                headers=headers,
+            )
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise ApiError(
+                401,
+                "incorrect API key; use the key the server was started with (--api-key)",
+                code="invalid_api_key",
+                headers=headers,
+            )
+
+    def parse(self, body: bytes) -> dict[str, Any]:
+        """Check a chat-completions request and decode its images (runs in a worker thread)."""
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = payload.get("model")
+        if model not in (None, "") and model != self.name:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        n = payload.get("n")
+        if n not in (None, 1):
+            raise ApiError(400, "n must be 1: one answer per request", param="n")
+        stream = payload.get("stream") or False
+        if not isinstance(stream, bool):
+            raise ApiError(400, "stream must be true or false", param="stream")
+        options = payload.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "stream_options must be an object", param="stream_options")
+        return {
+            "stream": stream,
+            "include_usage": bool(options.get("include_usage")),
+            "settings": _settings(payload),
+            "stop": _stops(payload.get("stop")),
+            "messages": self._messages(payload.get("messages")),
+        }
+
+    def _messages(self, raw: Any) -> list[dict[str, Any]]:
+        """OpenAI messages to the processor's chat format (images decoded)."""
+        if not isinstance(raw, list) or not raw:
+            raise ApiError(400, "messages must be a non-empty list", param="messages")
+        system: list[str] = []
+        out: list[dict[str, Any]] = []
+        images = [0]
+        for i, message in enumerate(raw):
+            param = f"messages[{i}]"
+            if not isinstance(message, dict):
+                raise ApiError(400, f"{param} must be an object", param=param)
+            role = message.get("role")
+            content = message.get("content")
+            if role in ("system", "developer"):
+                system.append(_text_only(content, f"{param}.content"))
+                continue
+            if role == "assistant":
+                parts = [{"type": "text", "text": _text_only(content, f"{param}.content", True)}]
+            elif role == "user":
+                parts = self._user_parts(content, f"{param}.content", images)
+            else:
+                raise ApiError(
+                    400,
+                    f"{param}: role {role!r} is not supported; use system, user or assistant",
+                    param=f"{param}.role",
+                )
+            if out and out[-1]["role"] == role:  # LLaVA templates expect turns to alternate
+                out[-1]["content"].extend(parts)
+            else:
+                out.append({"role": role, "content": parts})
+        if not out or out[-1]["role"] != "user":
+            raise ApiError(400, "the last message must be from the user", param="messages")
+        if system:
+            first = next(m for m in out if m["role"] == "user")["content"]
+            prefix = "\n\n".join(system)
+            texts = [p for p in first if p["type"] == "text"]
+            if texts:
+                texts[0]["text"] = f"{prefix}\n\n{texts[0]['text']}"
+            else:
+                first.append({"type": "text", "text": prefix})
+        return out
+
+    def _user_parts(self, content: Any, param: str, images: list[int]) -> list[dict[str, Any]]:
+        if isinstance(content, str):
+            return [{"type": "text", "text": _checked_text(content, param)}]
+        if not isinstance(content, list) or not content:
+            raise ApiError(
+                400, f"{param} must be a string or a non-empty list of parts", param=param
+            )
+        parts = []
+        for j, part in enumerate(content):
+            where = f"{param}[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": _checked_text(part.get("text"), where)})
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url:
+                    raise ApiError(
+                        400, f"{where}.image_url.url must be a non-empty string", param=where
+                    )
+                images[0] += 1
+                if images[0] > MAX_IMAGES_PER_REQUEST:
+                    raise ApiError(
+                        400,
+                        f"more than {MAX_IMAGES_PER_REQUEST} images in one request; send fewer",
+                        param=where,
+                    )
+                parts.append({"type": "image", "image": self._image(url, f"{where}.image_url")})
+            else:
+                raise ApiError(
+                    400,
+                    f"{where}: part type {kind!r} is not supported; use 'text' or 'image_url'",
+                    param=where,
+                )
+        return parts
+
+    def _image(self, url: str, param: str):
+        try:
+            if url[:5].lower() == "data:":
+                if (len(url) - url.find(",")) * 3 // 4 > MAX_IMAGE_BYTES:
+                    raise _too_large("the image", MAX_IMAGE_BYTES)
+                return image_from_data_uri(url)
+            if re.match(r"(?i)https?://", url):
+                if not self.allow_image_urls:
+                    raise ApiError(
+                        400,
+                        "image URLs are refused: this server fetches none unless started with "
+                        "--allow-image-urls; send the image inline as a data:image/...;base64 "
+                        "URI",
+                        param=param,
+                        code="image_url_refused",
+                    )
+                return _fetch_public_image(url, param)
+            if re.match(r"(?i)file:", url) or not re.match(r"[a-zA-Z][\w+.-]*:", url):
+                return self._local_image(url, param)
+        except ImageError as e:
+            raise ApiError(400, str(e), param=param, code="invalid_image") from None
+        raise ApiError(
+            400,
+            f"image URL {url[:40]!r} has an unsupported scheme; use a data:image/...;base64 URI",
+            param=param,
+        )
+
+    def _local_image(self, source: str, param: str):
+        if self.media_root is None:
+            raise ApiError(
+                400,
+                "local image paths are refused: this server reads no files unless started "
+                "with --allowed-local-media-path DIR; send the image inline as a "
+                "data:image/...;base64 URI",
+                param=param,
+                code="local_path_refused",
+            )
+        path = source
+        if source[:5].lower() == "file:":
+            parts = urllib.parse.urlsplit(source)
+            if parts.netloc not in ("", "localhost"):
+                raise ApiError(400, f"file URL {source[:80]!r} names another host", param=param)
+            path = urllib.parse.unquote(parts.path)
+        try:
+            resolved = (self.media_root / path).resolve()  # symlinks resolved
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ApiError(400, f"bad image path {source[:80]!r} ({e})", param=param) from None
+        if not resolved.is_relative_to(self.media_root):
+            raise ApiError(
+                400,
+                f"image path {source[:80]!r} is outside the folder this server may read "
+                f"(--allowed-local-media-path {self.media_root})",
+                param=param,
+                code="local_path_refused",
+            )
+        if not resolved.is_file():
+            raise ApiError(400, f"image file {source[:80]!r} not found", param=param)
+        if resolved.stat().st_size > MAX_IMAGE_BYTES:
+            raise _too_large(f"image file {source[:80]!r}", MAX_IMAGE_BYTES)
+        return load_image(resolved.read_bytes())
+
+
+def _checked_text(text: Any, param: str) -> str:
+    if not isinstance(text, str):
+        raise ApiError(400, f"{param} text must be a string", param=param)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param} is not valid Unicode (lone surrogate)", param=param) from None
+    return text
+
+
+def _text_only(content: Any, param: str, allow_empty: bool = False) -> str:
+    """A system or assistant message's text (a string, or a list of text parts)."""
+    if content is None and allow_empty:
+        return ""
+    if isinstance(content, str):
+        return _checked_text(content, param)
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(
+                    400, f"{param}[{j}]: only text parts are allowed here", param=f"{param}[{j}]"
+                )
+            texts.append(_checked_text(part.get("text"), f"{param}[{j}]"))
+        return "\n".join(texts)
+    raise ApiError(400, f"{param} must be a string or a list of text parts", param=param)
+
+
+def _number(payload: dict, name: str, default: float, low: float, high: float) -> float:
+    value = payload.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ApiError(400, f"{name} must be a number, got {value!r}", param=name)
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be in [{low}, {high}], got {value!r}", param=name)
+    return value
+
+
+def _settings(payload: dict[str, Any]) -> dict[str, Any]:
+    """max_tokens, temperature, top_p and seed as `Model.generate` takes them."""
+    name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else None
+    name = name or "max_tokens"
+    max_tokens = payload.get(name)
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise ApiError(400, f"{name} must be a positive integer, got {max_tokens!r}", param=name)
+    temperature = _number(payload, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(payload, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0:
+        raise ApiError(400, "top_p must be above 0", param="top_p")
+    seed = payload.get("seed")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64
+    ):
+        raise ApiError(400, f"seed must be a 64-bit integer, got {seed!r}", param="seed")
+    return {
+        "max_new_tokens": min(max_tokens or NO_LIMIT, NO_LIMIT),
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "seed": seed,
+    }
+
+
+def _stops(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if (
+        not isinstance(stops, list)
+        or not all(isinstance(s, str) and s for s in stops)
+        or len(stops) > MAX_STOP_STRINGS
+    ):
+        raise ApiError(
+            400,
+            f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them",
+            param="stop",
+        )
+    return stops
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "bad Content-Length header")
+        if int(length) > limit:
+            raise _too_large("the request", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large("the request", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_loopback_name(host: str) -> bool:
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _LoopbackHostsOnly:
+    """Refuse requests whose Host header is not a loopback name (DNS rebinding guard)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host.rpartition(":")[0] if re.search(r":\d+$", host) else host
+            if not _is_loopback_name(name):
+                error = ApiError(
+                    421,
+                    f"this server listens on loopback only and does not answer for host "
+                    f"{host[:60]!r}; use http://127.0.0.1 or http://localhost",
+                    code="misdirected_request",
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(
+    model,
+    *,
+    api_key: str | None = None,
+    max_concurrency: int = 1,
+    max_queue: int = 64,
+    allow_image_urls: bool = False,
+    allowed_local_media_path: str | None = None,
+    max_request_bytes: int = 64 * 1024 * 1024,
+    loopback_hosts_only: bool = False,
+) -> FastAPI:
+    """The FastAPI app serving `model` (a `llava_nb.models.Model`, loaded in the background).
+
+    Requests are answered first come, first served: `max_concurrency` at once, up to
+    `max_queue` more waiting, and 429 beyond that. A local `Model` still generates one answer
+    at a time (its lock; the answers wait their turn in order), so `max_concurrency` > 1 only
+    lets more requests hold a slot, it does not make generation parallel.
+
+    `api_key`: clients must send "Authorization: Bearer KEY" to /v1/* (the page at / and
+    /health stay open). `allow_image_urls`: fetch http(s) image URLs, never from internal
+    addresses. `allowed_local_media_path`: read image files (file:// URLs or plain paths)
+    inside this folder, symlinks resolved. `max_request_bytes`: larger bodies get 413.
+    `loopback_hosts_only`: answer only Host headers naming loopback (what `run_server` sets
+    when it listens on loopback, against DNS rebinding).
+
+    `app.state.llava` holds the queue, counters (`stats`) and the last requests (`finished`).
+    """
+    service = _Service(
+        model,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        allow_image_urls=allow_image_urls,
+        allowed_local_media_path=allowed_local_media_path,
+        max_request_bytes=max_request_bytes,
+    )
+    page = importlib.resources.files("llava_nb").joinpath("web/index.html").read_text("utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        service.start_loading()
+        yield
+        service.shutdown()
+
+    app = FastAPI(
+        title="llava_nb",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.llava = service
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = (
+            f"no route {request.method} {request.url.path}; the API is under /v1"
+            if error.status_code == 404
+            else str(error.detail)
+        )
+        return ApiError(
+            error.status_code, message, code="not_found" if error.status_code == 404 else None
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        return _server_error(error).response()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": (
+                    "default-src 'self'; img-src 'self' data: blob:; "
+                    "style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+                ),
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        state = service.state()
+        status = service.model.status()
+        body = {
+            "status": state,
+            "model": service.name,
+            "device": status.get("device"),
+            "dtype": status.get("dtype"),
+            "quantization": status.get("quantization"),
+            "active": service.admission.active,
+            "queued": service.admission.waiting,
+            "requests": service.stats["requests"],
+        }
+        if state == "error":
+            body["error"] = str(service.load_error)
+        headers = {"Retry-After": str(LOAD_RETRY_AFTER_S)} if state == "loading" else None
+        return JSONResponse(body, status_code=200 if state == "ok" else 503, headers=headers)
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": service.name,
+            "object": "model",
+            "created": service.created,
+            "owned_by": "llava_nb",
+        }
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        service.check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str, request: Request) -> dict[str, Any]:
+        service.check_key(request)
+        if model_id != service.name:
+            raise ApiError(
+                404,
+                f"the model {model_id!r} does not exist; this server serves {service.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        service.check_key(request)
+        service.stats["requests"] += 1
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(
+                415,
+                "send the request as JSON, with the header 'Content-Type: application/json'",
+                code="unsupported_media_type",
+            )
+        body = await _read_body(request, service.max_request_bytes)
+        service.check_ready()
+        parsed = await anyio.to_thread.run_sync(service.parse, body)
+        try:
+            job = _Job(service, parsed)
+        except _Busy:
+            service.stats["rejected"] += 1
+            raise ApiError(
+                429,
+                f"the server is busy ({service.admission.active} answering, "
+                f"{service.admission.waiting} waiting); retry shortly",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
+
+        def gone() -> None:
+            job.abandon(disconnected=True)
+
+        try:
+            if parsed["stream"]:
+                await _while_connected(request.receive, job.start, gone)
+                return _EventStream(job)
+            result = await _while_connected(request.receive, job.complete, gone)
+        except _ClientGone:
+            return Response(status_code=499)  # nobody is listening
+        except ApiError as e:
+            if e.status >= 500:
+                service.stats["failed"] += 1
+            raise
+        return JSONResponse(result)
+
+    if loopback_hosts_only:
+        app.add_middleware(_LoopbackHostsOnly)
+    return app
+
+
+# ---------------------------------------------------------------- running it
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind now, so a busy port is a one-line error rather than a traceback."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise LlavaError(f"cannot listen on {host}:{port} ({e}); check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        why = e.strerror or e
+        raise LlavaError(f"cannot listen on {host}:{port} ({why}); choose another --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(
+    model: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    quantization: str = "auto",
+    device: str | None = None,
+    max_concurrency: int = 1,
+    allow_image_urls: bool = False,
+    allowed_local_media_path: str | None = None,
+) -> None:
+    """Serve `model` on host:port until interrupted (Ctrl-C). Loads the weights in the
+    background; /health says when they are ready."""
+    import uvicorn
+
+    from llava_nb.models import Model, default_model_id
+    from llava_nb.remote import is_remote
+
+    model_id = str(model or default_model_id())
+    if is_remote(model_id):
+        raise LlavaError(
+            f"'{model_id}' is a server URL; llava-nb serve serves a hub id or a local checkpoint"
+        )
+    loopback = _is_loopback_name(host)
+    app = create_app(
+        Model(model_id, quantization=quantization, device=device),
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        allow_image_urls=allow_image_urls,
+        allowed_local_media_path=allowed_local_media_path,
+        loopback_hosts_only=loopback,
+    )
+    sock = _listen(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"llava_nb: serving {model_id} at http://{shown}:{port}/v1 "
+        f"(chat page: http://{shown}:{port}/)",
+        flush=True,
+    )
+    if not loopback and not api_key:
+        print(
+            f"llava_nb: warning: listening on {host} without --api-key: anyone who can reach "
+            "this machine can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,509 @@
+"""`llava-nb serve`: the real uvicorn server on loopback, spoken to by the official openai client.
+
+Each server runs in a background thread on a free port, with the tiny checkpoint: its answers
+are gibberish, but deterministic under greedy decoding, so they must equal `Chat`'s exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+try:
+    import httpx2 as httpx  # what this openai client is built on
+except ImportError:  # pragma: no cover
+    import httpx
+
+from PIL import Image  # noqa: E402
+
+from llava_nb.chat import Chat  # noqa: E402
+from llava_nb.images import image_to_data_uri  # noqa: E402
+from llava_nb.models import Model  # noqa: E402
+from llava_nb.server import create_app  # noqa: E402
+
+KEY = "sk-test-key"
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+def picture(color: str = "red", size: tuple[int, int] = (48, 40)) -> Image.Image:
+    img = Image.new("RGB", size, color)
+    img.paste(Image.new("RGB", (size[0] // 2, size[1] // 2), "gray"), (0, 0))
+    return img
+
+
+def user(text: str, *images: Image.Image) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": image_to_data_uri(i)}} for i in images]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve `app` with uvicorn on 127.0.0.1 (a free port) in a thread; yield the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def model_held(model: Model):
+    """Hold the model's own lock: requests reach it, then wait (as behind a long answer)."""
+    model._lock.acquire()
+    try:
+        yield
+    finally:
+        model._lock.release()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llava) -> Model:
+    return Model(tiny_llava).load()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    app = create_app(model, api_key=KEY, max_concurrency=2)
+    with running(app) as url:
+        yield url, app.state.llava
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    (root / "allowed").mkdir()
+    picture("green").save(root / "allowed" / "cat.png")
+    picture("green").save(root / "secret.png")
+    os.symlink(root / "secret.png", root / "allowed" / "link.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def strict(model, media):
+    """No key; a queue of one, a 1 MB request limit, URLs and files allowed, loopback Host."""
+    app = create_app(
+        model,
+        max_concurrency=1,
+        max_queue=1,
+        max_request_bytes=1_000_000,
+        allow_image_urls=True,
+        allowed_local_media_path=str(media / "allowed"),
+        loopback_hosts_only=True,
+    )
+    with running(app) as url:
+        yield url, app.state.llava
+
+
+@pytest.fixture
+def client(server, model):
+    with openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
+        c.served = model.model_id  # the name `ask` sends
+        yield c
+
+
+@pytest.fixture
+def strict_client(strict, model):
+    with openai.OpenAI(base_url=strict[0] + "/v1", api_key="none", max_retries=0, timeout=60) as c:
+        c.served = model.model_id
+        yield c
+
+
+def ask(client, messages, **options):
+    """Greedy and short unless told otherwise."""
+    options = {"temperature": 0, "max_tokens": 24, **options}
+    return client.chat.completions.create(model=client.served, messages=messages, **options)
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_models_health_and_page(server, client, model):
+    assert [m.id for m in client.models.list()] == [model.model_id]
+    assert client.models.retrieve(model.model_id).id == model.model_id
+    health = httpx.get(server[0] + "/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and health.json()["model"] == model.model_id
+    page = httpx.get(server[0] + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "v1/chat/completions" in page.text
+
+
+def test_answer_with_image_equals_chat(client, model):
+    img = picture("red")
+    expected = Chat(model, max_new_tokens=24).ask("What is in this picture?", img)
+    reference = model.generate(
+        Chat(model).messages("What is in this picture?", [img]), max_new_tokens=24
+    )
+    reference.wait()
+    result = ask(client, [user("What is in this picture?", img)])
+    choice = result.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected
+    assert choice.finish_reason == reference.finish_reason
+    assert result.model == model.model_id and result.object == "chat.completion"
+    assert result.usage.prompt_tokens == reference.prompt_tokens
+    assert result.usage.completion_tokens == len(reference.token_ids)
+    assert result.usage.total_tokens == reference.prompt_tokens + len(reference.token_ids)
+
+
+def test_stream_equals_plain_answer(client):
+    messages = [user("Describe the image.", picture("blue"))]
+    plain = ask(client, messages)
+    chunks = list(ask(client, messages, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == plain.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_multi_turn_equals_chat(client, model):
+    img = picture("yellow")
+    chat = Chat(model, max_new_tokens=12)
+    first = chat.ask("What color is it?", img)
+    second = chat.ask("Where is the cat?")
+    messages = [
+        user("What color is it?", img),
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Where is the cat?"},  # plain string content
+    ]
+    assert ask(client, messages, max_tokens=12).choices[0].message.content == second
+
+
+def test_system_message_folds_into_first_user_text(client, model):
+    img = picture("purple")
+    expected = Chat(model, max_new_tokens=12).ask("Be brief.\n\nWhat is it?", img)
+    messages = [{"role": "system", "content": "Be brief."}, user("What is it?", img)]
+    assert ask(client, messages, max_tokens=12).choices[0].message.content == expected
+
+
+def test_max_tokens_gives_length(client):
+    messages = [user("Is there any text in the photo?", picture("white"))]
+    result = ask(client, messages, max_tokens=5)
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage.completion_tokens == 5
+    newer = ask(client, messages, max_tokens=None, max_completion_tokens=3)
+    assert newer.usage.completion_tokens == 3
+
+
+def test_stop_strings_end_the_answer(client):
+    messages = [user("How many people are there?", picture("orange"))]
+    full = ask(client, messages, max_tokens=40).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.find(stop)]
+    plain = ask(client, messages, max_tokens=40, stop=["never appears", stop])
+    assert plain.choices[0].message.content == expected
+    assert plain.choices[0].finish_reason == "stop"
+    chunks = list(ask(client, messages, max_tokens=40, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_repeatable(client):
+    messages = [user("Explain the chart.", picture("black"))]
+    first, second = (
+        ask(client, messages, temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
+        for _ in range(2)
+    )
+    assert first == second
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_api_key_is_required(server, model):
+    url = server[0]
+    with openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0) as wrong:
+        with pytest.raises(openai.AuthenticationError) as error:
+            wrong.chat.completions.create(model=model.model_id, messages=[user("hi")])
+        assert error.value.status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+    missing = httpx.post(url + "/v1/chat/completions", json={"messages": [user("hi")]})
+    assert missing.status_code == 401
+    error = missing.json()["error"]
+    assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert httpx.get(url + "/health").status_code == 200  # health and the page stay open
+
+
+def test_bad_image_is_400(client):
+    broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAAAAAA"}}
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, [{"role": "user", "content": [broken, {"type": "text", "text": "hi"}]}])
+    assert error.value.status_code == 400
+    assert "not a readable image" in error.value.message
+    assert error.value.body["code"] == "invalid_image"
+    not_image = {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}
+    with pytest.raises(openai.BadRequestError, match="not a base64 image URI"):
+        ask(client, [{"role": "user", "content": [not_image]}])
+
+
+def test_oversized_request_is_413(strict_client):
+    big = Image.frombytes("RGB", (800, 800), os.urandom(800 * 800 * 3))  # ~1.9 MB as PNG
+    with pytest.raises(openai.APIStatusError) as error:
+        ask(strict_client, [user("What is it?", big)])
+    assert error.value.status_code == 413
+    assert "over 1,000,000 bytes" in error.value.message
+
+
+def test_image_urls_refused_unless_allowed(client, strict_client, strict):
+    remote = user("hi")
+    remote["content"].insert(0, {"type": "image_url", "image_url": {"url": "https://x.org/a.png"}})
+    with pytest.raises(openai.BadRequestError, match="--allow-image-urls") as error:
+        ask(client, [remote])
+    assert error.value.body["param"] == "messages[0].content[0].image_url"
+    # allowed, but never from internal addresses: loopback (this server), metadata, private
+    for url in (
+        strict[0] + "/health",
+        "http://localhost/a.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/a.png",
+        "http://[::1]/a.png",
+        "http://[::ffff:127.0.0.1]/a.png",
+    ):
+        refused = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+        with pytest.raises(openai.BadRequestError, match="does not fetch internal addresses"):
+            ask(strict_client, [refused])
+    assert strict[1].stats["requests"] >= 6
+
+
+def test_local_paths_only_inside_the_allowed_folder(client, strict_client, media):
+    def with_image(url):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}]
+
+    inside = media / "allowed" / "cat.png"
+    with pytest.raises(openai.BadRequestError, match="--allowed-local-media-path"):
+        ask(client, with_image(str(inside)))
+    expected = ask(strict_client, [user("What is it?", picture("green"))])
+    for url in (str(inside), inside.as_uri(), "cat.png"):
+        answer = ask(strict_client, with_image(url))
+        assert answer.choices[0].message.content == expected.choices[0].message.content
+    for url in (
+        str(media / "secret.png"),
+        (media / "secret.png").as_uri(),
+        "../secret.png",
+        "link.png",  # a symlink inside the folder to a file outside it
+    ):
+        with pytest.raises(openai.BadRequestError, match="outside the folder"):
+            ask(strict_client, with_image(url))
+
+
+def test_bad_requests_get_openai_errors(server, client, model):
+    url = server[0]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    not_found = httpx.get(url + "/nope", headers=headers)
+    assert not_found.status_code == 404
+    assert not_found.json()["error"]["code"] == "not_found"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[user("hi")])
+    bad = [
+        ({"messages": []}, "messages"),
+        ({"messages": [user("hi")], "temperature": 5}, "temperature"),
+        ({"messages": [user("hi")], "top_p": 0}, "top_p"),
+        ({"messages": [user("hi")], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [user("hi")], "n": 2}, "n"),
+        ({"messages": [user("hi")], "stop": [""]}, "stop"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [user("hi"), {"role": "assistant", "content": "x"}]}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            "messages[0].content[0]",
+        ),
+    ]
+    for body, param in bad:
+        response = httpx.post(url + "/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 400, body
+        assert response.json()["error"]["param"] == param, body
+    too_long = httpx.post(
+        url + "/v1/chat/completions",
+        json={"messages": [user("cat " * 1100)], "max_tokens": 4},
+        headers=headers,
+    )
+    assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
+    wrong_method = httpx.get(url + "/v1/chat/completions", headers=headers)
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    not_json = httpx.post(url + "/v1/chat/completions", content=b"{", headers=headers)
+    assert not_json.status_code == 415  # no text/plain: cross-site pages cannot post here
+    broken = httpx.post(
+        url + "/v1/chat/completions",
+        content=b"{",
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+
+
+def test_loopback_server_refuses_other_host_names(strict):
+    assert httpx.get(strict[0] + "/health").status_code == 200
+    rebound = httpx.get(strict[0] + "/health", headers={"Host": "attacker.example"})
+    assert rebound.status_code == 421
+
+
+# ---------------------------------------------------------------- load, queue, disconnects
+
+
+def test_503_while_the_model_loads(tiny_llava):
+    fresh = Model(tiny_llava)
+    fresh._lock.acquire()  # the background load waits on the model's lock
+    held = True
+    try:
+        with (
+            running(create_app(fresh)) as url,
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c,
+        ):
+            health = httpx.get(url + "/health")
+            assert health.status_code == 503 and health.json()["status"] == "loading"
+            assert health.headers["retry-after"]
+            with pytest.raises(openai.InternalServerError) as error:
+                c.chat.completions.create(model=fresh.model_id, messages=[user("hi")])
+            assert error.value.status_code == 503 and "loading" in error.value.message
+            assert error.value.response.headers["retry-after"]
+            fresh._lock.release()
+            held = False
+            wait_for(lambda: httpx.get(url + "/health").status_code == 200, what="the load")
+            answer = c.chat.completions.create(
+                model=fresh.model_id, messages=[user("hi")], max_tokens=3
+            )
+            assert answer.usage.completion_tokens <= 3
+    finally:
+        if held:
+            fresh._lock.release()
+
+
+def test_client_disconnect_stops_generation(server, client, model):
+    url, service = server
+    body = {
+        "model": model.model_id,
+        "messages": [user("What is in this picture?", picture("red"))],
+        "max_tokens": 900,
+        "temperature": 0,
+        "stream": True,
+    }
+    before = service.stats["disconnected"]
+    seen = len(service.finished)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with (
+        httpx.Client(headers=headers, timeout=60) as http,
+        http.stream("POST", url + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        events = 0
+        for line in response.iter_lines():
+            events += line.startswith("data: ")
+            if events == 4:
+                break  # leaving closes the connection
+    wait_for(lambda: service.stats["disconnected"] > before, what="the disconnect")
+    wait_for(lambda: len(service.finished) > seen, what="the generation to end")
+    record = list(service.finished)[-1]
+    assert record["disconnected"] and record["stopped"]
+    assert record["completion_tokens"] < 900
+    start = time.monotonic()
+    ask(client, [user("hi")], max_tokens=2)
+    assert time.monotonic() - start < 10
+
+
+def test_full_queue_answers_429(strict, strict_client):
+    url, service = strict
+    model = service.model
+    messages = [user("What is it?", picture("red"))]
+    with ThreadPoolExecutor(2) as pool, model_held(model):
+        first = pool.submit(ask, strict_client, messages)  # answering (waits for the model)
+        wait_for(lambda: service.admission.active == 1, what="the first request")
+        second = pool.submit(ask, strict_client, messages)  # queued
+        wait_for(lambda: service.admission.waiting == 1, what="the second request")
+        with pytest.raises(openai.RateLimitError) as error:
+            ask(strict_client, messages)
+        assert error.value.status_code == 429 and error.value.body["code"] == "queue_full"
+        assert httpx.get(url + "/health").json()["queued"] == 1
+    assert first.result().choices[0].message.content == second.result().choices[0].message.content
+    assert service.admission.active == 0 and service.admission.waiting == 0
+
+
+def test_a_client_that_gives_up_leaves_the_queue(strict, strict_client):
+    service = strict[1]
+    messages = [user("What is it?", picture("red"))]
+    with ThreadPoolExecutor(1) as pool, model_held(service.model):
+        first = pool.submit(ask, strict_client, messages)
+        wait_for(lambda: service.admission.active == 1, what="the first request")
+        with pytest.raises(httpx.ReadTimeout):  # then the client closes the connection
+            httpx.post(strict[0] + "/v1/chat/completions", json={"messages": messages}, timeout=0.3)
+        wait_for(lambda: service.admission.waiting == 0, what="the queue to empty")
+        assert service.admission.active == 1
+    assert first.result().choices[0].finish_reason in ("stop", "length")
+    wait_for(lambda: service.admission.active == 0, what="the slot to free")
+
+
+def test_requests_are_answered_in_arrival_order(server, client):
+    service = server[1]
+    model = service.model
+    with ThreadPoolExecutor(5) as pool:
+        with model_held(model):
+            futures = []
+            for i in range(5):
+                futures.append(pool.submit(ask, client, [user(f"Question {i}?")], max_tokens=4))
+                wait_for(lambda n=i + 1: len(service.jobs) == n, what=f"request {i}")
+        ids = [f.result().id for f in futures]
+    finished = [r["id"] for r in service.finished if r["id"] in ids]
+    assert finished == ids
+
+
+def test_concurrent_streams_are_not_mixed(client):
+    prompts = [
+        [user(f"What is in picture {i}? {text}", picture(color, (40 + 8 * i, 48)))]
+        for i, (color, text) in enumerate(
+            zip(
+                COLORS,
+                [
+                    "Describe it.",
+                    "Where is the cat?",
+                    "What color is it?",
+                    "Any text?",
+                    "Why?",
+                    "How many people are there?",
+                    "Explain the chart.",
+                    "Is it a dog?",
+                ],
+                strict=True,
+            )
+        )
+    ]
+    alone = [ask(client, m, max_tokens=32).choices[0].message.content for m in prompts]
+    assert len(set(alone)) == len(alone), "prompts must give different answers to catch mixing"
+
+    def streamed(messages):
+        stream = ask(client, messages, max_tokens=32, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(streamed, prompts))
+    assert together == alone
