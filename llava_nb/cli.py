@@ -1,0 +1,592 @@
+"""`llava-nb`: chat with a LLaVA model in a terminal, or serve one over HTTP.
+
+    llava-nb chat [--model M] [--image PATH] [--4bit|--8bit] [--max-new-tokens N] [--temperature T]
+    llava-nb serve [--model M] [--host H] [--port P] [--api-key KEY] ...
+
+`chat` is another front end over the same `Chat` the notebook magics use. Answers stream to
+stdout; prompts, banners, progress and errors go to stderr, so with piped stdin
+(`echo "What is this?" | llava-nb chat --image a.jpg`) stdout holds just the answers.
+
+Importing this module is cheap: torch and transformers load with the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shlex
+import sys
+from contextlib import closing, redirect_stdout
+from typing import Any, TextIO
+
+from llava_nb import __version__
+from llava_nb.errors import LlavaError
+
+PROG = "llava-nb"
+PROMPT = "you> "
+INTERRUPTED = " [interrupted]"
+SERVE_EXTRA = f"{PROG} serve needs the serve extra: pip install 'llava_nb[serve]'"
+SERVE_MODULES = ("fastapi", "uvicorn", "starlette")
+
+CHAT_HELP = """\
+/image PATH   attach an image (a path or an http(s) URL) to the next question
+/undo         forget the last question and its answer
+/reset        forget the whole conversation (the model stays loaded)
+/history      show the conversation so far
+/save FILE    save the conversation, images included, to a JSON file
+/open FILE    continue a conversation saved with /save (this session's model answers)
+/model        show the model's status; /model NAME switches model, keeping the conversation
+/help         this list
+/quit         quit (or Ctrl-D)
+Ctrl-C stops an answer (the partial answer stays in the conversation). Start a question with //
+to begin it with a slash."""
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {value}")
+    return value
+
+
+def _add_model_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        metavar="M",
+        help=f"{what}; default: $LLAVA_NB_MODEL, else llava-hf/llava-1.5-7b-hf",
+    )
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument(
+        "--4bit",
+        dest="quantization",
+        action="store_const",
+        const="4bit",
+        help="load the language model in 4-bit NF4 (bitsandbytes)",
+    )
+    quant.add_argument(
+        "--8bit",
+        dest="quantization",
+        action="store_const",
+        const="8bit",
+        help="load the language model in 8-bit (bitsandbytes)",
+    )
+    p.set_defaults(quantization="auto")
+    p.add_argument("--device", metavar="DEV", help="cuda, cuda:N, mps or cpu (default: the best)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Ask LLaVA vision-language models about images."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat about images in the terminal",
+        description="Chat about images in the terminal. Answers stream as they are generated; "
+        "Ctrl-C stops an answer, Ctrl-D quits. With piped stdin, each line is a question "
+        "(or a /command) and stdout holds only the answers, one per line.",
+        epilog="Commands in the chat:\n" + CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.set_defaults(subparser=chat)
+    _add_model_options(
+        chat, "hub id, local checkpoint folder, or server URL (openai:http://host:8000/v1)"
+    )
+    chat.add_argument(
+        "--image",
+        "-i",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="an image (path or http(s) URL) for the first question; may be repeated",
+    )
+    chat.add_argument(
+        "--max-new-tokens", type=int, default=512, metavar="N", help="longest answer (512)"
+    )
+    chat.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
+    )
+    chat.add_argument("--top-p", type=float, default=1.0, metavar="P", help="when T > 0 (1.0)")
+    chat.add_argument("--seed", type=int, metavar="S", help="random seed, when T > 0")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over the OpenAI chat-completions API (needs the serve "
+        "extra: pip install 'llava_nb[serve]').",
+    )
+    _add_model_options(serve, "hub id or local checkpoint folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (8000)")
+    serve.add_argument("--api-key", metavar="KEY", help="require this key from clients")
+    serve.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="requests answered at once (4)",
+    )
+    serve.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="let requests name http(s) image URLs for the server to fetch",
+    )
+    serve.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="let requests name local image files under DIR",
+    )
+    return parser
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit 2 here
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _chat(args)
+    except BrokenPipeError:  # `llava-nb chat ... | head -1`: the reader left
+        _silence_stdout()
+        return 1
+    except KeyboardInterrupt:  # before the session started (a slow --image URL, say)
+        print(file=sys.stderr)
+        return 130
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the exit-time flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _error(message: object, stream: TextIO | None = None) -> None:
+    text = " ".join(str(message).split()) or "unknown error"
+    print(f"{PROG}: {text}", file=stream or sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from llava_nb.models import default_model_id
+
+    try:
+        from llava_nb.server import run_server
+
+        run_server(
+            args.model or default_model_id(),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            quantization=args.quantization,
+            device=args.device,
+            max_concurrency=args.max_concurrency,
+            allow_image_urls=args.allow_image_urls,
+            allowed_local_media_path=args.allowed_local_media_path,
+        )
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] in SERVE_MODULES:
+            print(SERVE_EXTRA, file=sys.stderr, flush=True)
+            return 1
+        raise
+    except LlavaError as e:
+        _error(e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+# ---------------------------------------------------------------- chat
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from llava_nb.chat import Chat
+    from llava_nb.images import load_image
+    from llava_nb.models import check_settings, get_model
+
+    chat_parser = args.subparser  # its error(): usage errors exit 2
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    try:
+        check_settings(**settings)
+    except LlavaError as e:
+        chat_parser.error(str(e))
+    images = []
+    for source in args.image:  # a bad image on the command line is a usage error
+        try:
+            images.append(load_image(source))
+        except LlavaError as e:
+            chat_parser.error(f"argument --image: {e}")
+    try:
+        model = get_model(args.model, quantization=args.quantization, device=args.device)
+        chat = Chat(model, **settings)
+    except LlavaError as e:
+        chat_parser.error(str(e))
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # no line or answer dies on a stray byte
+            stream.reconfigure(errors="replace")
+    stdin = sys.stdin or io.StringIO()  # no stdin at all (a detached process): no questions
+    session = ChatSession(
+        chat,
+        images=images,
+        quantization=args.quantization,
+        device=args.device,
+        interactive=stdin.isatty(),
+        stdin=stdin,
+    )
+    return session.run()
+
+
+class ChatSession:
+    """The read-answer loop of `llava-nb chat` over one `Chat`.
+
+    Interactive (stdin is a terminal): a `you> ` prompt with readline editing, a banner, and the
+    model loaded up front. Piped: one question or /command per line, no prompts or banners, and
+    stdout holds only the answers (one per line); everything else goes to stderr.
+    """
+
+    def __init__(
+        self,
+        chat: Any,
+        *,
+        images: list | None = None,
+        quantization: str = "auto",
+        device: str | None = None,
+        interactive: bool = False,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ) -> None:
+        self.chat = chat
+        self.pending = list(images or [])  # images for the next question
+        self.quantization = quantization
+        self.device = device
+        self.interactive = interactive
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.failed = False  # a question or command failed (piped mode then exits 1)
+        self._readline: Any = None
+        self._quit = False
+        self._end = "\n\n" if interactive else "\n"  # ends each answer; a blank line at a prompt
+
+    # --- output
+
+    def _out(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def _info(self, text: str) -> None:
+        print(f"{PROG}: {text}", file=self.stderr, flush=True)
+
+    def _fail(self, error: object) -> None:
+        self.failed = True
+        self.stdout.flush()
+        _error(error, self.stderr)
+
+    # --- the loop
+
+    def run(self) -> int:
+        if self.interactive:
+            self._setup_readline()
+            model = self.chat.model.model_id
+            self._info(f"chat with {model}; /help lists commands, Ctrl-C stops an answer")
+            self._load(self.chat.model)
+        armed = False  # the last prompt ended in Ctrl-C on an empty line; one more quits
+        while not self._quit:
+            try:
+                line = self._read()
+            except KeyboardInterrupt:
+                if not self.interactive:
+                    return 130
+                empty = not (self._readline and self._readline.get_line_buffer().strip())
+                self._prompt_stream().write("\n")
+                if empty and armed:
+                    return 0
+                armed = empty
+                if empty:
+                    self._info("press Ctrl-C again or Ctrl-D to quit")
+                continue
+            if line is None:  # EOF: Ctrl-D, or the end of piped input
+                break
+            armed = False
+            try:
+                self.handle(line)
+            except KeyboardInterrupt:  # between the steps of a command or an answer
+                self._out(INTERRUPTED + self._end)
+            except BrokenPipeError:
+                raise
+            except Exception as e:  # a bug, not bad input: say so, and keep the conversation
+                self._fail(f"unexpected error ({type(e).__name__}: {e}); please report it")
+        _join_generation_threads()
+        return 1 if self.failed and not self.interactive else 0
+
+    def _setup_readline(self) -> None:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # not on every platform; input() still works
+            return
+        self._readline = sys.modules["readline"]
+
+    def _prompt_stream(self) -> TextIO:
+        return self.stdout if self.stdout.isatty() else self.stderr
+
+    def _read(self) -> str | None:
+        """The next line without its newline, or None at the end of input."""
+        if self.interactive:
+            stream = self._prompt_stream()
+            if self.stdin is sys.stdin and stream is sys.stdout:
+                try:
+                    return input(PROMPT)  # readline editing needs the prompt passed here
+                except EOFError:
+                    stream.write("\n")  # the shell prompt starts on its own line
+                    return None
+            stream.write(PROMPT)
+            stream.flush()
+        line = self.stdin.readline()
+        if not line:
+            if self.interactive:
+                self._prompt_stream().write("\n")
+            return None
+        return line.rstrip("\r\n")
+
+    def handle(self, line: str) -> None:
+        """One line: a /command or a question."""
+        text = line.strip()
+        if not text:
+            return
+        if text.startswith("/") and not text.startswith("//"):
+            name, _, rest = text.partition(" ")
+            command = getattr(self, f"_cmd_{name[1:]}", None)
+            if command is None or not name[1:].isidentifier():
+                self._fail(f"unknown command {name!r}; /help lists the commands")
+                return
+            try:
+                command(rest.strip())
+            except LlavaError as e:
+                self._fail(e)
+            return
+        self.ask(text[1:] if text.startswith("//") else text)
+
+    # --- questions
+
+    def ask(self, question: str) -> None:
+        """Stream the answer to stdout; Ctrl-C stops it and keeps the partial turn."""
+        chat = self.chat
+        turns = len(chat.history)
+        try:
+            with redirect_stdout(self.stderr):  # the model's loading lines are progress
+                pieces = chat.stream(question, list(self.pending))
+        except LlavaError as e:
+            self._fail(e)
+            return
+        except KeyboardInterrupt:
+            self._out(INTERRUPTED + self._end)
+            return
+        printed = ""
+        try:
+            with closing(pieces):
+                for piece in pieces:
+                    self.stdout.write(piece)
+                    self.stdout.flush()
+                    printed += piece
+        except KeyboardInterrupt:
+            self._out(INTERRUPTED + self._end)
+        except LlavaError as e:
+            if printed:
+                self._out("\n")
+            self._fail(e)
+        else:
+            answer = chat.history[-1].answer if len(chat.history) > turns else printed
+            rest = answer[len(printed) :] if answer.startswith(printed) else ""
+            self._out(rest + self._end)
+        finally:
+            if len(chat.history) > turns:  # the question was asked: its images are in the chat
+                self.pending.clear()
+
+    def _load(self, model: Any) -> bool:
+        """Load `model` now (progress on stderr); say why not when it fails."""
+        try:
+            with redirect_stdout(self.stderr):
+                model.load()
+        except LlavaError as e:
+            self._fail(e)
+            return False
+        except KeyboardInterrupt:
+            self._info("loading stopped; the model loads with the next question")
+            return False
+        return True
+
+    # --- commands
+
+    def _no_arguments(self, name: str, rest: str) -> None:
+        if rest:
+            raise LlavaError(f"/{name} takes no arguments; /help lists the commands")
+
+    def _one_argument(self, name: str, rest: str, what: str) -> str:
+        """The argument: quoted ('my photo.jpg'), escaped, or the rest of the line as it is."""
+        if not rest:
+            raise LlavaError(f"/{name} needs {what}: /{name} {what}")
+        try:
+            words = shlex.split(rest)
+        except ValueError:
+            words = []
+        return words[0] if len(words) == 1 else rest
+
+    def _cmd_help(self, rest: str) -> None:
+        self._out(CHAT_HELP + "\n")
+
+    def _cmd_quit(self, rest: str) -> None:
+        self._no_arguments("quit", rest)
+        self._quit = True
+
+    _cmd_exit = _cmd_quit
+
+    def _cmd_image(self, rest: str) -> None:
+        from llava_nb.images import load_image
+
+        source = self._one_argument("image", rest, "PATH")
+        self.pending.append(load_image(source))
+        count = len(self.pending)
+        self._info(
+            f"image {source} attached to the next question"
+            + (f" ({count} images)" if count > 1 else "")
+        )
+
+    def _cmd_undo(self, rest: str) -> None:
+        self._no_arguments("undo", rest)
+        turn = self.chat.undo()
+        if turn is None:
+            self._info("nothing to undo")
+        else:
+            question = turn.question if len(turn.question) <= 60 else turn.question[:57] + "..."
+            self._info(f"removed {question!r} and its answer")
+
+    def _cmd_reset(self, rest: str) -> None:
+        self._no_arguments("reset", rest)
+        self.chat.reset()
+        kept = f"; {_count(len(self.pending), 'image')} kept for the next question"
+        kept = kept if self.pending else ""
+        self._info(f"conversation reset{kept}")
+
+    def _cmd_history(self, rest: str) -> None:
+        self._no_arguments("history", rest)
+        turns = self.chat.history
+        if not turns:
+            self._out("(no turns yet)\n")
+        for turn in turns:
+            images = f" [{_count(len(turn.images), 'image')}]" if turn.images else ""
+            stopped = INTERRUPTED if turn.interrupted else ""
+            self._out(f"you:{images} {turn.question}\nllava: {turn.answer}{stopped}\n")
+
+    def _cmd_save(self, rest: str) -> None:
+        path = self.chat.save(self._one_argument("save", rest, "FILE"))
+        self._info(f"saved the conversation ({_count(len(self.chat.history), 'turn')}) to {path}")
+
+    def _cmd_open(self, rest: str) -> None:
+        from llava_nb.chat import Chat
+
+        path = self._one_argument("open", rest, "FILE")
+        opened = Chat.load(path, model=self.chat.model)  # this session's model answers
+        saved_with = _saved_model(path)
+        opened.settings = dict(self.chat.settings)  # and this session's settings
+        self.chat = opened
+        note = ""
+        if saved_with and saved_with != self.chat.model.model_id:
+            note = f"; it was saved with {saved_with} (/model {saved_with} switches to it)"
+        self._info(f"opened {path} ({_count(len(opened.history), 'turn')}){note}")
+
+    def _cmd_model(self, rest: str) -> None:
+        if rest:
+            self._switch_model(self._one_argument("model", rest, "NAME"))
+            return
+        status = dict(self.chat.model.status())
+        if isinstance(status.get("memory"), int):
+            status["memory"] = _size(status["memory"])
+        status["turns"] = len(self.chat.history)
+        if self.pending:
+            status["images for the next question"] = len(self.pending)
+        status.update(
+            (key, value) for key, value in self.chat.settings.items() if value is not None
+        )
+        width = max(len(key) for key in status)
+        lines = [f"{key:<{width}}  {value}" for key, value in status.items() if value is not None]
+        self._out("\n".join(lines) + "\n")
+
+    def _switch_model(self, name: str) -> None:
+        from llava_nb.models import get_model
+
+        old = self.chat.model
+        new = get_model(name, quantization=self.quantization, device=self.device)
+        if new is old:
+            self._info(f"already using {old.model_id}")
+            return
+        if not self._load(new):  # a bad name leaves the model as it was
+            self._info(f"still using {old.model_id}")
+            return
+        self.chat.model = new
+        if old.loaded:
+            old.unload()  # one model in memory at a time
+        turns = _count(len(self.chat.history), "turn")
+        self._info(f"now using {new.model_id}; the conversation ({turns}) continues")
+
+
+def _join_generation_threads(timeout: float = 5.0) -> None:
+    """Let a generation thread that is still winding down end before the interpreter does:
+    torch can abort the process ("terminate called without an active exception") otherwise."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "llava_nb-generate" and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+def _saved_model(path: str) -> str | None:
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).expanduser().read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

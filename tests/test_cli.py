@@ -1,0 +1,258 @@
+"""`llava-nb`: the terminal chat in a real pseudo-terminal and on piped stdin, and `serve`.
+
+Everything runs the installed console script (or `python -m llava_nb.cli`) in a subprocess;
+greedy answers are compared with what `Chat` gives for the same conversation.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_nb.chat import Chat
+
+pexpect = pytest.importorskip("pexpect")
+
+SCRIPT = Path(sys.executable).with_name("llava-nb")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "llava_nb.cli"]
+PROMPT = "you> "
+TOKENS = 8  # max new tokens: short answers keep the file fast
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, TERM="dumb", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env["PYTHONIOENCODING"] = "utf-8"
+    env.pop("LLAVA_NB_MODEL", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def grace() -> str:
+    """A real photo that ships with matplotlib, as a file path."""
+    import matplotlib.cbook
+
+    return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+@pytest.fixture(scope="module")
+def square(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("images") / "square.png"
+    Image.new("RGB", (48, 48), (20, 200, 30)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def slow_llava(tmp_path_factory) -> str:
+    """Wider and deeper than `tiny_llava`, so a long answer lasts long enough to interrupt."""
+    from llava_nb.testing import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("slow") / "llava", width=256, layers=4)
+
+
+def _spawn(*args: str, cwd=None):
+    """`llava-nb chat ARGS` in a pseudo-terminal, once its first prompt is up."""
+    child = pexpect.spawn(
+        COMMAND[0],
+        [*COMMAND[1:], "chat", *args],
+        cwd=cwd,
+        env=_env(),
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=60,
+        dimensions=(50, 1000),  # wide: readline never wraps what we type
+    )
+    child.expect_exact(PROMPT)
+    return child
+
+
+def _say(child, line: str) -> str:
+    """Type a line; return what came back before the next prompt, echo removed, "\\n" ends."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    out = child.before.replace("\r\n", "\n")  # the terminal turns each \n into \r\n
+    assert out.startswith(line + "\n"), out
+    return out[len(line) + 1 :]
+
+
+def _quit_with_ctrl_d(child) -> None:
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert (child.exitstatus, child.signalstatus) == (0, None)
+
+
+def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`llava-nb ARGS` with piped stdin; stdout and stderr kept apart, as bytes decoded."""
+    result = subprocess.run(
+        [*COMMAND, *args], input=stdin.encode(), capture_output=True, env=_env(), timeout=120
+    )
+    result.stdout = result.stdout.decode("utf-8")  # bytes: no newline translation
+    result.stderr = result.stderr.decode("utf-8", "replace")
+    return result
+
+
+def test_a_terminal_chat_streams_the_same_answers_as_chat(tiny_llava, grace, square, tmp_path):
+    reference = Chat(tiny_llava, max_new_tokens=TOKENS)
+    child = _spawn("--model", tiny_llava, "--image", grace, "--max-new-tokens", str(TOKENS))
+
+    # two turns: --image goes with the first question, /image PATH with the next one
+    expected = reference.ask("What is in this picture?", image=grace)
+    assert _say(child, "What is in this picture?") == expected + "\n\n"
+    out = _say(child, f"/image {square}")
+    assert out.startswith("llava-nb: image ") and "attached to the next question" in out
+    expected = reference.ask("Compare it with this one.", image=square)
+    assert _say(child, "Compare it with this one.") == expected + "\n\n"
+
+    status = _say(child, "/model")
+    assert f"model           {tiny_llava}\n" in status
+    assert "state           loaded\n" in status and "turns           2\n" in status
+    help_text = _say(child, "/help")
+    assert all(f"/{name}" in help_text for name in ("image", "undo", "reset", "save", "open"))
+
+    # bad input is one line on stderr, and the conversation goes on
+    assert _say(child, "/frobnicate now") == (
+        "llava-nb: unknown command '/frobnicate'; /help lists the commands\n"
+    )
+    out = _say(child, f"/image {tmp_path / 'missing.jpg'}")
+    assert out.startswith("llava-nb: image file ") and "not found" in out
+    assert out.count("\n") == 1
+    assert (
+        _say(child, "/undo now") == "llava-nb: /undo takes no arguments; /help lists the commands\n"
+    )
+
+    # /undo forgets the last turn; the next answer is what Chat gives after undo
+    assert _say(child, "/undo") == "llava-nb: removed 'Compare it with this one.' and its answer\n"
+    reference.undo()
+    expected = reference.ask("What color is it?")
+    assert _say(child, "What color is it?") == expected + "\n\n"
+
+    # Ctrl-C at the prompt clears the line; the session goes on
+    child.send("half a question")
+    child.expect_exact("half a question")
+    child.sendintr()
+    child.expect_exact(PROMPT)
+    assert child.before.replace("\r\n", "\n") == "\n"
+
+    saved = tmp_path / "chat.json"
+    assert (
+        _say(child, f"/save {saved}") == f"llava-nb: saved the conversation (2 turns) to {saved}\n"
+    )
+    assert json.loads(saved.read_text())["turns"][1]["answer"] == expected
+
+    # /reset forgets everything; the next question starts a new conversation
+    assert _say(child, "/reset") == "llava-nb: conversation reset\n"
+    assert _say(child, "/history") == "(no turns yet)\n"
+    reference.reset()
+    expected = reference.ask("What is in this picture?")
+    assert _say(child, "What is in this picture?") == expected + "\n\n"
+    _quit_with_ctrl_d(child)
+
+    # /open in a fresh session continues the saved conversation
+    child = _spawn("--model", tiny_llava, "--max-new-tokens", str(TOKENS))
+    assert _say(child, f"/open {saved}") == f"llava-nb: opened {saved} (2 turns)\n"
+    history = _say(child, "/history")
+    assert history.startswith("you: [1 image] What is in this picture?\nllava: ")
+    continued = Chat.load(saved, model=reference.model)
+    expected = continued.ask("And the background?")
+    assert _say(child, "And the background?") == expected + "\n\n"
+    _quit_with_ctrl_d(child)
+
+
+def test_ctrl_c_stops_an_answer_not_the_program(slow_llava, tmp_path):
+    child = _spawn("--model", slow_llava, "--max-new-tokens", "1000")
+    child.sendline("Tell me a long story.")
+    child.expect_exact("Tell me a long story.\r\n")
+    child.read_nonblocking(1, timeout=60)  # the answer has started
+    child.sendintr()
+    child.expect_exact(" [interrupted]\r\n\r\n" + PROMPT)
+
+    history = _say(child, "/history")  # the partial answer stays, marked interrupted
+    assert history.startswith("you: Tell me a long story.\nllava: ")
+    assert history.endswith(" [interrupted]\n")
+
+    # the next question works, with the partial turn in its context
+    saved = tmp_path / "interrupted.json"
+    _say(child, f"/save {saved}")
+    assert json.loads(saved.read_text())["turns"][0]["interrupted"] is True
+    expected = Chat.load(saved).ask("And then?")
+    assert _say(child, "And then?") == expected + "\n\n"
+
+    # a second Ctrl-C at an empty prompt quits, with status 0
+    child.sendintr()
+    child.expect_exact("llava-nb: press Ctrl-C again or Ctrl-D to quit\r\n" + PROMPT)
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert (child.exitstatus, child.signalstatus) == (0, None)
+
+
+def test_piped_stdin_prints_just_the_answers(tiny_llava, grace):
+    reference = Chat(tiny_llava, max_new_tokens=TOKENS)
+    expected = [reference.ask("What is this?", image=grace), reference.ask("Is it a person?")]
+    args = ["chat", "--model", tiny_llava, "--image", grace, "--max-new-tokens", str(TOKENS)]
+
+    result = _run(*args, stdin="What is this?\nIs it a person?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected[0] + "\n" + expected[1] + "\n"
+    assert "you>" not in result.stderr and "loading" in result.stderr  # progress on stderr
+
+    # a failed line is one line on stderr; the rest still runs, and the exit status says so
+    result = _run(*args, stdin="/image missing.jpg\nWhat is this?\n/undo\n")
+    assert result.returncode == 1
+    assert result.stdout == expected[0] + "\n"
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
+    assert len(lines) == 2 and "missing.jpg" in lines[0] and "removed" in lines[1]
+
+
+def test_help_and_usage_errors(tiny_llava):
+    result = _run("--help")
+    assert result.returncode == 0 and "chat" in result.stdout and "serve" in result.stdout
+    result = _run("serve", "--help")
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--api-key", "--max-concurrency", "--allow-image-urls"):
+        assert option in result.stdout
+    assert "--image" in _run("chat", "--help").stdout
+
+    for args in (
+        [],
+        ["chat", "--bogus"],
+        ["chat", "--4bit", "--8bit"],
+        ["chat", "--max-new-tokens", "0"],
+        ["chat", "--model", tiny_llava, "--image", "missing.jpg"],
+        ["serve", "--port", "http"],
+    ):
+        result = _run(*args)
+        assert result.returncode == 2, args
+        assert result.stdout == "" and "usage: llava-nb" in result.stderr, args
+
+
+def test_importing_the_cli_leaves_torch_unloaded():
+    code = "import sys, llava_nb.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llava_nb.server") is None, reason="llava_nb.server not written yet"
+)
+def test_serve_without_the_serve_extra_says_how_to_install_it(tiny_llava):
+    code = (
+        "import sys\n"
+        "sys.modules.update(fastapi=None, uvicorn=None)  # as if the extra were not installed\n"
+        "from llava_nb.cli import main\n"
+        f"raise SystemExit(main(['serve', '--model', {tiny_llava!r}, '--port', '8765']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        "llava-nb serve needs the serve extra: pip install 'llava_nb[serve]'"
+    )
