@@ -76,7 +76,7 @@ def test_a_remote_chat_through_llava_nb_serve_equals_the_local_chat(tiny_llava, 
 
     from .test_server import running
 
-    served = Model(tiny_llava)
+    served = Model(tiny_llava).load()  # the server answers 503 while it loads
     with running(create_app(served, api_key="secret")) as url:
         remote = ln.Chat(ln.Model(f"openai:{url}/v1", api_key="secret"), max_new_tokens=8)
         local = ln.Chat(tiny_llava, max_new_tokens=8)
