@@ -300,7 +300,7 @@ def test_config_shows_and_sets_settings(shell, magics, tiny_llava):
     assert repr(tiny_llava) in table
     ask(shell, "", "A question?")
     result, cap = cmd(shell, "config max_new_tokens=3 temperature=0.5 top-p=0.8")
-    assert result is None and quiet(cap)
+    assert result is None and quiet(cap), cap.stdout + cap.stderr
     assert (magics.max_new_tokens, magics.temperature, magics.top_p) == (3, 0.5, 0.8)
     settings = magics.chats["default"].settings  # open chats follow the new settings
     assert (settings["max_new_tokens"], settings["temperature"], settings["top_p"]) == (3, 0.5, 0.8)
@@ -637,7 +637,7 @@ def test_interrupt_keeps_the_partial_answer(shell, magics, endless_llava):
             time.sleep(0.05)  # a late interrupt would land here, not in pytest
         except KeyboardInterrupt:
             pytest.fail("the interrupt escaped the magic")
-    assert result is None and quiet(cap)
+    assert result is None and quiet(cap), cap.stdout + cap.stderr
     assert "Traceback" not in cap.stdout
     turn = chat.history[-1]
     assert turn.question == "Go on and on." and turn.interrupted
