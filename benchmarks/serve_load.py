@@ -19,10 +19,8 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import tempfile
-import threading
 import time
 
 QUESTIONS = [
@@ -63,10 +61,8 @@ def prompt(i: int) -> list[dict]:
 @contextlib.contextmanager
 def local_server(model_id: str | None, max_queue: int):
     """Serve `model_id` (default: a tiny random checkpoint) on 127.0.0.1; yield the base URL."""
-    import uvicorn
-
     from llava_nb.models import Model
-    from llava_nb.server import create_app
+    from llava_nb.server import create_app, serving
 
     with tempfile.TemporaryDirectory() as tmp:
         if model_id is None:
@@ -76,23 +72,8 @@ def local_server(model_id: str | None, max_queue: int):
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
             model_id = make_tiny_llava(os.path.join(tmp, "tiny-llava"), "llava")
         model = Model(model_id).load()
-        app = create_app(model, max_queue=max_queue)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise SystemExit("serve_load: the server did not start")
-            time.sleep(0.01)
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
+        with serving(create_app(model, max_queue=max_queue)) as url:
+            yield url
 
 
 def percentile(values: list[float], q: float) -> float:

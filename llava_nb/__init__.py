@@ -15,12 +15,22 @@ from typing import TYPE_CHECKING
 from llava_nb.errors import LlavaError
 
 __version__ = "0.1.0"
-__all__ = ["Chat", "LlavaError", "Model", "Turn", "load_image", "load_ipython_extension", "testing"]
+__all__ = [
+    "Chat",
+    "LlavaError",
+    "Model",
+    "RemoteModel",
+    "Turn",
+    "load_image",
+    "load_ipython_extension",
+    "testing",
+]
 
 _LAZY = {
     "Chat": "llava_nb.chat",
     "Turn": "llava_nb.chat",
     "Model": "llava_nb.models",
+    "RemoteModel": "llava_nb.remote",
     "load_image": "llava_nb.images",
 }
 
@@ -29,6 +39,7 @@ if TYPE_CHECKING:
     from llava_nb.chat import Chat, Turn
     from llava_nb.images import load_image
     from llava_nb.models import Model
+    from llava_nb.remote import RemoteModel
 
 
 def __getattr__(name: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +48,7 @@ class RemoteModel:
         remote_model: str | None = None,
         api_key: str | None = None,
         timeout: float = 600.0,
+        load_timeout: float = 600.0,
     ) -> None:
         if not is_remote(model_id):
             raise ModelError(f"'{model_id}' is not a server URL; use openai:http://host:port/v1")
@@ -55,6 +57,7 @@ class RemoteModel:
         self.remote_model = remote_model
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
         self.timeout = timeout
+        self.load_timeout = load_timeout  # how long to wait on a server still loading its model
         self.client: Any = None
         self._lock = threading.Lock()
 
@@ -78,10 +81,11 @@ class RemoteModel:
         }
 
     def load(self) -> RemoteModel:
-        """Connect: check that the server answers and serves `remote_model`."""
+        """Connect: check that the server answers and serves `remote_model`; prints one line."""
         with self._lock:
             if self.client is None:
                 self.client = self._connect()
+                print(f"llava_nb: connected to {self.base_url} ({self.remote_model})", flush=True)
         return self
 
     def _connect(self):
@@ -193,7 +197,9 @@ class RemoteGeneration:
             return
         stream = None
         try:
-            stream = self._model.client.chat.completions.create(**self._request)
+            stream = self._open()
+            if stream is None:
+                return  # stopped while the server was still loading
             for chunk in stream:
                 if self._stop.is_set():
                     return  # the finally below keeps the partial answer
@@ -223,7 +229,41 @@ class RemoteGeneration:
             if not self.done:  # stopped, interrupted or abandoned: keep the partial answer
                 self.stopped, self.done, self.finish_reason = True, True, "interrupted"
 
+    def _open(self):
+        """Send the request; while the server answers 503 with Retry-After (its model is still
+        loading), wait as it asks, up to the model's `load_timeout`, then give up."""
+        import openai
+
+        deadline = time.monotonic() + self._model.load_timeout
+        told = False
+        while True:
+            try:
+                return self._model.client.chat.completions.create(**self._request)
+            except openai.APIStatusError as e:
+                delay = _retry_after(e)
+                if delay is None or time.monotonic() + delay > deadline:
+                    raise
+                if not told:
+                    print(
+                        f"llava_nb: {self._model.base_url} is still loading its model; waiting",
+                        flush=True,
+                    )
+                    told = True
+                if self._stop.wait(delay):
+                    return None
+
     def wait(self) -> str:
         for _ in self:
             pass
         return self.text
+
+
+def _retry_after(error: Exception) -> float | None:
+    """Seconds a 503 asks us to wait (its Retry-After header), else None: not worth waiting."""
+    response = getattr(error, "response", None)
+    if getattr(error, "status_code", None) != 503 or response is None:
+        return None
+    try:
+        return min(max(float(response.headers.get("retry-after", "")), 0.1), 30.0)
+    except ValueError:
+        return None

@@ -44,7 +44,7 @@ import time
 import urllib.parse
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1232,6 +1232,37 @@ def _listen(host: str, port: int) -> socket.socket:
         raise LlavaError(f"cannot listen on {host}:{port} ({why}); choose another --port") from None
     sock.set_inheritable(True)
     return sock
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` in a background thread while the block runs; yield its base URL.
+
+    For a notebook that shares its model over HTTP, and for tests and benchmarks; port 0 picks
+    a free port. The server stops (and its thread ends) when the block exits.
+    """
+    import uvicorn
+
+    sock = _listen(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="llava_nb-serve", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise LlavaError(f"the server on {host}:{port} did not start; see the log above")
+        time.sleep(0.01)
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        yield f"http://{shown}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
 
 
 def run_server(

@@ -1,6 +1,7 @@
 """RemoteModel: the Model interface over an OpenAI-compatible server."""
 
 import socket
+import time
 
 import pytest
 
@@ -72,12 +73,10 @@ def test_a_remote_chat_through_llava_nb_serve_equals_the_local_chat(tiny_llava, 
     """Chat over RemoteModel -> `llava-nb serve` -> the tiny model: same answers as local."""
     pytest.importorskip("uvicorn")
     from llava_nb.models import Model
-    from llava_nb.server import create_app
-
-    from .test_server import running
+    from llava_nb.server import create_app, serving
 
     served = Model(tiny_llava).load()  # the server answers 503 while it loads
-    with running(create_app(served, api_key="secret")) as url:
+    with serving(create_app(served, api_key="secret")) as url:
         remote = ln.Chat(ln.Model(f"openai:{url}/v1", api_key="secret"), max_new_tokens=8)
         local = ln.Chat(tiny_llava, max_new_tokens=8)
         for question, image in [("What is this?", photo), ("And the color?", None)]:
@@ -89,3 +88,63 @@ def test_a_remote_chat_through_llava_nb_serve_equals_the_local_chat(tiny_llava, 
         assert remote.history[-1].interrupted
         with pytest.raises(ModelError, match="refused the API key"):
             ln.Model(f"{url}/v1", api_key="wrong").load()
+
+
+def test_a_remote_chat_waits_while_the_server_loads_its_model(tiny_llava, monkeypatch, capsys):
+    """The server answers 503 + Retry-After while loading; the client waits, then answers."""
+    pytest.importorskip("uvicorn")
+    import threading
+
+    from llava_nb import server
+    from llava_nb.models import Model
+
+    monkeypatch.setattr(server, "LOAD_RETRY_AFTER_S", 1)
+    served = Model(tiny_llava)  # not loaded: the server loads it in the background
+    loading_may_finish = threading.Event()
+
+    def hold_the_load() -> None:  # the model lock held: its load waits until we let go
+        with served._lock:
+            loading_may_finish.wait(30)
+
+    holder = threading.Thread(target=hold_the_load)
+    holder.start()
+    app = server.create_app(served)
+    try:
+        with server.serving(app) as url:
+            chat = ln.Chat(ln.Model(f"{url}/v1"), max_new_tokens=4)
+            answers: list[str] = []
+            asker = threading.Thread(target=lambda: answers.append(chat.ask("Hello?")))
+            asker.start()
+            deadline = time.monotonic() + 30
+            while app.state.llava.stats["requests"] < 1:  # it was told to retry at least once
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert not served.loaded and asker.is_alive()
+            loading_may_finish.set()
+            asker.join(60)
+            assert answers and answers[0] == chat.history[0].answer
+            assert not chat.history[0].interrupted
+    finally:
+        loading_may_finish.set()
+        holder.join()
+    assert "is still loading its model; waiting" in capsys.readouterr().out
+
+
+def test_a_server_that_stays_unavailable_is_one_clear_error(tiny_llava, monkeypatch):
+    pytest.importorskip("uvicorn")
+    from llava_nb import server
+    from llava_nb.models import Model
+
+    monkeypatch.setattr(server, "LOAD_RETRY_AFTER_S", 1)
+    served = Model(tiny_llava)
+    served._lock.acquire()  # its load never finishes during this test
+    try:
+        with server.serving(server.create_app(served)) as url:
+            remote = ln.Model(f"{url}/v1", load_timeout=1.5)
+            chat = ln.Chat(remote, max_new_tokens=4)
+            refused = r"refused the question \(HTTP 503\).*is loading"
+            with pytest.raises(GenerationError, match=refused):
+                chat.ask("Hello?")
+            assert chat.history == []
+    finally:
+        served._lock.release()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,7 +26,7 @@ from PIL import Image  # noqa: E402
 from llava_nb.chat import Chat  # noqa: E402
 from llava_nb.images import image_to_data_uri  # noqa: E402
 from llava_nb.models import Model  # noqa: E402
-from llava_nb.server import create_app  # noqa: E402
+from llava_nb.server import create_app, serving  # noqa: E402
 
 KEY = "sk-test-key"
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -43,27 +41,6 @@ def picture(color: str = "red", size: tuple[int, int] = (48, 40)) -> Image.Image
 def user(text: str, *images: Image.Image) -> dict:
     parts = [{"type": "image_url", "image_url": {"url": image_to_data_uri(i)}} for i in images]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` with uvicorn on 127.0.0.1 (a free port) in a thread; yield the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
@@ -91,7 +68,7 @@ def model(tiny_llava) -> Model:
 @pytest.fixture(scope="module")
 def server(model):
     app = create_app(model, api_key=KEY, max_concurrency=2)
-    with running(app) as url:
+    with serving(app) as url:
         yield url, app.state.llava
 
 
@@ -117,7 +94,7 @@ def strict(model, media):
         allowed_local_media_path=str(media / "allowed"),
         loopback_hosts_only=True,
     )
-    with running(app) as url:
+    with serving(app) as url:
         yield url, app.state.llava
 
 
@@ -378,7 +355,7 @@ def test_503_while_the_model_loads(tiny_llava):
     held = True
     try:
         with (
-            running(create_app(fresh)) as url,
+            serving(create_app(fresh)) as url,
             openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c,
         ):
             health = httpx.get(url + "/health")
