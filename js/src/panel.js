@@ -1,0 +1,301 @@
+// Front end of llava_nb.ChatPanel (an anywidget). Python owns the conversation: this file only
+// draws the widget's state (traitlets) and sends what the user does as custom messages, with
+// images as binary buffers.
+import DOMPurify from "dompurify";
+import { marked } from "marked";
+import "./panel.css";
+
+marked.setOptions({ gfm: true, breaks: true });
+
+/** Model text (untrusted) as sanitized HTML. */
+function markdown(text) {
+  return DOMPurify.sanitize(marked.parse(text || ""));
+}
+
+/** A small DOM helper: h("div", {class: "x"}, child, "text", ...). */
+function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== false && value != null) node.setAttribute(key, value === true ? "" : value);
+  }
+  node.append(...children);
+  return node;
+}
+
+function megabytes(bytes) {
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function thumbnails(images, cls) {
+  return h("div", { class: cls }, ...images.map((src) => h("img", { src, alt: "attached image" })));
+}
+
+function userMessage(turn) {
+  return h(
+    "div",
+    { class: "llava-msg llava-user", "data-role": "user" },
+    thumbnails(turn.images || [], "llava-thumbs"),
+    h("div", { class: "llava-text" }, turn.question),
+  );
+}
+
+function assistantMessage(text, { interrupted = false, live = false } = {}) {
+  const body = h("div", { class: "llava-text llava-markdown" });
+  body.innerHTML = markdown(text);
+  const message = h(
+    "div",
+    { class: "llava-msg llava-assistant", "data-role": "assistant", "data-live": live },
+    body,
+  );
+  if (live && !text) message.append(h("span", { class: "llava-typing" }, "…"));
+  if (interrupted) message.append(h("div", { class: "llava-stopped" }, "stopped"));
+  return message;
+}
+
+function render({ model, el }) {
+  const root = h("div", { class: "llava-panel", "data-lm-suppress-shortcuts": "true" });
+  const status = h("div", { class: "llava-status", title: "model · device · dtype · state" });
+  const temperature = h("input", {
+    class: "llava-temperature",
+    type: "number",
+    min: "0",
+    max: "2",
+    step: "0.1",
+    "aria-label": "temperature",
+  });
+  const maxTokens = h("input", {
+    class: "llava-max-tokens",
+    type: "number",
+    min: "1",
+    step: "1",
+    "aria-label": "max new tokens",
+  });
+  const clearButton = h("button", { class: "llava-clear", title: "Start a new chat" }, "New chat");
+  const regenerate = h(
+    "button",
+    { class: "llava-regenerate", title: "Answer the last question again" },
+    "Regenerate",
+  );
+  const header = h(
+    "div",
+    { class: "llava-header" },
+    status,
+    h(
+      "div",
+      { class: "llava-controls" },
+      h("label", {}, "temperature ", temperature),
+      h("label", {}, "max tokens ", maxTokens),
+      regenerate,
+      clearButton,
+    ),
+  );
+  const messages = h("div", { class: "llava-messages", role: "log", "aria-live": "polite" });
+  const error = h("div", { class: "llava-error", role: "alert" });
+  const attachments = h("div", { class: "llava-attachments" });
+  const fileInput = h("input", {
+    class: "llava-file",
+    type: "file",
+    accept: "image/*",
+    multiple: true,
+    hidden: true,
+  });
+  const attach = h("button", { class: "llava-attach", title: "Attach images" }, "Image…");
+  const input = h("textarea", {
+    class: "llava-input",
+    rows: "2",
+    placeholder: "Ask about the image… (Enter sends, Shift+Enter for a new line)",
+    "aria-label": "question",
+  });
+  const send = h("button", { class: "llava-send", title: "Send (Enter)" }, "Send");
+  const stop = h("button", { class: "llava-stop", title: "Stop the answer" }, "Stop");
+  const composer = h("div", { class: "llava-composer" }, attach, fileInput, input, send, stop);
+  root.append(header, messages, error, attachments, composer);
+  el.append(root);
+
+  function nearBottom() {
+    return messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
+  }
+  function keepBottom(update) {
+    const follow = nearBottom();
+    update();
+    if (follow) messages.scrollTop = messages.scrollHeight;
+  }
+
+  function drawMessages() {
+    keepBottom(() => {
+      const nodes = [];
+      for (const turn of model.get("turns")) {
+        nodes.push(userMessage(turn), assistantMessage(turn.answer, turn));
+      }
+      const live = model.get("live_question");
+      if (live && live.question !== undefined) {
+        nodes.push(userMessage(live), assistantMessage(model.get("live_answer"), { live: true }));
+      }
+      if (!nodes.length) nodes.push(h("div", { class: "llava-empty" }, "No messages yet."));
+      messages.replaceChildren(...nodes);
+    });
+  }
+
+  function drawLiveAnswer() {
+    const live = messages.querySelector('.llava-assistant[data-live=""]');
+    if (!live) return drawMessages();
+    keepBottom(() => live.replaceWith(assistantMessage(model.get("live_answer"), { live: true })));
+  }
+
+  function drawState() {
+    const busy = model.get("busy");
+    status.textContent = model.get("status");
+    root.classList.toggle("llava-busy", busy);
+    send.hidden = busy;
+    stop.hidden = !busy;
+    regenerate.disabled = busy || !model.get("turns").length;
+    clearButton.disabled = busy;
+    const message = model.get("error");
+    error.textContent = message;
+    error.hidden = !message;
+    if (document.activeElement !== temperature) temperature.value = model.get("temperature");
+    if (document.activeElement !== maxTokens) maxTokens.value = model.get("max_new_tokens");
+  }
+
+  function drawAttachments() {
+    const thumbs = model.get("attachments");
+    attachments.replaceChildren(
+      ...thumbs.map((src, index) =>
+        h(
+          "div",
+          { class: "llava-attachment" },
+          h("img", { src, alt: `attachment ${index + 1}` }),
+          h(
+            "button",
+            {
+              class: "llava-detach",
+              title: "Remove this image",
+              "aria-label": "remove image",
+              onclick: () => model.send({ type: "detach", index }),
+            },
+            "×",
+          ),
+        ),
+      ),
+    );
+  }
+
+  function submit() {
+    const text = input.value.trim();
+    if (!text || model.get("busy")) return;
+    input.value = "";
+    model.send({ type: "send", text });
+  }
+
+  async function upload(files) {
+    const limit = model.get("max_upload_bytes");
+    for (const file of files) {
+      if (file.size > limit) {
+        const why = `more than the ${megabytes(limit)} a notebook connection carries`;
+        model.set("error", `${file.name} is ${megabytes(file.size)}, ${why}; shrink it first`);
+        model.save_changes();
+        continue;
+      }
+      const buffer = await file.arrayBuffer();
+      model.send({ type: "attach", name: file.name }, undefined, [buffer]);
+    }
+  }
+
+  function setting(name, node, parse) {
+    node.addEventListener("change", () => {
+      const value = parse(node.value);
+      if (Number.isFinite(value)) {
+        model.set(name, value);
+        model.save_changes();
+      } else {
+        node.value = model.get(name);
+      }
+    });
+  }
+
+  root.addEventListener("keydown", (event) => {
+    // typing here is not for the notebook: Shift+Enter would run the cell, 0 0 restart the kernel
+    if (event.target.matches("input, textarea")) event.stopPropagation();
+  });
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      submit();
+    }
+  });
+  input.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData?.files || [])];
+    if (files.length) {
+      event.preventDefault();
+      upload(files);
+    }
+  });
+  root.addEventListener("dragover", (event) => {
+    if ([...(event.dataTransfer?.types || [])].includes("Files")) {
+      event.preventDefault();
+      event.stopPropagation();
+      root.classList.add("llava-drop");
+    }
+  });
+  root.addEventListener("dragleave", () => root.classList.remove("llava-drop"));
+  root.addEventListener("drop", (event) => {
+    root.classList.remove("llava-drop");
+    const files = [...(event.dataTransfer?.files || [])];
+    if (files.length) {
+      event.preventDefault();
+      event.stopPropagation();
+      upload(files);
+    }
+  });
+  attach.addEventListener("click", () => fileInput.click());
+  fileInput.addEventListener("change", () => {
+    upload([...fileInput.files]);
+    fileInput.value = "";
+  });
+  send.addEventListener("click", submit);
+  stop.addEventListener("click", () => model.send({ type: "stop" }));
+  regenerate.addEventListener("click", () => model.send({ type: "regenerate" }));
+  clearButton.addEventListener("click", () => model.send({ type: "clear" }));
+  error.addEventListener("click", () => {
+    model.set("error", "");
+    model.save_changes();
+  });
+  setting("temperature", temperature, Number.parseFloat);
+  setting("max_new_tokens", maxTokens, (v) => Number.parseInt(v, 10));
+
+  const onMessages = () => drawMessages();
+  const onState = () => drawState();
+  const onDraft = () => {
+    if (model.get("draft") && !input.value) input.value = model.get("draft"); // to fix and resend
+  };
+  model.on("change:draft", onDraft);
+  model.on("change:turns", onMessages);
+  model.on("change:live_question", onMessages);
+  model.on("change:live_answer", drawLiveAnswer);
+  for (const name of ["busy", "status", "error", "turns"]) {
+    model.on(`change:${name}`, onState);
+  }
+  model.on("change:attachments", drawAttachments);
+  model.on("change:temperature", onState);
+  model.on("change:max_new_tokens", onState);
+  drawMessages();
+  drawState();
+  drawAttachments();
+  messages.scrollTop = messages.scrollHeight;
+
+  return () => {
+    model.off("change:turns", onMessages);
+    model.off("change:live_question", onMessages);
+    model.off("change:live_answer", drawLiveAnswer);
+    for (const name of ["busy", "status", "error", "turns"]) {
+      model.off(`change:${name}`, onState);
+    }
+    model.off("change:attachments", drawAttachments);
+    model.off("change:temperature", onState);
+    model.off("change:max_new_tokens", onState);
+    model.off("change:draft", onDraft);
+  };
+}
+
+export default { render };

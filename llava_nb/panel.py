@@ -1,0 +1,334 @@
+"""`ChatPanel`: a chat window in the notebook (an anywidget), one more view of a `Chat`.
+
+The conversation lives in the `Chat`; the panel only draws it (traitlets synced to the front end
+in `js/`, bundled into `llava_nb/static/`) and turns what the user does into `Chat` calls.
+Answers are generated in a worker thread, so the kernel and other widgets stay responsive, and
+the panel follows the chat through `Chat.on_change`: a question asked in a `%%llava` cell on
+the same chat streams into the panel too.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import traitlets as t
+from PIL import Image
+
+from llava_nb.errors import LlavaError
+
+STATIC = Path(__file__).parent / "static"
+THUMBNAIL_PX = 256  # longest side of the thumbnails the front end shows
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a notebook's websocket drops messages over 10 MiB
+UPDATE_INTERVAL_S = 0.05  # how often a growing answer is sent to the front end
+LOADING_TICK_S = 0.5  # how often the status line counts seconds while the model loads
+
+
+class PanelError(LlavaError):
+    """The panel cannot do what was asked (busy, nothing to regenerate, front end missing)."""
+
+
+@functools.cache
+def _front_end() -> tuple[str, str]:
+    """The bundled JavaScript and CSS, built from `js/` when the package is installed."""
+    try:
+        return (STATIC / "panel.js").read_text(), (STATIC / "panel.css").read_text()
+    except FileNotFoundError:
+        raise PanelError(
+            f"the chat panel's front end is not built ({STATIC / 'panel.js'} is missing); "
+            "reinstall llava_nb (pip install -e . runs the build; it needs Node.js and npm)"
+        ) from None
+
+
+def _thumbnail(image: Image.Image) -> str:
+    from llava_nb.images import image_to_data_uri
+
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return image_to_data_uri(small, "JPEG")
+
+
+def _readable(error: BaseException) -> str:
+    """One line for the panel: a LlavaError says it all; anything else gets its type name."""
+    if isinstance(error, LlavaError):
+        return str(error)
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+class ChatPanel(anywidget.AnyWidget):
+    """A chat window on a `Chat`: streaming Markdown answers, image attachments, Stop.
+
+    `ChatPanel(chat)` shows an existing chat (the `%%llava` cells' chats included);
+    `ChatPanel(model=...)` starts a new one. Display it as the value of a cell.
+    """
+
+    _esm = t.Unicode().tag(sync=True)
+    _css = t.Unicode().tag(sync=True)
+
+    # The front end's state. Images travel as small JPEG thumbnails; the chat keeps the originals.
+    turns = t.List(t.Dict()).tag(sync=True)  # question, images, answer, interrupted
+    live_question = t.Dict().tag(sync=True)  # the turn being answered: question, images; {} if none
+    live_answer = t.Unicode("").tag(sync=True)
+    attachments = t.List(t.Unicode()).tag(sync=True)  # images waiting for the next question
+    busy = t.Bool(False).tag(sync=True)
+    status = t.Unicode("").tag(sync=True)
+    error = t.Unicode("").tag(sync=True)
+    draft = t.Unicode("").tag(sync=True)  # a question that failed, given back to the input box
+    temperature = t.Float(0.0).tag(sync=True)
+    max_new_tokens = t.Int(512).tag(sync=True)
+    max_upload_bytes = t.Int(MAX_UPLOAD_BYTES).tag(sync=True)
+
+    def __init__(self, chat: Any = None, *, model: Any = None) -> None:
+        from llava_nb.chat import Chat
+
+        self._stopping = threading.Event()
+        self._unsubscribe = lambda: None  # so close() works whatever happens below
+        if chat is None:
+            chat = Chat(model)
+        elif model is not None:
+            raise PanelError("give ChatPanel a chat or a model, not both")
+        elif not isinstance(chat, Chat):
+            raise PanelError(
+                f"ChatPanel takes a llava_nb.Chat, got {type(chat).__name__}; "
+                "use ChatPanel(chat) or ChatPanel(model='...')"
+            )
+        js, css = _front_end()
+        super().__init__(_esm=js, _css=css)
+        self.chat = chat
+        self._images: list[Image.Image] = []  # attached, not sent yet
+        self._thumbs: dict[int, tuple[Image.Image, str]] = {}  # id -> (image, thumbnail)
+        self._live = None  # the turn being answered
+        self._pieces: list[str] = []  # its answer so far
+        self._shown = 0.0  # when the live answer was last sent
+        self._worker: threading.Thread | None = None
+        self._unsubscribe = chat.on_change(self._on_chat)
+        self.on_msg(self._on_message)
+        self._sync()
+
+    def __repr__(self) -> str:
+        return f"ChatPanel({self.chat!r})"
+
+    def close(self) -> None:
+        """Stop following the chat (and stop an answer being written), then close the widget."""
+        self._stopping.set()
+        self._unsubscribe()
+        super().close()
+
+    # ------------------------------------------------------------ chat -> front end
+
+    def _on_chat(self, event: str, turn, piece: str) -> None:
+        """Follows the chat, whoever drives it (this panel's worker, a cell, Python code)."""
+        if event == "start":
+            self._live, self._pieces, self._shown = turn, [], 0.0
+            with self.hold_sync():
+                self.live_question = {"question": turn.question, "images": self._thumbs_of(turn)}
+                self.live_answer = ""
+                self.status = self._status_text()
+        elif event == "piece" and turn is self._live:  # (a second question at once: not shown)
+            self._pieces.append(piece)
+            if time.monotonic() - self._shown >= UPDATE_INTERVAL_S:
+                self.live_answer = "".join(self._pieces)
+                self._shown = time.monotonic()
+        elif event != "piece":  # end, undo, reset
+            self._sync()
+
+    def _sync(self) -> None:
+        """Send the chat as it is now: its turns, its settings, the model's status."""
+        history = self.chat.history
+        with self.hold_sync():
+            self.turns = [
+                {
+                    "question": turn.question,
+                    "images": self._thumbs_of(turn),
+                    "answer": turn.answer,
+                    "interrupted": turn.interrupted,
+                }
+                for turn in history
+            ]
+            self.live_question, self.live_answer = {}, ""
+            self.temperature = float(self.chat.settings["temperature"])
+            self.max_new_tokens = int(self.chat.settings["max_new_tokens"])
+            self.status = self._status_text()
+        self._pieces = []
+        kept = {id(image) for turn in history for image in turn.images}
+        kept |= {id(image) for image in self._images}
+        self._thumbs = {key: value for key, value in self._thumbs.items() if key in kept}
+
+    def _thumbs_of(self, turn) -> list[str]:
+        return [self._thumb(image) for image in turn.images]
+
+    def _thumb(self, image: Image.Image) -> str:
+        if id(image) not in self._thumbs:  # the image is kept with it, so its id stays unique
+            self._thumbs[id(image)] = (image, _thumbnail(image))
+        return self._thumbs[id(image)][1]
+
+    def _status_text(self, loading_s: float | None = None) -> str:
+        status = self.chat.model.status()
+        model = str(status["model"])
+        if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+            model = Path(model).name  # a local folder: its name is enough
+        if loading_s is not None or status["state"] == "loading":
+            return f"{model} · loading… {loading_s or 0:.0f} s"
+        if status["state"] == "unloaded":
+            return f"{model} · not loaded yet (loads with the first question)"
+        quantization = status.get("quantization")
+        parts = [
+            model,
+            status.get("family"),
+            status.get("device"),
+            status.get("dtype"),
+            f"{quantization} quantization" if quantization not in (None, "none") else None,
+            status["state"],
+        ]
+        return " · ".join(str(part) for part in parts if part)
+
+    # ------------------------------------------------------------ front end -> chat
+
+    def _on_message(self, _widget, content: dict, buffers: list) -> None:
+        kind = content.get("type")
+        try:
+            if kind == "send":
+                self._ask(str(content.get("text", "")))
+            elif kind == "attach":
+                self._attach(buffers, str(content.get("name") or "image"))
+            elif kind == "detach":
+                self._detach(int(content.get("index", -1)))
+            elif kind == "stop":
+                self._stopping.set()
+            elif kind == "regenerate":
+                self._regenerate()
+            elif kind == "clear":
+                self._clear()
+        except LlavaError as e:
+            self.error = str(e)
+
+    @t.observe("temperature", "max_new_tokens")
+    def _setting_changed(self, change) -> None:
+        from llava_nb.chat import SETTINGS
+        from llava_nb.models import check_settings
+
+        settings = {name: self.chat.settings[name] for name in SETTINGS}
+        settings[change["name"]] = change["new"]
+        try:
+            check_settings(**settings)
+        except LlavaError as e:
+            self.error = str(e)
+            setattr(self, change["name"], change["old"])
+            return
+        self.chat.settings[change["name"]] = change["new"]
+
+    def _attach(self, buffers: list, name: str) -> None:
+        from llava_nb.images import load_image
+
+        if len(buffers) != 1:
+            raise PanelError(f"{name}: expected one image file, got {len(buffers)}; attach again")
+        data = bytes(buffers[0])
+        try:
+            image = load_image(data)  # the same checks and limits as everywhere else
+        except LlavaError as e:
+            raise PanelError(f"{name}: {e}") from None
+        self._images.append(image)
+        self.attachments = [self._thumb(image) for image in self._images]
+
+    def _detach(self, index: int) -> None:
+        if 0 <= index < len(self._images):
+            del self._images[index]
+            self.attachments = [self._thumb(image) for image in self._images]
+
+    def _clear(self) -> None:
+        self._check_idle()
+        self._images = []
+        self.attachments = []
+        self.error = ""
+        self.chat.reset()
+
+    def _ask(self, text: str) -> None:
+        self._check_idle()
+        question = text.strip()
+        if not question:
+            raise PanelError("the question is empty; type a question about the image")
+        images, self._images = self._images, []
+        self.attachments = []
+        self._start(question, images)
+
+    def _regenerate(self) -> None:
+        self._check_idle()
+        turn = self.chat.undo()
+        if turn is None:
+            raise PanelError("there is no answer to regenerate yet; ask a question first")
+        self._start(turn.question, turn.images, undone=turn)
+
+    def _check_idle(self) -> None:
+        if self.busy:
+            raise PanelError("an answer is still being written; wait for it, or press Stop")
+
+    def _start(self, question: str, images: list[Image.Image], undone=None) -> None:
+        self._stopping.clear()
+        with self.hold_sync():
+            self.error = self.draft = ""
+            self.busy = True
+            self.live_question = {
+                "question": question,
+                "images": [self._thumb(image) for image in images],
+            }
+            self.live_answer = ""
+        self._worker = threading.Thread(
+            target=self._answer, args=(question, images, undone), name="llava_nb-panel", daemon=True
+        )
+        self._worker.start()
+
+    def _answer(self, question: str, images: list[Image.Image], undone) -> None:
+        """The worker: ask the chat, read the answer until it ends or Stop is pressed.
+
+        The pieces reach the front end through `_on_chat`, as for any other question. If the
+        question fails before its turn is recorded, the chat, the attachments and (for
+        regenerate) the previous answer are put back as they were.
+        """
+        turns = len(self.chat.history)
+        error = None
+        try:
+            pieces = self._stream(question, images)
+            with closing(pieces):  # Stop pressed while the model loaded: never started
+                for _ in () if self._stopping.is_set() else pieces:
+                    if self._stopping.is_set():
+                        break  # closing the stream stops the model after its current token
+        except Exception as e:  # any failure, OOM included, becomes a message in the panel
+            error = _readable(e)
+        if len(self.chat.history) == turns:  # nothing recorded: it failed, or never started
+            if undone is not None:
+                self.chat._turns.append(undone)  # regenerate failed: the old answer stays
+            else:
+                self._images = images + self._images
+                self.attachments = [self._thumb(image) for image in self._images]
+                self.draft = question if error else ""
+        with self.hold_sync():
+            self._sync()
+            self.error = error or ""
+            self.busy = False
+
+    def _stream(self, question: str, images: list[Image.Image]):
+        """`chat.stream`, which loads the model first if needed: the status counts the seconds."""
+        if self.chat.model.loaded:
+            return self.chat.stream(question, images)
+        loaded = threading.Event()
+        start = time.monotonic()
+
+        def tick() -> None:
+            while not loaded.wait(LOADING_TICK_S):
+                self.status = self._status_text(time.monotonic() - start)
+
+        self.status = self._status_text(0.0)
+        ticker = threading.Thread(target=tick, name="llava_nb-panel-status", daemon=True)
+        ticker.start()
+        try:
+            return self.chat.stream(question, images)
+        finally:
+            loaded.set()
+            ticker.join()
+            self.status = self._status_text()

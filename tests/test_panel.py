@@ -1,0 +1,344 @@
+"""ChatPanel: the widget's state and message handling, on tiny real models.
+
+Messages go in through ipywidgets' own dispatch (`_handle_custom_msg`, what a front end's
+`model.send(content, callbacks, buffers)` arrives as), images as binary buffers; the state a
+front end would draw is read from the synced traits. The browser side is tests/test_panel_e2e.py.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from PIL import Image
+
+import llava_nb as ln
+from llava_nb.panel import MAX_UPLOAD_BYTES, THUMBNAIL_PX, ChatPanel
+from tests.test_notebook import execute, kernel_env, no_traceback, results  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "examples" / "02_chat_panel.ipynb"
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def endless_llava(tmp_path_factory) -> str:
+    """A tiny checkpoint that never says end-of-sequence: it answers up to max_new_tokens."""
+    from llava_nb.testing import make_tiny_llava
+
+    path = Path(make_tiny_llava(tmp_path_factory.mktemp("tiny") / "endless", width=128))
+    config = json.loads((path / "generation_config.json").read_text())
+    config["suppress_tokens"] = [config["eos_token_id"]]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def photo_bytes() -> bytes:
+    import matplotlib.cbook
+
+    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).read_bytes()
+
+
+def message(panel: ChatPanel, kind: str, buffers=(), **content) -> None:
+    """What the front end sends: a custom message, images as binary buffers."""
+    panel._handle_custom_msg({"type": kind, **content}, [memoryview(b) for b in buffers])
+
+
+def finish(panel: ChatPanel, error: str = "") -> None:
+    panel._worker.join(WAIT_S)
+    assert not panel._worker.is_alive() and not panel.busy
+    if error is not None:
+        assert panel.error == error
+
+
+def thumbnail_size(uri: str) -> tuple[int, int]:
+    from llava_nb.images import image_from_data_uri
+
+    assert uri.startswith("data:image/jpeg;base64,")
+    return image_from_data_uri(uri).size
+
+
+def record(panel: ChatPanel, name: str) -> list:
+    values: list = []
+    panel.observe(lambda change: values.append(change["new"]), name)
+    return values
+
+
+# ---------------------------------------------------------------- asking from the panel
+
+
+def test_ask_with_an_image_streams_off_the_main_thread(tiny_llava, photo_bytes):
+    chat = ln.Chat(tiny_llava, max_new_tokens=12)
+    panel = ChatPanel(chat)
+    assert panel.turns == [] and not panel.busy
+    assert "not loaded yet" in panel.status and "llava" in panel.status
+
+    message(panel, "attach", [photo_bytes], name="hopper.jpg")
+    assert panel.error == "" and len(panel.attachments) == 1
+    assert max(thumbnail_size(panel.attachments[0])) == THUMBNAIL_PX  # small, for display
+
+    statuses, threads = record(panel, "status"), []
+    panel.observe(lambda _: threads.append(threading.current_thread()), "live_answer")
+    message(panel, "send", text="  Who is this?  ")
+    assert panel.busy  # the message handler returned at once: the worker answers
+    assert panel.live_question["question"] == "Who is this?"
+    assert len(panel.live_question["images"]) == 1 and panel.attachments == []
+    finish(panel)
+
+    (turn,) = chat.history
+    assert turn.question == "Who is this?" and len(turn.images) == 1 and turn.answer
+    assert turn.images[0].size == (512, 600)  # the chat keeps the original, not the thumbnail
+    assert panel.turns == [
+        {
+            "question": "Who is this?",
+            "images": [panel.turns[0]["images"][0]],
+            "answer": turn.answer,
+            "interrupted": False,
+        }
+    ]
+    assert thumbnail_size(panel.turns[0]["images"][0])[1] == THUMBNAIL_PX
+    assert panel.live_question == {} and panel.live_answer == ""
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert any("loading" in s for s in statuses)  # the status line showed the lazy load
+    assert panel.status.endswith("· loaded") and "· cpu · float32" in panel.status
+    assert panel.error == ""
+
+
+def test_stop_ends_the_answer_and_keeps_it_marked_stopped(endless_llava):
+    chat = ln.Chat(endless_llava, max_new_tokens=8)
+    chat.model.load()
+    panel = ChatPanel(chat)
+    panel.max_new_tokens = 1000  # as the front end's input sets it
+    assert chat.settings["max_new_tokens"] == 1000
+    answers = record(panel, "live_answer")
+    message(panel, "send", text="Tell me everything.")
+    deadline = time.monotonic() + WAIT_S
+    while len([a for a in answers if a]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    growing = [a for a in answers if a]
+    assert len(growing) >= 3 and all(b.startswith(a) for a, b in itertools.pairwise(growing))
+    stopped_at = time.monotonic()
+    message(panel, "stop")
+    finish(panel)
+    assert time.monotonic() - stopped_at < 2
+
+    (turn,) = chat.history
+    assert turn.interrupted and turn.answer.startswith(growing[-1])
+    assert len(panel.turns) == 1 and panel.turns[0]["interrupted"]
+    assert panel.turns[0]["answer"] == turn.answer
+    assert panel.error == ""
+
+    panel.max_new_tokens = 4  # the panel keeps working after a stop
+    message(panel, "send", text="Short, please.")
+    finish(panel)
+    assert [t.interrupted for t in chat.history] == [True, False]
+
+
+def test_regenerate_and_new_chat(tiny_llava, photo):
+    chat = ln.Chat(tiny_llava, max_new_tokens=6)
+    chat.ask("What is this?", photo)
+    panel = ChatPanel(chat)
+    first = chat.history[0]
+    message(panel, "regenerate")
+    finish(panel)
+    (again,) = chat.history
+    assert again.question == first.question
+    assert again.images[0].tobytes() == first.images[0].tobytes()
+    assert again.answer == first.answer  # greedy: the same answer again
+    assert again is not first
+
+    message(panel, "clear")
+    assert chat.history == [] and panel.turns == []
+    message(panel, "regenerate")
+    assert "no answer to regenerate" in panel.error and not panel.busy
+
+
+def test_settings_from_the_front_end_go_to_the_chat(tiny_llava):
+    chat = ln.Chat(tiny_llava, temperature=0.0, max_new_tokens=9)
+    panel = ChatPanel(chat)
+    assert (panel.temperature, panel.max_new_tokens) == (0.0, 9)
+    panel.temperature = 0.7
+    assert chat.settings["temperature"] == 0.7
+    panel.temperature = -1.0
+    assert panel.error.startswith("temperature must be a number >= 0")
+    assert panel.temperature == 0.7 and chat.settings["temperature"] == 0.7
+    chat.settings["max_new_tokens"] = 20  # changed elsewhere (%llava config): shown on change
+    chat.reset()
+    assert panel.max_new_tokens == 20
+
+
+# ---------------------------------------------------------------- one chat, several views
+
+
+def test_questions_asked_elsewhere_stream_into_the_panel(endless_llava, photo):
+    chat = ln.Chat(endless_llava, max_new_tokens=30)
+    panel = ChatPanel(chat)
+    seen = []
+    for piece in chat.stream("From a cell?", photo):  # as a %%llava cell asks it
+        seen.append((piece, panel.live_question.get("question"), panel.live_answer))
+    assert all(question == "From a cell?" for _, question, _ in seen)
+    shown = "".join(piece for piece, _, _ in seen)
+    assert seen[0][2] == seen[0][0]  # the first piece is shown at once, later ones throttled
+    assert all(shown.startswith(live) for _, _, live in seen)
+    assert [t["question"] for t in panel.turns] == ["From a cell?"]
+    assert panel.turns[0]["answer"] == chat.history[0].answer and panel.live_question == {}
+
+    chat.undo()
+    assert panel.turns == []
+
+
+def test_two_panels_on_two_chats_do_not_mix(tiny_llava):
+    one, two = ln.Chat(tiny_llava, max_new_tokens=4), ln.Chat(tiny_llava, max_new_tokens=4)
+    first, second = ChatPanel(one), ChatPanel(two)
+    message(first, "send", text="Question one?")
+    finish(first)
+    message(second, "send", text="Question two?")
+    finish(second)
+    assert [t["question"] for t in first.turns] == ["Question one?"]
+    assert [t["question"] for t in second.turns] == ["Question two?"]
+    first.close()  # a closed panel stops following its chat
+    one.ask("Unseen?")
+    assert [t["question"] for t in first.turns] == ["Question one?"]
+
+
+def test_magic_opens_a_panel_on_the_cells_chat(tiny_llava, monkeypatch, tmp_path):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "llava_nb")
+    magics = shell.magics_manager.registry["LlavaMagics"]
+    magics.model, magics.max_new_tokens = tiny_llava, 5
+    with capture_output():
+        panel = shell.run_line_magic("llava", "panel")  # before any question: the chat starts
+        shell.run_cell_magic("llava", "", "Asked in a cell?")
+        other = shell.run_line_magic("llava", "panel other")
+    assert isinstance(panel, ChatPanel) and panel.chat is magics.chats["default"]
+    assert [t["question"] for t in panel.turns] == ["Asked in a cell?"]
+    assert other.chat is magics.chats["other"] and other.turns == []
+    assert other._repr_mimebundle_()[0]["application/vnd.jupyter.widget-view+json"]
+
+    message(panel, "send", text="And from the panel?")
+    finish(panel)
+    assert [t.question for t in magics.chats["default"].history] == [
+        "Asked in a cell?",
+        "And from the panel?",
+    ]
+    with capture_output() as cap:
+        shell.run_line_magic("llava", f"save {tmp_path / 'chat.json'}")
+    assert "(2 turns)" in cap.stdout
+
+
+# ---------------------------------------------------------------- bad input and failures
+
+
+def test_bad_images_and_questions_show_one_line_and_change_nothing(tiny_llava, photo_bytes):
+    chat = ln.Chat(tiny_llava, max_new_tokens=4)
+    panel = ChatPanel(chat)
+    message(panel, "attach", [photo_bytes], name="hopper.jpg")
+
+    message(panel, "attach", [b"<html>not an image</html>"], name="page.html")
+    assert panel.error == (
+        "page.html: image bytes (25 bytes) is not a readable image (unknown image format); "
+        "pass a complete PNG/JPEG/WebP/GIF file"
+    )
+    bomb = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(bomb, "PNG")  # 81 Mpx in ~80 kB
+    message(panel, "attach", [bomb.getvalue()], name="huge.png")
+    assert panel.error.startswith("huge.png: image bytes") and "64,000,000 pixels" in panel.error
+    assert len(panel.attachments) == 1  # the good one is still attached
+
+    message(panel, "send", text="   ")
+    assert panel.error.startswith("the question is empty") and not panel.busy
+    message(panel, "detach", index=0)
+    assert panel.attachments == []
+    message(panel, "attach", [photo_bytes], name="hopper.jpg")
+    assert len(panel.attachments) == 1
+    assert panel.max_upload_bytes == MAX_UPLOAD_BYTES  # the front end refuses bigger files
+    assert chat.history == []
+
+
+def test_a_model_that_fails_to_load_shows_why_and_keeps_the_attachments(
+    tiny_llava, photo_bytes, tmp_path
+):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llava, broken)
+    (broken / "model.safetensors").write_bytes(b"truncated")  # a damaged download
+    panel = ChatPanel(model=str(broken))
+    message(panel, "attach", [photo_bytes], name="hopper.jpg")
+    message(panel, "send", text="Anyone there?")
+    finish(panel, error=None)
+    assert panel.error and "\n" not in panel.error and "Traceback" not in panel.error
+    assert panel.chat.history == [] and panel.turns == [] and panel.live_question == {}
+    assert len(panel.attachments) == 1 and panel.draft == "Anyone there?"  # given back
+
+    panel.chat.model = ln.Model(tiny_llava)  # fixed: the same panel goes on
+    message(panel, "send", text="Anyone there?")
+    finish(panel)
+    assert panel.error == "" and [t["question"] for t in panel.turns] == ["Anyone there?"]
+    assert panel.draft == "" and panel.attachments == []
+
+
+def test_out_of_memory_shows_in_the_panel(tmp_path):
+    """A real out-of-memory while the model loads (address space capped), in a subprocess."""
+    from llava_nb.testing import make_tiny_llava
+
+    path = make_tiny_llava(tmp_path / "big", width=512, layers=4)
+    code = f"""
+import resource
+import transformers.models.llava.modeling_llava
+from llava_nb.panel import ChatPanel
+panel = ChatPanel(model={path!r})
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 40_000_000, vm + 40_000_000))
+panel._handle_custom_msg({{"type": "send", "text": "Hello?"}}, [])
+panel._worker.join()
+print(panel.error)
+panel._handle_custom_msg({{"type": "send", "text": "Hello?"}}, [])
+panel._worker.join()
+print(panel.error, panel.busy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if not line.startswith("llava_nb:")]
+    expected = f"out of memory loading {path} on cpu; try --4bit (quantization='4bit')"
+    assert lines == [expected, f"{expected} False"], out.stdout + out.stderr
+
+
+def test_panel_refuses_what_is_not_a_chat(tiny_llava):
+    with pytest.raises(ln.LlavaError, match="ChatPanel takes a llava_nb.Chat, got str"):
+        ChatPanel("chat")
+    with pytest.raises(ln.LlavaError, match="a chat or a model, not both"):
+        ChatPanel(ln.Chat(tiny_llava), model=tiny_llava)
+
+
+# ---------------------------------------------------------------- the example notebook
+
+
+def test_panel_notebook_runs_headless(kernel_env, tmp_path):  # noqa: F811
+    committed = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in committed.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code)
+    execute(committed, kernel_env, tmp_path)
+    cells = [cell for cell in committed.cells if cell.cell_type == "code"]
+    for cell in cells:
+        no_traceback(cell)
+    panels = [
+        cell
+        for cell in cells
+        if any("application/vnd.jupyter.widget-view+json" in r.data for r in results(cell))
+    ]
+    assert [cell.source for cell in panels] == ["%llava panel", code[-2].source]
+    history = results(cells[-1])[0].data["text/markdown"]
+    assert "**You:** *[1 image(s)]* Who is in this picture?" in history

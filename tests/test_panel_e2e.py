@@ -1,0 +1,361 @@
+"""The chat panel in a real browser: JupyterLab on 127.0.0.1, Debian's Chromium via Playwright.
+
+Opens examples/02_chat_panel.ipynb (a tiny checkpoint that never says end-of-sequence stands in
+for a real model), runs it, then uses the panel as a person would: attaches an image through the
+file picker, asks, watches the answer stream in, stops a long answer, and reads the chat's
+history back from a notebook cell. A screenshot is saved to $LLAVA_NB_ARTIFACTS (or pytest's
+temporary folder) and its path printed.
+
+Without /usr/bin/chromium the test is skipped, unless LLAVA_NB_E2E=1 (as in CI): then it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "examples" / "02_chat_panel.ipynb"
+TIMEOUT_MS = 60_000
+LAB_SETTINGS = {  # no virtualised cells (every output stays in the page), no news pop-up
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false"},
+}
+
+
+@pytest.fixture(scope="module")
+def endless_llava(tmp_path_factory) -> str:
+    """A tiny checkpoint that never says end-of-sequence, wide enough that 900 tokens take a
+    few seconds: long answers are still being written when Stop is pressed."""
+    from llava_nb.testing import make_tiny_llava
+
+    path = Path(make_tiny_llava(tmp_path_factory.mktemp("tiny") / "endless", width=256, layers=4))
+    config = json.loads((path / "generation_config.json").read_text())
+    config["suppress_tokens"] = [config["eos_token_id"]]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(endless_llava, tmp_path):
+    """JupyterLab serving a copy of the example notebook; yields its URL (token included) and
+    its folder."""
+    work, home = tmp_path / "work", tmp_path / "jupyter"
+    work.mkdir()
+    shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
+    for name, values in LAB_SETTINGS.items():
+        path = home / "settings" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    env = dict(os.environ)
+    env.update(
+        LLAVA_NB_MODEL=endless_llava,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+        IPYTHONDIR=str(home / "ipython"),
+    )
+    port, token = free_port(), secrets.token_hex(16)
+    log = (tmp_path / "jupyterlab.log").open("w")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={work}",
+            "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: run cells by command
+            "--LabApp.extension_manager=readonly",  # no PyPI look-ups
+            "--allow-root",  # CI runs as root
+        ],
+        cwd=work,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "JupyterLab did not start:\n" + (tmp_path / "jupyterlab.log").read_text()
+                    ) from None
+                time.sleep(0.25)
+        yield f"{base}/lab/tree/{NOTEBOOK.name}?token={token}", work
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+DROP_AND_PASTE = """async () => {
+    const panel = document.querySelector(".llava-panel");
+    const canvas = Object.assign(document.createElement("canvas"), {width: 40, height: 30});
+    const context = canvas.getContext("2d");
+    context.fillStyle = "#c33";
+    context.fillRect(0, 0, 40, 30);
+    const png = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+    const files = (...list) => {
+        const transfer = new DataTransfer();
+        list.forEach((file) => transfer.items.add(file));
+        return transfer;
+    };
+    const dropped = files(new File([png], "red.png", {type: "image/png"}));
+    const options = {dataTransfer: dropped, bubbles: true, cancelable: true};
+    panel.dispatchEvent(new DragEvent("dragover", options));
+    panel.dispatchEvent(new DragEvent("drop", options));
+    const pasted = files(new File([png], "pasted.png", {type: "image/png"}));
+    panel.querySelector("textarea").dispatchEvent(
+        new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
+    const text = files(new File(["hello"], "notes.txt", {type: "text/plain"}));
+    panel.dispatchEvent(new DragEvent("drop", {...options, dataTransfer: text}));
+}"""
+
+
+def colours(panel) -> list[str]:
+    """The panel's and a question's background and text colours, as the browser computes them."""
+    user = panel.locator(".llava-user").first
+    style = "(el) => [getComputedStyle(el).backgroundColor, getComputedStyle(el).color]"
+    return [*panel.evaluate(style), *user.evaluate(style)]
+
+
+def lightness(colour: str) -> float:
+    """HSL lightness of a CSS colour as computed: rgb(a)(0-255 ...) or color(srgb 0-1 ...)."""
+    values = [float(v) for v in re.findall(r"[\d.]+", colour.removeprefix("color(srgb"))[:3]]
+    r, g, b = values if colour.startswith("color(") else [v / 255 for v in values]
+    return (max(r, g, b) + min(r, g, b)) / 2
+
+
+MARKDOWN_ANSWER = (
+    "Some **bold** text:\n\n- one\n- two\n\n```python\nprint(1)\n```\n\n"
+    '<img src="x" onerror="window.__hacked = 1"><script>window.__hacked = 2</script>'
+)
+
+
+def run_new_cell(page, source: str) -> None:
+    """Add a cell at the end of the notebook and run it."""
+    page.evaluate(
+        """async (source) => {
+            const notebook = window.jupyterapp.shell.currentWidget.content;
+            notebook.activeCellIndex = notebook.widgets.length - 1;
+            await window.jupyterapp.commands.execute("notebook:insert-cell-below");
+            notebook.activeCell.model.sharedModel.setSource(source);
+            return window.jupyterapp.commands.execute("notebook:run-cell");
+        }""",
+        source,
+    )
+
+
+def run_cells(page, command: str, index: int | None = None) -> None:
+    """Run cells through JupyterLab's own commands (as its menu does)."""
+    page.evaluate(
+        """([command, index]) => {
+            const notebook = window.jupyterapp.shell.currentWidget.content;
+            if (index !== null) {
+                notebook.activeCellIndex = index < 0 ? notebook.widgets.length + index : index;
+            }
+            return window.jupyterapp.commands.execute(command);
+        }""",
+        [command, index],
+    )
+
+
+def kernel_idle(page) -> None:
+    page.wait_for_function(
+        """() => {
+            const widget = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+            const kernel = widget && widget.sessionContext && widget.sessionContext.session
+                && widget.sessionContext.session.kernel;
+            return kernel && kernel.status === "idle";
+        }""",
+        timeout=TIMEOUT_MS,
+    )
+
+
+def test_chat_panel_in_jupyterlab(browser, lab, endless_llava, tmp_path):
+    import matplotlib.cbook
+    from playwright.sync_api import expect
+
+    photo = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    page.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    screenshot = Path(os.environ.get("LLAVA_NB_ARTIFACTS") or tmp_path) / "chat_panel.png"
+    try:
+        url, work = lab
+        page.goto(url)
+        page.wait_for_selector(".jp-Notebook .jp-Cell")
+        kernel_idle(page)
+        run_cells(page, "notebook:run-all-cells")
+
+        # the panel shows, and the question asked in a %%llava cell appears in it
+        panel = page.locator(".llava-panel").first
+        expect(panel).to_be_visible()
+        cell_question = panel.locator(".llava-user", has_text="Who is in this picture?")
+        expect(cell_question).to_be_visible()
+        expect(cell_question.locator("img")).to_have_count(1)
+        expect(panel.locator(".llava-assistant .llava-text").first).not_to_be_empty()
+        kernel_idle(page)
+        expect(panel.locator(".llava-status")).to_contain_text("loaded")
+        other = page.locator(".llava-panel").nth(1)  # a panel on another chat: its own turns
+        expect(other.locator(".llava-user")).to_have_text(["What is in this picture?"])
+
+        # images dropped on the panel and pasted into it attach; a file that is no image shows
+        # a readable error in the panel; x removes an attachment
+        page.evaluate(DROP_AND_PASTE)
+        expect(panel.locator(".llava-attachment img")).to_have_count(2)
+        error = panel.locator(".llava-error")
+        expect(error).to_contain_text("notes.txt: image bytes (5 bytes) is not a readable image")
+        error.click()  # dismissed
+        expect(error).to_be_hidden()
+        for _ in range(2):
+            panel.locator(".llava-detach").first.click()
+        expect(panel.locator(".llava-attachment")).to_have_count(0)
+
+        # a file over what the notebook's connection carries is refused in the browser
+        picker = panel.locator("input.llava-file")
+        huge = {"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": b"\xff" * 9_000_000}
+        picker.set_input_files(files=[huge])
+        expect(error).to_have_text(
+            "huge.jpg is 8.6 MB, more than the 8.0 MB a notebook connection carries; "
+            "shrink it first"
+        )
+        expect(panel.locator(".llava-attachment")).to_have_count(0)
+        error.click()
+
+        # attach an image through the file picker; Shift+Enter is a new line, Enter sends
+        picker.set_input_files(photo)
+        expect(panel.locator(".llava-attachment img")).to_have_count(1)
+        box = panel.locator("textarea.llava-input")
+        box.fill("What is she")
+        box.press("Shift+Enter")
+        box.type("wearing?")
+        expect(box).to_have_value("What is she\nwearing?")
+        box.press("Enter")
+        asked = panel.locator(".llava-user").nth(1)
+        expect(asked.locator(".llava-text")).to_have_text("What is she\nwearing?")
+        expect(asked.locator("img")).to_have_count(1)
+        expect(panel.locator(".llava-attachment")).to_have_count(0)
+        expect(panel.locator(".llava-send")).to_be_visible()  # the answer is complete
+        expect(panel.locator(".llava-assistant").nth(1).locator(".llava-text")).not_to_be_empty()
+
+        # a long answer streams in; Stop ends it and it stays, marked stopped
+        tokens = panel.locator("input.llava-max-tokens")
+        tokens.press("Control+a")
+        tokens.type("900")  # typed keys stay in the panel: 0 0 would restart the kernel
+        tokens.press("Tab")
+        expect(tokens).to_have_value("900")
+        box.fill("Tell me everything.")
+        box.press("Enter")
+        live = panel.locator('.llava-assistant[data-live=""] .llava-text')
+        expect(live).not_to_be_empty()
+        first = live.inner_text()
+        page.wait_for_function(
+            """([el, n]) => el && el.innerText.length > n""",
+            arg=[live.element_handle(), len(first)],
+        )
+        expect(panel.locator(".llava-stop")).to_be_visible()
+        panel.locator(".llava-stop").click()
+        expect(panel.locator(".llava-send")).to_be_visible()
+        stopped = panel.locator(".llava-assistant").nth(2)
+        expect(stopped.locator(".llava-stopped")).to_have_text("stopped")
+        answer = stopped.locator(".llava-text").inner_text()
+        assert len(answer) > len(first)
+        expect(panel.locator(".llava-error")).to_be_hidden()
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"screenshot: {screenshot}")
+
+        # the panel's turns are the chat's: %llava history, run again, lists them
+        kernel_idle(page)
+        run_cells(page, "notebook:run-cell", index=-1)
+        history = page.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")
+        expect(history).to_contain_text("Tell me everything.")
+        text = history.inner_text()
+        assert text.count("You:") == 3
+        assert re.search(r"What is she\s+wearing\?", text)
+        assert text.rstrip().endswith("(interrupted)")
+        assert text.count("(interrupted)") == 1
+
+        # answers render as Markdown, and whatever HTML a model writes cannot run
+        kernel_idle(page)
+        chat_file = work / "markdown.json"  # a saved chat (its documented format)
+        turn = {"question": "Markdown?", "images": [], "answer": MARKDOWN_ANSWER}
+        chat_file.write_text(
+            json.dumps(
+                {
+                    "format": "llava_nb.chat",
+                    "version": 1,
+                    "model": endless_llava,
+                    "settings": {"max_new_tokens": 8, "temperature": 0, "top_p": 1, "seed": None},
+                    "turns": [{**turn, "interrupted": False}],
+                }
+            )
+        )
+        run_new_cell(page, f"%llava open {chat_file} md\n%llava panel md")
+        rendered = page.locator(".llava-panel").last.locator(".llava-assistant .llava-markdown")
+        expect(rendered.locator("strong")).to_have_text("bold")
+        expect(rendered.locator("li")).to_have_text(["one", "two"])
+        expect(rendered.locator("pre code")).to_have_text("print(1)")
+        expect(rendered.locator("img")).to_have_count(1)
+        assert rendered.locator("img").get_attribute("onerror") is None
+        assert rendered.locator("script").count() == 0
+        assert page.evaluate("() => window.__hacked") is None
+
+        # JupyterLab's dark theme: the panel follows it (its colours are JupyterLab's variables)
+        light = colours(panel)
+        assert [lightness(c) > 0.6 for c in light] == [True, False, True, False]
+        page.evaluate(
+            """() => window.jupyterapp.commands.execute(
+                "apputils:change-theme", {theme: "JupyterLab Dark"})"""
+        )
+        page.wait_for_selector('body[data-jp-theme-light="false"]', state="attached")
+        page.wait_for_function(
+            "([el, light]) => getComputedStyle(el).backgroundColor !== light",
+            arg=[panel.element_handle(), light[0]],
+        )
+        page.wait_for_selector("#jupyterlab-splash", state="detached")
+        assert [lightness(c) > 0.6 for c in colours(panel)] == [False, True, False, True]
+        page.screenshot(path=str(screenshot.with_name("chat_panel_dark.png")), full_page=True)
+        assert not errors, errors
+    finally:
+        if not screenshot.exists():
+            page.screenshot(path=str(screenshot), full_page=True)
+            print(f"screenshot: {screenshot}")
+        page.close()
