@@ -1,0 +1,395 @@
+"""Training data for `ln.finetune`: read the formats people have, and say what is wrong with them.
+
+    data = ln.data.load("train.json", image_folder="images/")
+    data.validate()          # a report: rows that cannot be trained on, and why (not fatal)
+
+Formats: LLaVA JSON (the `conversations` format of LLaVA's custom-data docs) or JSONL, a CSV of
+image,question,answer (or image,caption), a pandas DataFrame or a list of dicts in either shape,
+or a folder of images with a captions file (captions.csv/.jsonl/.json or metadata.jsonl/.csv).
+Loading never fails on a bad row: the row is kept with its problem, and `validate()` lists it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from llava_nb.errors import LlavaError
+
+IMAGE_TAG = "<image>"
+CAPTION_PROMPT = "Describe the image briefly."
+CAPTION_FILES = ("captions", "metadata")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_IMAGE_KEYS = ("image", "image_path", "file_name", "filename", "path")
+_ANSWER_KEYS = ("answer", "caption", "text", "response")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class DataError(LlavaError):
+    """Training data could not be read, or has no row that can be trained on."""
+
+
+@dataclass
+class SampleTurn:
+    """One question (with the images it brings) and the answer to train on."""
+
+    question: str
+    images: list[Any] = field(default_factory=list)  # paths (resolved) or PIL images
+    answer: str = ""
+
+
+@dataclass
+class Sample:
+    """One training row: a conversation. `problem` is set when the row cannot be used."""
+
+    id: str
+    turns: list[SampleTurn]
+    problem: str | None = None
+
+    @property
+    def images(self) -> list[Any]:
+        return [image for turn in self.turns for image in turn.images]
+
+    def messages(self) -> list[dict]:
+        """The conversation in the processor's chat format, images loaded, exactly like
+        `Chat.messages()` builds it at inference time."""
+        from llava_nb.images import load_image
+
+        messages: list[dict] = []
+        for turn in self.turns:
+            content = [{"type": "image", "image": load_image(image)} for image in turn.images]
+            content.append({"type": "text", "text": turn.question})
+            messages.append({"role": "user", "content": content})
+            messages.append(
+                {"role": "assistant", "content": [{"type": "text", "text": turn.answer}]}
+            )
+        return messages
+
+
+@dataclass
+class Problem:
+    row: int
+    id: str
+    message: str
+
+
+@dataclass
+class ValidationReport:
+    """What `Dataset.validate()` found: rows that will be skipped, and why."""
+
+    rows: int
+    problems: list[Problem]
+    checked_length: bool = False
+
+    @property
+    def usable(self) -> int:
+        return self.rows - len({p.row for p in self.problems})
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.rows} rows, all usable"
+        return f"{self.rows} rows: {self.usable} usable, {self.rows - self.usable} skipped"
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        lines += [f"  row {p.row} ({p.id}): {p.message}" for p in self.problems[:50]]
+        if len(self.problems) > 50:
+            lines.append(f"  ... and {len(self.problems) - 50} more")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_markdown_(self) -> str:
+        lines = [f"**{self.summary()}**"]
+        if self.problems:
+            lines += ["", "| row | id | problem |", "|---|---|---|"]
+            lines += [
+                f"| {p.row} | {p.id} | {p.message.replace('|', '/')} |" for p in self.problems[:50]
+            ]
+            if len(self.problems) > 50:
+                lines.append(f"\n*... and {len(self.problems) - 50} more*")
+        return "\n".join(lines)
+
+
+class Dataset:
+    """Conversations about images, ready for `ln.finetune`. Index it for `Sample`s."""
+
+    def __init__(self, samples: list[Sample], source: str = "data") -> None:
+        self.samples = samples
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    def __repr__(self) -> str:
+        turns = sum(len(s.turns) for s in self.samples)
+        return f"Dataset({self.source!r}, rows={len(self)}, turns={turns})"
+
+    def split(self, eval_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """A (train, eval) split, shuffled with `seed` (at least one row in each)."""
+        if not 0 < eval_fraction < 1 or len(self) < 2:
+            raise DataError(
+                f"cannot split {len(self)} rows with eval_fraction={eval_fraction}; "
+                "use a fraction between 0 and 1 and at least 2 rows"
+            )
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(max(1, round(eval_fraction * len(self))), len(self) - 1)
+        pick = lambda indices: [self.samples[i] for i in sorted(indices)]  # noqa: E731
+        return (
+            Dataset(pick(order[n_eval:]), f"{self.source} (train)"),
+            Dataset(pick(order[:n_eval]), f"{self.source} (eval)"),
+        )
+
+    def fingerprint(self) -> str:
+        """A hash of the rows (text and image references), to recognise a run's data on resume."""
+        digest = hashlib.sha256()
+        for sample in self.samples:
+            for turn in sample.turns:
+                digest.update(f"{sample.id}\0{turn.question}\0{turn.answer}\0".encode())
+                for image in turn.images:
+                    if isinstance(image, Image.Image):
+                        digest.update(image.tobytes()[:4096])
+                    else:
+                        digest.update(str(image).encode())
+        return digest.hexdigest()[:16]
+
+    def validate(self, model: Any = None, max_length: int | None = None) -> ValidationReport:
+        """Find rows that cannot be trained on: missing or unreadable images, no "<image>" where
+        an image was given, empty or malformed turns, and (with a model: `Model`, id or folder)
+        rows longer than `max_length` tokens (default: the model's context) after tokenization.
+        """
+        problems: list[Problem] = []
+        readable: dict[str, str | None] = {}
+        for index, sample in enumerate(self.samples):
+            message = sample.problem or _image_problem(sample, readable)
+            if message:
+                problems.append(Problem(index, sample.id, message))
+        report = ValidationReport(len(self), problems)
+        if model is not None:
+            from llava_nb.training.collate import check_lengths, context_length
+            from llava_nb.training.train import load_processor_and_config
+
+            processor, config = load_processor_and_config(model)
+            limit = max_length or context_length(config)
+            bad = {p.row for p in problems}
+            for index, message in check_lengths(self, processor, limit, skip=bad):
+                problems.append(Problem(index, self.samples[index].id, message))
+            problems.sort(key=lambda p: p.row)
+            report.checked_length = True
+        return report
+
+
+def _image_problem(sample: Sample, readable: dict[str, str | None]) -> str | None:
+    for image in sample.images:
+        if isinstance(image, Image.Image):
+            continue
+        key = str(image)
+        if key not in readable:
+            readable[key] = _check_image_file(key)
+        if readable[key]:
+            return readable[key]
+    return None
+
+
+def _check_image_file(path: str) -> str | None:
+    if path.startswith(("http://", "https://")):
+        return None  # fetched when used; not checked here (no network during validation)
+    if not os.path.isfile(path):
+        return f"image '{path}' not found"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:
+        return f"image '{path}' is not a readable image ({type(e).__name__})"
+    return None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(
+    source: Any,
+    image_folder: str | os.PathLike | None = None,
+    *,
+    prompt: str = CAPTION_PROMPT,
+) -> Dataset:
+    """Read training data from a file, a folder, a DataFrame or a list of dicts.
+
+    Image paths are relative to `image_folder` (default: the data file's folder). Rows that give
+    only an image and a caption (stage "align" data) are asked `prompt`.
+    """
+    if isinstance(source, Dataset):
+        return source
+    base: Path | None = Path(image_folder).expanduser() if image_folder is not None else None
+    if base is not None and not base.is_dir():
+        raise DataError(f"image folder '{image_folder}' does not exist; check the path")
+    if hasattr(source, "to_dict") and hasattr(source, "columns"):  # a pandas DataFrame
+        records, name = source.to_dict(orient="records"), "DataFrame"
+    elif isinstance(source, list | tuple):
+        records, name = list(source), "list"
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            path = _captions_file(path)
+        records, name = _read_file(path), str(source)
+        base = base or path.parent
+    else:
+        raise DataError(
+            f"cannot read training data from a {type(source).__name__}; pass a file, a folder, "
+            "a DataFrame or a list of dicts"
+        )
+    if not records:
+        raise DataError(f"{name} has no rows; check the file")
+    samples = [_sample(record, index, base, prompt) for index, record in enumerate(records)]
+    return Dataset(samples, name)
+
+
+def _captions_file(folder: Path) -> Path:
+    for stem in CAPTION_FILES:
+        for suffix in DATA_SUFFIXES:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+    found = "images but no captions file" if has_images else "no images and no captions file"
+    raise DataError(
+        f"folder '{folder}' has {found}; add captions.csv (columns image,caption) "
+        "or captions.jsonl next to the images"
+    )
+
+
+def _read_file(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise DataError(f"data file '{path}' not found; check the path")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        if suffix == ".json":
+            records = json.loads(text)
+            if isinstance(records, dict):  # {"data": [...]} or one row
+                records = records.get("data", [records])
+        elif suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        elif suffix in (".csv", ".tsv"):
+            records = list(
+                csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+            )
+        else:
+            raise DataError(f"data file '{path}' has an unknown format; use .json, .jsonl or .csv")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise DataError(f"data file '{path}' cannot be read ({e}); check the file") from None
+    if not isinstance(records, list):
+        raise DataError(f"data file '{path}' holds no list of rows; see the LLaVA JSON format")
+    return records
+
+
+def _sample(record: Any, index: int, base: Path | None, prompt: str) -> Sample:
+    if not isinstance(record, dict):
+        return Sample(str(index), [], f"row is a {type(record).__name__}, not a dict")
+    ident = str(record.get("id", index))
+    try:
+        if "conversations" in record:
+            return Sample(ident, _conversation(record, base))
+        return Sample(ident, [_flat(record, base, prompt)])
+    except _RowError as e:
+        return Sample(ident, [], str(e))
+
+
+class _RowError(Exception):
+    pass
+
+
+def _resolve(image: Any, base: Path | None) -> Any:
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, str | os.PathLike) or not str(image).strip():
+        raise _RowError(f"image {image!r} is not a path")
+    image = str(image).strip()
+    if image.startswith(("http://", "https://")):
+        return image
+    path = Path(image).expanduser()
+    return str(path if path.is_absolute() or base is None else base / path)
+
+
+def _images_of(record: dict, base: Path | None) -> list[Any]:
+    key = next((k for k in _IMAGE_KEYS if record.get(k) not in (None, "")), None)
+    if key is None:
+        return []
+    value = record[key]
+    values = value if isinstance(value, list | tuple) else [value]
+    return [_resolve(v, base) for v in values]
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _RowError(f"{what} is empty")
+    return value.strip()
+
+
+def _flat(record: dict, base: Path | None, prompt: str) -> SampleTurn:
+    images = _images_of(record, base)
+    answer_key = next((k for k in _ANSWER_KEYS if k in record), None)
+    if answer_key is None:
+        raise _RowError(f"no answer; give one of the columns {', '.join(_ANSWER_KEYS)}")
+    answer = _text(record[answer_key], answer_key)
+    question = record.get("question") or record.get("prompt")
+    question = _text(question, "question") if question is not None else prompt
+    question = question.replace(IMAGE_TAG, "").strip() or prompt
+    if not images:
+        raise _RowError("no image; give an 'image' column")
+    return SampleTurn(question, images, answer)
+
+
+def _conversation(record: dict, base: Path | None) -> list[SampleTurn]:
+    images = _images_of(record, base)
+    conversation = record["conversations"]
+    if not isinstance(conversation, list) or not conversation:
+        raise _RowError("conversations is empty")
+    turns: list[SampleTurn] = []
+    tags = 0
+    for position, message in enumerate(conversation):
+        if not isinstance(message, dict) or "value" not in message:
+            raise _RowError(f"turn {position} is malformed; use {{'from': ..., 'value': ...}}")
+        role = _ROLES.get(str(message.get("from", "")).lower())
+        expected = "user" if position % 2 == 0 else "assistant"
+        if role != expected:
+            raise _RowError(
+                f"turn {position} is from {message.get('from')!r}; turns alternate human, gpt"
+            )
+        value = message["value"]
+        if role == "user":
+            if not isinstance(value, str):
+                raise _RowError(f"turn {position} is not text")
+            count = value.count(IMAGE_TAG)
+            tags += count
+            question = _text(value.replace(IMAGE_TAG, ""), f"question in turn {position}")
+            turns.append(SampleTurn(question, images[tags - count : tags]))
+        else:
+            turns[-1].answer = _text(value, f"answer in turn {position}")
+    if len(conversation) % 2:
+        raise _RowError("the last turn is a question with no answer")
+    if images and tags == 0:
+        raise _RowError(f'has an image but no "{IMAGE_TAG}" in its first question')
+    if tags != len(images):
+        raise _RowError(f'has {tags} "{IMAGE_TAG}" tag(s) but {len(images)} image(s)')
+    return turns

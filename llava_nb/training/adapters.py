@@ -1,0 +1,251 @@
+"""Adapters on a loaded model (hot swap), merging an adapter into a checkpoint, and comparing.
+
+A loaded model keeps every adapter it was given (LoRA layers and saved modules injected with
+PEFT, each under its own name); switching is a flag on each layer, so the base is never
+reloaded. The model's class does not change: everything that reads the model keeps working.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_nb.errors import LlavaError
+
+_REGISTRY = "_llava_nb_adapters"  # attribute on the loaded model: {key: adapter name}
+
+
+class AdapterError(LlavaError):
+    """An adapter folder is missing, not a PEFT adapter, or was built for another base model."""
+
+
+def check_adapter(path: str | os.PathLike) -> Path:
+    """The adapter folder, if it holds a PEFT adapter; else a clear error."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder '{path}' not found; check the path (a finetune run)")
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterError(
+            f"'{path}' holds no adapter (no adapter_config.json); point at a finetune output_dir"
+        )
+    return folder.resolve()
+
+
+def _check_base(folder: Path, config) -> None:
+    from llava_nb.training.train import RUN_FILE, fingerprint
+
+    run = folder / RUN_FILE
+    if not run.is_file():
+        return  # a plain PEFT adapter from elsewhere: shapes are checked when loading
+    record = json.loads(run.read_text())
+    shape = record.get("config", {}).get("base_shape")
+    if shape and shape != fingerprint(config):
+        base = record["config"].get("base")
+        raise AdapterError(
+            f"adapter '{folder}' was built for another base model ({base}); "
+            "use it with that model, or train one for this model"
+        )
+
+
+def _key(folder: Path) -> str:
+    weights = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin")]
+    stamp = max((w.stat().st_mtime_ns for w in weights if w.exists()), default=0)
+    return f"{folder}@{stamp}"  # an adapter trained again in the same folder loads afresh
+
+
+def _inject(model, folder: Path, name: str) -> None:
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    config = PeftConfig.from_pretrained(str(folder))
+    config.inference_mode = True
+    state = load_peft_weights(str(folder), device=str(model.device))
+    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    try:
+        inject_adapter_in_model(config, model, adapter_name=name)
+        result = set_peft_model_state_dict(model, state, adapter_name=name)
+    except (ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise AdapterError(
+            f"adapter '{folder}' does not fit this model ({first}); it was built for another "
+            "base model"
+        ) from None
+    if getattr(result, "unexpected_keys", None):
+        raise AdapterError(
+            f"adapter '{folder}' does not fit this model (unexpected weights such as "
+            f"{result.unexpected_keys[0]}); it was built for another base model"
+        )
+    model.eval()
+
+
+def activate(model, path: str | os.PathLike | None) -> None:
+    """Make `path`'s adapter the active one on a loaded model (None: the base), loading it the
+    first time. Call it holding the `Model`'s lock."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    adapters: dict[str, str] = getattr(model, _REGISTRY, None) or {}
+    name = None
+    if path is not None:
+        folder = check_adapter(path)
+        key = _key(folder)
+        if key not in adapters:
+            _check_base(folder, model.config)
+            name = f"llava_nb_{len(adapters)}"
+            with torch.inference_mode(False):
+                _inject(model, folder, name)
+            adapters[key] = name
+            setattr(model, _REGISTRY, adapters)
+        name = adapters[key]
+    if not adapters:
+        return
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            has = name is not None and name in module._adapters
+            module.enable_adapters(has)
+            if has:
+                module.set_adapter(name, inference_mode=True)
+        elif isinstance(module, BaseTunerLayer):
+            module.enable_adapters(name is not None)
+            if name is not None:
+                module.set_adapter(name, inference_mode=True)
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge_adapter(model: Any, adapter: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """Write base + adapter as one full checkpoint (loads with `ln.Model(output_dir)` or plain
+    transformers). The base is loaded unquantized for this: merging into 4-bit weights loses
+    precision. Returns the folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from llava_nb.models import _pick_dtype, pick_device
+    from llava_nb.training.train import base_id, load_processor_and_config, quiet_loading
+
+    folder = check_adapter(adapter)
+    out = Path(output_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise AdapterError(f"output folder '{output_dir}' is not empty; choose a new folder")
+    model_id = base_id(model)
+    processor, config = load_processor_and_config(model_id)
+    _check_base(folder, config)
+    device = pick_device()
+    with quiet_loading():
+        base = AutoModelForImageTextToText.from_pretrained(
+            model_id, dtype=_pick_dtype(device), device_map={"": device}
+        )
+        try:
+            tuned = PeftModel.from_pretrained(base, str(folder))
+        except (ValueError, RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise AdapterError(f"adapter '{adapter}' does not fit '{model_id}' ({first})") from None
+        merged = tuned.merge_and_unload()
+        out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(out)
+        processor.save_pretrained(out)
+    return str(out)
+
+
+# ---------------------------------------------------------------- compare
+
+
+@dataclass
+class Comparison:
+    """Base and tuned answers to the same questions; renders as a side-by-side table."""
+
+    rows: list[dict[str, Any]]
+
+    def __repr__(self) -> str:
+        lines = []
+        for row in self.rows:
+            lines += [
+                f"Q: {row['question']}",
+                f"  base:  {row['base']}",
+                f"  tuned: {row['tuned']}",
+            ]
+            if row.get("expected"):
+                lines.append(f"  expected: {row['expected']}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        from llava_nb.images import image_to_data_uri
+
+        expected = any(row.get("expected") for row in self.rows)
+        head = "<th>image</th><th>question</th><th>base</th><th>tuned</th>"
+        head += "<th>expected</th>" if expected else ""
+        body = []
+        for row in self.rows:
+            thumbs = "".join(
+                f'<img src="{image_to_data_uri(_thumbnail(image))}" style="max-height:80px">'
+                for image in row["images"]
+            )
+            cells = [thumbs, row["question"], row["base"], row["tuned"]]
+            cells += [row.get("expected") or ""] if expected else []
+            body.append(
+                "<tr>"
+                + "".join(
+                    f"<td>{c if i == 0 else html.escape(str(c))}</td>" for i, c in enumerate(cells)
+                )
+                + "</tr>"
+            )
+        return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _thumbnail(image):
+    image = image.copy()
+    image.thumbnail((160, 160))
+    return image
+
+
+def compare(
+    model: Any,
+    adapter: str | os.PathLike,
+    questions: Any,
+    *,
+    max_new_tokens: int = 64,
+) -> Comparison:
+    """Ask the base model and the tuned one the same questions (greedy), side by side.
+
+    `questions`: a list of (question, image) pairs, or an `ln.data` dataset (the first turn of
+    each row, with its answer shown as expected). `model`: the `ln.Model`, id or folder.
+    """
+    from llava_nb.data import Dataset
+    from llava_nb.images import load_image
+    from llava_nb.models import get_model
+
+    check_adapter(adapter)
+    model = get_model(model)
+    if not hasattr(model, "load"):
+        raise AdapterError("compare needs a local model; adapters do not apply to a server")
+    items: list[tuple[str, list, str | None]] = []
+    if isinstance(questions, Dataset):
+        for sample in questions:
+            if sample.problem or not sample.turns:
+                continue
+            turn = sample.turns[0]
+            items.append((turn.question, [load_image(i) for i in turn.images], turn.answer))
+    else:
+        for entry in questions:
+            question, image = entry if isinstance(entry, tuple | list) else (entry, None)
+            images = image if isinstance(image, list | tuple) else [] if image is None else [image]
+            items.append((question, [load_image(i) for i in images], None))
+    if not items:
+        raise AdapterError("nothing to compare; pass (question, image) pairs or a dataset")
+    rows = []
+    for question, images, expected in items:
+        content = [{"type": "image", "image": image} for image in images]
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+        answers = {}
+        for label, which in (("base", None), ("tuned", str(adapter))):
+            generation = model.generate(messages, max_new_tokens=max_new_tokens, adapter=which)
+            answers[label] = generation.wait().strip()
+        rows.append({"question": question, "images": images, **answers, "expected": expected})
+    return Comparison(rows)

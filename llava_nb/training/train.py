@@ -1,0 +1,602 @@
+"""`finetune`: LoRA / QLoRA on a LLaVA checkpoint with transformers' `Trainer`, from a notebook.
+
+The base is always loaded fresh for training (a 4-bit model that ran inference is repacked and
+trains badly; a chat's loaded model is never touched). The output_dir holds a plain PEFT adapter
+(projector, and vision tower when trained, as `modules_to_save`), Trainer checkpoints, and
+`llava_nb_run.json` (settings, history, metrics) that recognises the run when it is resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_nb.data import Dataset, load
+from llava_nb.errors import LlavaError
+
+RUN_FILE = "llava_nb_run.json"
+STAGES = ("align", "instruct")
+METHODS = ("lora", "qlora")
+TARGETS = {
+    "language": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+DEFAULT_LR = {"align": 1e-3, "instruct": 2e-4}
+
+
+class FinetuneError(LlavaError):
+    """Fine-tuning could not start: bad settings, no trainable rows, or a clash in output_dir."""
+
+
+@dataclass
+class FinetuneRun:
+    """What a fine-tuning run produced. `adapter_path` is a plain PEFT adapter folder."""
+
+    output_dir: str
+    adapter_path: str
+    status: str  # "finished" or "interrupted"
+    step: int
+    max_steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == "interrupted"
+
+    def __repr__(self) -> str:
+        loss = self.metrics.get("eval_loss", self.metrics.get("train_loss"))
+        shown = f", loss={loss:.4f}" if isinstance(loss, float) else ""
+        return (
+            f"FinetuneRun({self.adapter_path!r}, {self.status}, "
+            f"step={self.step}/{self.max_steps}{shown})"
+        )
+
+
+# ---------------------------------------------------------------- model and processor
+
+
+def base_id(model: Any) -> str:
+    """The checkpoint id or folder behind a `Model`, an id or a path."""
+    if isinstance(model, str | os.PathLike):
+        return str(model)
+    if hasattr(model, "model_id") and not hasattr(model, "remote_model"):
+        return str(model.model_id)
+    if hasattr(model, "remote_model"):
+        raise FinetuneError("fine-tuning needs local weights, not a server; pass a checkpoint")
+    raise FinetuneError(
+        f"model must be an ln.Model, a checkpoint id or a folder, not {type(model).__name__}"
+    )
+
+
+def load_processor_and_config(model: Any):
+    """The processor and config of a `Model` (reusing a loaded one), id or folder."""
+    from transformers import AutoProcessor
+
+    from llava_nb.models import FAMILIES, _load_config
+
+    processor = getattr(model, "processor", None)
+    if processor is not None and getattr(model, "model", None) is not None:
+        return processor, model.model.config
+    model_id = base_id(model)
+    config = _load_config(model_id)
+    if config.model_type not in FAMILIES:
+        raise FinetuneError(f"'{model_id}' is a {config.model_type!r} model, not LLaVA")
+    return AutoProcessor.from_pretrained(model_id), config
+
+
+def fingerprint(config) -> dict[str, Any]:
+    """The shapes that decide whether an adapter fits a base model."""
+    text, vision = config.text_config, config.vision_config
+    return {
+        "model_type": config.model_type,
+        "text_hidden": text.hidden_size,
+        "text_layers": text.num_hidden_layers,
+        "vocab": text.vocab_size,
+        "vision_hidden": vision.hidden_size,
+    }
+
+
+def _device(preferred: str | None = None) -> str:
+    """The `Model`'s device when it names one (one process); else this process's GPU, or CPU."""
+    import torch
+
+    if preferred and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return preferred
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-shard progress bars from transformers (the run's own display is the progress), and
+    no warnings about names transformers deprecated that peft still uses."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _load_for_training(model_id: str, method: str, device: str):
+    import torch
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    from llava_nb.models import _import_bitsandbytes, _pick_dtype
+
+    dtype = _pick_dtype(device) if device.startswith("cuda") else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    if method == "qlora":
+        _import_bitsandbytes()
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+        )
+    with quiet_loading():
+        return AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+
+
+def _wrap(model, stage: str, method: str, r: int, alpha: int, dropout: float, target: str, vision):
+    """The PEFT model: LoRA on the language model only, projector (and vision tower) saved whole.
+
+    Stage "align" trains the projector alone; its adapter still carries a frozen, zero LoRA so
+    that plain PEFT loads it like any other.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+    names = TARGETS[target] if stage == "instruct" else ("q_proj",)
+    pattern = rf".*\.language_model\..*\.({'|'.join(names)})"
+    saved = ["multi_modal_projector"] + (["vision_tower"] if vision else [])
+    config = LoraConfig(
+        r=r if stage == "instruct" else 1,
+        lora_alpha=alpha if stage == "instruct" else 1,
+        lora_dropout=dropout if stage == "instruct" else 0.0,
+        target_modules=pattern,
+        modules_to_save=saved,
+        task_type=None,
+    )
+    try:
+        with warnings.catch_warnings():  # peft asks the model with a name deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(model, config)
+    except ValueError as e:
+        raise FinetuneError(f"cannot put LoRA on this model's language model ({e})") from None
+    if stage == "align":
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(False)
+    for parameter in model.parameters():  # trainable weights in fp32 (mixed precision on GPU)
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return model
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def _read_run(output_dir: Path) -> dict[str, Any] | None:
+    file = output_dir / RUN_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        raise FinetuneError(
+            f"'{file}' is damaged; choose a new output_dir or delete that folder"
+        ) from None
+
+
+def _write_run(output_dir: Path, record: dict[str, Any]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir / f".{RUN_FILE}.tmp"
+    temporary.write_text(json.dumps(record, indent=1))
+    os.replace(temporary, output_dir / RUN_FILE)
+
+
+def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The earlier record of this same run (to resume), None for a fresh folder; else an error."""
+    record = _read_run(output_dir)
+    if record is None:
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise FinetuneError(
+                f"output_dir '{output_dir}' is not empty and holds no llava_nb run; "
+                "choose a new output_dir"
+            )
+        return None
+    previous = record.get("config", {})
+    for key in config:
+        if previous.get(key) != config[key]:
+            raise FinetuneError(
+                f"output_dir '{output_dir}' holds a different run ({key} was "
+                f"{previous.get(key)!r}, now {config[key]!r}); choose a new output_dir, "
+                "or delete that folder to start over"
+            )
+    return record
+
+
+# ---------------------------------------------------------------- interrupts
+
+
+class _Stop:
+    """Turns the first interrupt (kernel interrupt, Ctrl-C) into "save and stop after this step"."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopOnInterrupt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop.requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return StopOnInterrupt()
+
+    @contextlib.contextmanager
+    def installed(self, enabled: bool):
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.requested:  # a second interrupt stops at once
+                raise KeyboardInterrupt
+            self.requested = True
+            print(
+                "llava_nb: interrupted; saving a checkpoint after this step "
+                "(interrupt again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------- finetune
+
+
+def _check_settings(stage, method, target, numbers: dict[str, Any]) -> None:
+    if stage not in STAGES:
+        raise FinetuneError(f"unknown stage {stage!r}; use 'align' (projector) or 'instruct'")
+    if method not in METHODS:
+        raise FinetuneError(f"unknown method {method!r}; use 'lora' or 'qlora'")
+    if target not in TARGETS:
+        raise FinetuneError(f"unknown target {target!r}; use {' or '.join(map(repr, TARGETS))}")
+    for name, value in numbers.items():
+        low = 0 if name in ("dropout", "warmup") else 1
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= low
+        if name in ("lr", "epochs"):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        if name in ("dropout", "warmup") and ok:
+            ok = value < 1
+        if not ok and value is not None:
+            limit = "> 0" if name in ("lr", "epochs") else f">= {low}"
+            raise FinetuneError(f"{name} must be a number {limit}, got {value!r}")
+
+
+def _usable(data: Dataset, processor, limit: int, name: str, quiet: bool) -> list[int]:
+    from llava_nb.training.collate import check_lengths
+
+    report = data.validate()
+    bad = {p.row for p in report.problems}
+    bad |= {row for row, _ in check_lengths(data, processor, limit, skip=bad)}
+    rows = [i for i in range(len(data)) if i not in bad]
+    if not rows:
+        raise FinetuneError(
+            f"{name} has no trainable rows ({len(data)} rows, all with problems); "
+            f"see {name}.validate(model) for the list"
+        )
+    if bad and not quiet:
+        print(
+            f"llava_nb: skipping {len(bad)} of {len(data)} rows of {name} "
+            f"(see {name}.validate(model))",
+            file=sys.stderr,
+        )
+    return rows
+
+
+def finetune(
+    model: Any = None,
+    data: Any = None,
+    eval_data: Any = None,
+    *,
+    stage: str = "instruct",
+    method: str = "lora",
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target: str = "language",
+    train_vision: bool = False,
+    epochs: float = 1,
+    max_steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    warmup: float = 0.03,
+    max_length: int | None = None,
+    seed: int = 0,
+    eval_every: int | None = None,
+    save_every: int = 200,
+    output_dir: str | os.PathLike = "adapters/run",
+    progress: bool = True,
+    callbacks: list | None = None,
+) -> FinetuneRun:
+    """Fine-tune a LLaVA checkpoint on image-text data; return the run (adapter in output_dir).
+
+    stage "align": the projector only (LLaVA stage 1, image-caption pairs). stage "instruct":
+    LoRA on the language model with the projector trainable (stage 2, conversations).
+    method "qlora": 4-bit NF4 base, gradient checkpointing. `train_vision=True` also trains the
+    vision tower whole (a model whose vision encoder is not pretrained). `warmup` is the
+    fraction of steps with a rising learning rate (cosine decay after). Interrupting saves a
+    checkpoint and the adapter; calling again with the same output_dir resumes exactly.
+    `progress=False` shows nothing; `callbacks` are extra transformers `TrainerCallback`s.
+    """
+    from llava_nb.training.collate import context_length
+
+    _check_settings(
+        stage,
+        method,
+        target,
+        {
+            "r": r,
+            "alpha": alpha,
+            "dropout": dropout,
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "warmup": warmup,
+            "max_length": max_length,
+        },
+    )
+    if model is None:
+        from llava_nb.models import default_model_id
+
+        model = default_model_id()
+    if data is None:
+        raise FinetuneError("no training data; pass data=ln.data.load('train.json')")
+    model_id = base_id(model)
+    data = load(data)
+    eval_data = load(eval_data) if eval_data is not None else None
+    main = int(os.environ.get("RANK", 0)) == 0
+    processor, model_config = load_processor_and_config(model)
+    limit = max_length or context_length(model_config)
+    rows = _usable(data, processor, limit, "data", quiet=not main)
+    eval_rows = _usable(eval_data, processor, limit, "eval_data", not main) if eval_data else None
+
+    lr = lr if lr is not None else DEFAULT_LR[stage]
+    config = {
+        "base": model_id,
+        "base_shape": fingerprint(model_config),
+        "stage": stage,
+        "method": method,
+        "r": r,
+        "alpha": alpha,
+        "dropout": dropout,
+        "target": target,
+        "train_vision": bool(train_vision),
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "warmup": warmup,
+        "max_length": limit,
+        "seed": seed,
+        "data": data.fingerprint(),
+        "eval_data": eval_data.fingerprint() if eval_data is not None else None,
+    }
+    out = Path(output_dir).expanduser()
+    # other processes of a multi-process run only read: the first one may be writing already
+    record = _check_output_dir(out, config) if main else _read_run(out)
+    if record is not None and record.get("status") == "finished":
+        if main and progress:
+            print(f"llava_nb: {out} already holds this finished run; delete it to train again")
+        return _run_from(out, record)
+    return _train(
+        model_id, getattr(model, "device", None), processor, data, rows, eval_data, eval_rows,
+        config, out, record,
+        eval_every=eval_every, save_every=save_every, progress=progress,
+        callbacks=list(callbacks or []),
+    )  # fmt: skip
+
+
+def _run_from(out: Path, record: dict[str, Any]) -> FinetuneRun:
+    return FinetuneRun(
+        output_dir=str(out),
+        adapter_path=str(out),
+        status=record["status"],
+        step=record["step"],
+        max_steps=record["max_steps"],
+        history=record.get("history", []),
+        metrics=record.get("metrics", {}),
+        config=record["config"],
+    )
+
+
+def _steps(n_rows: int, config: dict[str, Any], world: int) -> int:
+    if config["max_steps"]:
+        return int(config["max_steps"])
+    batches = math.ceil(n_rows / (config["batch_size"] * world))
+    return max(1, math.ceil(math.ceil(batches / config["grad_accum"]) * config["epochs"]))
+
+
+def _train(
+    model_id, device, processor, data, rows, eval_data, eval_rows, config, out, record, *,
+    eval_every, save_every, progress, callbacks,
+) -> FinetuneRun:  # fmt: skip
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from llava_nb.training.collate import Collator, TrainingSet
+    from llava_nb.training.progress import Progress, Recorder
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = _device(device)
+    cuda = device.startswith("cuda")
+    set_seed(config["seed"])
+    model = _load_for_training(model_id, config["method"], device)
+    model = _wrap(
+        model,
+        config["stage"],
+        config["method"],
+        config["r"],
+        config["alpha"],
+        config["dropout"],
+        config["target"],
+        config["train_vision"],
+    )
+    total = _steps(len(rows), config, world)
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=config["batch_size"],
+        per_device_eval_batch_size=config["batch_size"],
+        gradient_accumulation_steps=config["grad_accum"],
+        num_train_epochs=config["epochs"],
+        max_steps=config["max_steps"] or -1,
+        learning_rate=config["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=config["warmup"],
+        weight_decay=0.0,
+        logging_steps=max(1, total // 100),
+        eval_strategy="steps" if eval_data is not None else "no",
+        eval_steps=eval_every or max(1, total // 10),
+        save_strategy="steps",
+        save_steps=save_every,
+        save_total_limit=2,
+        seed=config["seed"],
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to="none",
+        disable_tqdm=True,
+        log_level="error",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    history = [h for h in (record or {}).get("history", [])]
+    checkpoint = get_last_checkpoint(str(out)) if record is not None else None
+    if checkpoint is not None:
+        step = int(Path(checkpoint).name.rsplit("-", 1)[1])
+        history = [h for h in history if h["step"] <= step]
+    else:
+        history = []
+    recorder = Recorder(history)
+    stop = _Stop()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TrainingSet(processor, data, rows),
+        eval_dataset=TrainingSet(processor, eval_data, eval_rows) if eval_data else None,
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        callbacks=[recorder, stop.callback(), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.add_callback(Progress(recorder))
+    main = trainer.is_world_process_zero()
+    if main:
+        _write_run(out, {"config": config, "status": "running", "step": 0, "max_steps": total,
+                         "history": history, "metrics": {}})  # fmt: skip
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    status = "finished"
+    result = None
+    start = time.perf_counter()
+    try:
+        with stop.installed(world == 1):
+            if eval_data is not None and checkpoint is None:
+                trainer.evaluate()  # the curve starts at the base model's eval loss
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt:  # a second interrupt: keep the adapter so far, no checkpoint
+        status = "interrupted"
+    if stop.requested:
+        status = "interrupted"
+    state = trainer.state
+    metrics: dict[str, Any] = dict(result.metrics) if result is not None else {}
+    metrics["runtime_s"] = round(time.perf_counter() - start, 2)
+    evals = [h["eval_loss"] for h in recorder.history if "eval_loss" in h]
+    if evals:
+        metrics["eval_loss"] = evals[-1]
+        metrics["first_eval_loss"] = evals[0]
+    metrics["peak_memory_bytes"] = _peak_memory(cuda)
+    if main:
+        trainer.save_model(str(out))  # the plain PEFT adapter, at the top of output_dir
+        for leftover in ("training_args.bin", "README.md"):
+            with contextlib.suppress(FileNotFoundError):
+                (out / leftover).unlink()
+        _write_run(out, {"config": config, "status": status, "step": state.global_step,
+                         "max_steps": state.max_steps, "history": recorder.history,
+                         "metrics": metrics})  # fmt: skip
+        if status == "interrupted" and progress:
+            print(
+                f"llava_nb: stopped at step {state.global_step}/{state.max_steps}; adapter saved "
+                f"in {out}; run ln.finetune again with the same output_dir to resume",
+                file=sys.stderr,
+            )
+    run = FinetuneRun(
+        output_dir=str(out),
+        adapter_path=str(out),
+        status=status,
+        step=state.global_step,
+        max_steps=state.max_steps,
+        history=recorder.history,
+        metrics=metrics,
+        config=config,
+    )
+    del trainer, model
+    return run
+
+
+def _peak_memory(cuda: bool) -> int:
+    import torch
+
+    if cuda:
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

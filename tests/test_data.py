@@ -1,0 +1,247 @@
+"""ln.data: the formats it reads, what validate() reports, and the labels training sees."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+import llava_nb as ln
+from llava_nb.data import DataError
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, color in (("red.png", "red"), ("blue.png", "blue")):
+        Image.new("RGB", (40, 30), color).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    return folder
+
+
+def llava_json(images):
+    return [
+        {
+            "id": "ok",
+            "image": "red.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is it?"},
+                {"from": "gpt", "value": "Red."},
+                {"from": "human", "value": "Are you sure?"},
+                {"from": "gpt", "value": "Yes, it is red."},
+            ],
+        },
+        {
+            "id": "missing",
+            "image": "nope.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat?"},
+                {"from": "gpt", "value": "X."},
+            ],
+        },
+        {
+            "id": "broken",
+            "image": "broken.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat?"},
+                {"from": "gpt", "value": "X."},
+            ],
+        },
+        {
+            "id": "no-tag",
+            "image": "blue.png",
+            "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "X."}],
+        },
+        {
+            "id": "empty",
+            "image": "blue.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat?"},
+                {"from": "gpt", "value": "  "},
+            ],
+        },
+        {
+            "id": "order",
+            "image": "blue.png",
+            "conversations": [
+                {"from": "gpt", "value": "Hi"},
+                {"from": "human", "value": "<image>"},
+            ],
+        },
+        {
+            "id": "text-only",
+            "conversations": [
+                {"from": "human", "value": "Hi?"},
+                {"from": "gpt", "value": "Hello."},
+            ],
+        },
+    ]
+
+
+def test_llava_json_loads_and_validate_lists_each_problem(images, tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(llava_json(images)))
+    data = ln.data.load(path, image_folder=images)
+    assert len(data) == 7
+    first = data[0]
+    assert [(t.question, t.answer) for t in first.turns] == [
+        ("What color is it?", "Red."),
+        ("Are you sure?", "Yes, it is red."),
+    ]
+    assert first.turns[0].images == [str(images / "red.png")] and first.turns[1].images == []
+    report = data.validate()
+    problems = {p.id: p.message for p in report.problems}
+    assert set(problems) == {"missing", "broken", "no-tag", "empty", "order"}
+    assert "not found" in problems["missing"] and "nope.png" in problems["missing"]
+    assert "not a readable image" in problems["broken"]
+    assert "<image>" in problems["no-tag"]
+    assert "empty" in problems["empty"]
+    assert "alternate" in problems["order"]
+    assert report.usable == 2 and not report.ok
+    assert report.summary() == "7 rows: 2 usable, 5 skipped"
+    assert "| missing |" in report._repr_markdown_()
+
+
+def test_validate_with_a_model_finds_rows_too_long(images, tiny_llava):
+    rows = [
+        {"image": str(images / "red.png"), "question": "Color?", "answer": "Red."},
+        {"image": str(images / "red.png"), "question": "Color? " * 300, "answer": "Red."},
+    ]
+    report = ln.data.load(rows).validate(tiny_llava)
+    assert [p.row for p in report.problems] == [1]
+    assert report.problems[0].message.startswith("too long:")
+    assert "limit 1024" in report.problems[0].message
+    assert ln.data.load(rows).validate(tiny_llava, max_length=10).usable == 0
+
+
+def test_csv_jsonl_list_and_caption_folder(images, tmp_path):
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "question", "answer"])
+        writer.writerow(["images/red.png", "Color?", "Red."])
+    data = ln.data.load(tmp_path / "rows.csv")  # relative to the file's folder
+    assert data[0].turns[0].images == [str(tmp_path / "images" / "red.png")]
+    assert data.validate().ok
+
+    (tmp_path / "rows.jsonl").write_text(
+        json.dumps({"image": "blue.png", "caption": "A blue square."}) + "\n"
+    )
+    data = ln.data.load(tmp_path / "rows.jsonl", image_folder=images)
+    turn = data[0].turns[0]
+    assert (turn.question, turn.answer) == (ln.data.CAPTION_PROMPT, "A blue square.")
+
+    picture = Image.new("RGB", (8, 8), "green")
+    data = ln.data.load([{"image": picture, "question": "Q?", "answer": "A."}])
+    assert data[0].messages()[0]["content"][0]["image"].size == (8, 8)
+
+    with pytest.raises(DataError, match="images but no captions file"):
+        ln.data.load(images)
+    with open(images / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file_name", "text"], ["red.png", "Red."], ["blue.png", "Blue."]])
+    data = ln.data.load(images)
+    assert [s.turns[0].answer for s in data] == ["Red.", "Blue."]
+    assert data.validate().ok
+
+
+def test_bad_sources_give_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match="nope.json' not found; check the path"):
+        ln.data.load(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="cannot be read"):
+        ln.data.load(tmp_path / "bad.json")
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(DataError, match="unknown format"):
+        ln.data.load(tmp_path / "x.txt")
+    with pytest.raises(DataError, match="no rows"):
+        ln.data.load([])
+    with pytest.raises(DataError, match="image folder"):
+        ln.data.load([{"image": "a.png", "answer": "x"}], image_folder=tmp_path / "none")
+    with pytest.raises(DataError, match="cannot read training data from a int"):
+        ln.data.load(3)
+    report = ln.data.load([{"question": "Q?", "answer": "A."}, "text"]).validate()
+    assert [p.message for p in report.problems] == [
+        "no image; give an 'image' column",
+        "row is a str, not a dict",
+    ]
+
+
+def test_split_is_seeded_and_keeps_both_sides(images):
+    rows = [{"image": str(images / "red.png"), "answer": f"Red {i}."} for i in range(10)]
+    data = ln.data.load(rows)
+    train, held = data.split(0.2, seed=1)
+    assert (len(train), len(held)) == (8, 2)
+    assert [s.id for s in data.split(0.2, seed=1)[1]] == [s.id for s in held]
+    assert data.fingerprint() != train.fingerprint()
+    with pytest.raises(DataError, match="cannot split"):
+        data.split(1.5)
+
+
+# ---------------------------------------------------------------- labels
+
+
+def _labelled(processor, sample):
+    from llava_nb.training.collate import IGNORE, encode
+
+    encoded = encode(processor, sample)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    trained = processor.tokenizer.decode(ids[labels != IGNORE])
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return encoded, trained, image_id
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_llava_next"])
+def test_only_the_answers_are_labels(fixture, images, request):
+    from transformers import AutoProcessor
+
+    from llava_nb.chat import Chat, Turn
+    from llava_nb.training.collate import IGNORE, Collator
+
+    checkpoint = request.getfixturevalue(fixture)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    data = ln.data.load(
+        [
+            {
+                "image": ["red.png", "blue.png"],
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<image>\nWhich is red?"},
+                    {"from": "gpt", "value": "The first one."},
+                    {"from": "human", "value": "And the other?"},
+                    {"from": "gpt", "value": "Blue."},
+                ],
+            },
+            {"image": "red.png", "question": "Color?", "answer": "Red."},
+        ],
+        image_folder=images,
+    )
+    encoded, trained, image_id = _labelled(processor, data[0])
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    eos = processor.tokenizer.eos_token
+    # every answer with its end-of-turn token, nothing else: no prompt, no image token
+    assert trained.replace(" ", "") == f"Thefirstone.{eos}Blue.{eos}"
+    assert (ids == image_id).sum() > 2 and (labels[ids == image_id] == IGNORE).all()
+
+    # the prompt is the one a Chat builds at inference time for the same conversation
+    chat = Chat(checkpoint)
+    red, blue = (Image.open(images / n).convert("RGB") for n in ("red.png", "blue.png"))
+    chat._turns = [Turn("Which is red?", [red, blue], "The first one.")]
+    prompt = processor.apply_chat_template(
+        chat.messages("And the other?"), add_generation_prompt=True, tokenize=True
+    )
+    prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+    prompt = list(prompt[0]) if isinstance(prompt[0], list) else list(prompt)
+    assert ids[: len(prompt)].tolist() == prompt
+    # ... and what follows the prompt, to the end, is the last answer, all of it trained
+    rest = processor.tokenizer.decode(ids[len(prompt) :]).replace(" ", "")
+    assert rest == f"Blue.{eos}" and (labels[len(prompt) :] != IGNORE).all()
+
+    # padding is masked too, and batches of different lengths stack
+    second = _labelled(processor, data[1])[0]
+    batch = Collator(processor.tokenizer.pad_token_id)([encoded, second])
+    short = len(second["input_ids"])
+    assert batch["input_ids"].shape == (2, len(ids))
+    assert (batch["labels"][1, short:] == IGNORE).all()
+    assert (batch["attention_mask"][1, short:] == 0).all()
+    assert batch["pixel_values"].shape[0] == 3  # two images, then one

@@ -1,0 +1,442 @@
+"""ln.finetune on the tiny checkpoint: a run whose eval loss falls, adapters that plain PEFT
+loads, hot swap in a chat, merge, compare, exact resume after an interrupt, QLoRA, stage
+"align", two processes through accelerate, and the %%llava_finetune cell.
+
+The tiny model has random weights; it learns "It is <color>." for squares of one colour.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import llava_nb as ln
+from llava_nb.training.adapters import AdapterError
+from llava_nb.training.train import FinetuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = ("red", "green", "blue")
+QUESTION = "What color is it?"
+
+
+def squares(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        color = COLORS[i % 3]
+        shade = 20 * (i % 4)  # a few slightly different pictures of each colour
+        rgb = {"red": (230 - shade, 20, 20), "green": (20, 200 - shade, 20)}
+        picture = Image.new("RGB", (40, 40), rgb.get(color, (20, 20, 230 - shade)))
+        rows.append({"image": picture, "question": QUESTION, "answer": f"It is {color}."})
+    return rows
+
+
+def square(color: str) -> Image.Image:
+    return Image.new(
+        "RGB", (40, 40), {"red": (230, 0, 0), "green": (0, 200, 0)}.get(color, (0, 0, 230))
+    )
+
+
+SETTINGS = dict(batch_size=4, lr=5e-3, r=8, alpha=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llava, tmp_path_factory):
+    """One instruct run, shared by the tests that use its adapter."""
+    out = tmp_path_factory.mktemp("runs") / "colors"
+    return ln.finetune(
+        tiny_llava, squares(12), squares(6, offset=12), max_steps=24, eval_every=6,
+        output_dir=out, **SETTINGS,
+    )  # fmt: skip
+
+
+def inputs(processor, color: str):
+    """A question about a square, in the format `Chat.messages()` gives the processor."""
+    content = [{"type": "image", "image": square(color)}, {"type": "text", "text": QUESTION}]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+# ---------------------------------------------------------------- the run
+
+
+def test_eval_loss_falls_and_the_run_is_recorded(run, capsys):
+    assert run.status == "finished" and run.step == run.max_steps == 24
+    assert run.metrics["eval_loss"] < run.metrics["first_eval_loss"] - 0.5
+    evals = [h for h in run.history if "eval_loss" in h]
+    assert evals[0]["step"] == 0 and len(evals) >= 5
+    assert any("loss" in h and "learning_rate" in h for h in run.history)
+    out = Path(run.adapter_path)
+    assert {"adapter_config.json", "adapter_model.safetensors", "llava_nb_run.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    record = json.loads((out / "llava_nb_run.json").read_text())
+    assert record["status"] == "finished" and record["config"]["stage"] == "instruct"
+
+    # the same call again finds the finished run instead of training again
+    again = ln.finetune(
+        run.config["base"], squares(12), squares(6, offset=12), max_steps=24, eval_every=6,
+        output_dir=out,
+        **{**SETTINGS, "progress": True},
+    )  # fmt: skip
+    assert again.history == run.history and again.metrics == run.metrics
+    assert "already holds this finished run" in capsys.readouterr().out
+
+
+def test_adapter_is_plain_peft_scoped_to_the_language_model(run, tiny_llava):
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    weights = load_file(Path(run.adapter_path) / "adapter_model.safetensors")
+    lora = [k for k in weights if "lora_" in k]
+    assert lora and all(".language_model." in k for k in lora)
+    assert any("multi_modal_projector" in k for k in weights)
+    assert not any("vision_tower" in k for k in weights)
+
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_llava)
+    batch = inputs(AutoProcessor.from_pretrained(tiny_llava), "red")
+    before = logits(base, batch)
+    tuned = PeftModel.from_pretrained(base, run.adapter_path).eval()
+    after = logits(tuned, batch)
+    assert not torch.allclose(before, after, atol=1e-3)
+    # the projector travelled with the adapter: switching LoRA off keeps the trained projector
+    with tuned.disable_adapter():
+        assert torch.allclose(logits(tuned, batch), before, atol=1e-5)
+
+
+def test_use_adapter_hot_swaps_and_the_chat_remembers(run, tiny_llava, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    model = ln.Model(tiny_llava)
+    base_chat, tuned_chat = ln.Chat(model, max_new_tokens=6), ln.Chat(model, max_new_tokens=6)
+    tuned_chat.use_adapter(run.adapter_path)
+    weights = model.model
+    answers = {}
+    for color in COLORS:
+        answers[color] = tuned_chat.ask(QUESTION, square(color))
+        tuned_chat.reset()
+    base_answer = base_chat.ask(QUESTION, square("red"))
+    assert model.model is weights  # swapped in place, never reloaded
+    assert answers["red"] != base_answer
+    assert answers["red"].strip().startswith("It is"), answers
+    assert len(set(answers.values())) > 1  # it tells the colours apart
+
+    # numerically the same as plain PEFT on a fresh base
+    reference = PeftModel.from_pretrained(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava), run.adapter_path
+    ).eval()
+    batch = inputs(model.processor, "green")
+    from llava_nb.training.adapters import activate
+
+    with model._lock:
+        activate(model.model, run.adapter_path)
+        swapped = logits(model.model, batch)
+        activate(model.model, None)
+        plain = logits(model.model, batch)
+    assert torch.allclose(swapped, logits(reference, batch), atol=1e-5)
+    assert torch.allclose(
+        plain, logits(LlavaForConditionalGeneration.from_pretrained(tiny_llava), batch), atol=1e-5
+    )
+
+    # back to the base, and save/load keeps the choice
+    tuned_chat.use_adapter(None)
+    assert tuned_chat.ask(QUESTION, square("red")) == base_answer
+    tuned_chat.reset()
+    tuned_chat.use_adapter(run.adapter_path)
+    saved = ln.Chat.load(tuned_chat.save(tmp_path / "chat.json"), model=model)
+    assert saved.adapter == str(Path(run.adapter_path).resolve())
+    assert saved.ask(QUESTION, square("red")) == answers["red"]
+
+    with pytest.raises(AdapterError, match="not found"):
+        tuned_chat.use_adapter(tmp_path / "nope")
+    with pytest.raises(AdapterError, match="no adapter"):
+        tuned_chat.use_adapter(tmp_path)
+    assert tuned_chat.adapter == saved.adapter  # a failed swap keeps the adapter in use
+
+
+def test_an_adapter_for_another_base_is_refused(run, tiny_llava_next):
+    chat = ln.Chat(tiny_llava_next)
+    with pytest.raises(AdapterError, match="built for another base model"):
+        chat.use_adapter(run.adapter_path)
+    assert chat.adapter is None
+
+
+def test_merge_and_compare(run, tiny_llava, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    merged = ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged")
+    batch = inputs(AutoProcessor.from_pretrained(merged), "blue")
+    reference = PeftModel.from_pretrained(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava), run.adapter_path
+    ).eval()
+    full = LlavaForConditionalGeneration.from_pretrained(merged).eval()
+    assert torch.allclose(logits(full, batch), logits(reference, batch), atol=1e-4)
+    with pytest.raises(AdapterError, match="not empty"):
+        ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged")
+
+    comparison = ln.compare(tiny_llava, run.adapter_path, [(QUESTION, square("red"))])
+    (row,) = comparison.rows
+    assert row["base"] != row["tuned"] and row["tuned"].strip().startswith("It is")
+    tuned = ln.Chat(merged, max_new_tokens=64).ask(QUESTION, square("red"))
+    assert tuned.strip() == row["tuned"]
+    html = comparison._repr_html_()
+    assert "<table>" in html and "data:image/png;base64" in html and QUESTION in html
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_llava, tmp_path, capsys):
+    from transformers import TrainerCallback
+
+    settings = dict(max_steps=6, output_dir=None, dropout=0.1, **{**SETTINGS, "batch_size": 2})
+    data = squares(7)
+    whole = ln.finetune(tiny_llava, data, **{**settings, "output_dir": tmp_path / "whole"})
+
+    class InterruptAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                signal.raise_signal(signal.SIGINT)  # what a kernel interrupt does
+
+    parts = {**settings, "output_dir": tmp_path / "parts", "progress": True}
+    first = ln.finetune(tiny_llava, data, callbacks=[InterruptAfterStep2()], **parts)
+    assert first.status == "interrupted" and first.step == 3
+    assert "stopped at step 3/6" in capsys.readouterr().err
+    assert (tmp_path / "parts" / "checkpoint-3").is_dir()
+    assert (tmp_path / "parts" / "adapter_model.safetensors").is_file()
+
+    second = ln.finetune(tiny_llava, data, **parts)
+    assert second.status == "finished" and second.step == 6
+    assert [h["step"] for h in second.history] == [h["step"] for h in whole.history]
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "parts" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+    with pytest.raises(FinetuneError, match="holds a different run .lr was 0.005, now 0.001"):
+        ln.finetune(tiny_llava, data, **{**parts, "lr": 1e-3})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FinetuneError, match="not empty and holds no llava_nb run"):
+        ln.finetune(tiny_llava, data, **{**parts, "output_dir": tmp_path / "other"})
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
+    with pytest.raises(FinetuneError, match="no trainable rows"):
+        ln.finetune(
+            tiny_llava, [{"image": "missing.png", "answer": "x"}], output_dir=tmp_path / "a"
+        )
+    with pytest.raises(FinetuneError, match="unknown stage 'pretrain'"):
+        ln.finetune(tiny_llava, squares(3), stage="pretrain")
+    with pytest.raises(FinetuneError, match="unknown method"):
+        ln.finetune(tiny_llava, squares(3), method="full")
+    with pytest.raises(FinetuneError, match="batch_size must be a number >= 1"):
+        ln.finetune(tiny_llava, squares(3), batch_size=0)
+    with pytest.raises(FinetuneError, match="no training data"):
+        ln.finetune(tiny_llava)
+    assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------- align, QLoRA
+
+
+def test_align_trains_the_projector_and_optionally_the_vision_tower(tiny_llava, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    captions = [{"image": r["image"], "caption": r["answer"]} for r in squares(6)]
+    run = ln.finetune(
+        tiny_llava, captions, stage="align", train_vision=True, max_steps=3,
+        output_dir=tmp_path / "align", **SETTINGS,
+    )  # fmt: skip
+    weights = load_file(tmp_path / "align" / "adapter_model.safetensors")
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_llava).state_dict()
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all((v == 0).all() for v in lora_b)  # the language model is untouched
+    trained = {
+        k.removeprefix("base_model.model."): v for k, v in weights.items() if "lora_" not in k
+    }
+    projector = [k for k in trained if "multi_modal_projector" in k]
+    vision = [k for k in trained if "vision_tower" in k]
+    assert projector and vision
+    assert all(not torch.equal(trained[k], base[k]) for k in projector)
+    assert any(not torch.equal(trained[k], base[k]) for k in vision)
+    assert run.config["lr"] == 5e-3 and run.status == "finished"
+
+
+def test_qlora_trains_a_4bit_base(tiny_llava, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    run = ln.finetune(
+        tiny_llava, squares(8), squares(3, offset=8), method="qlora", max_steps=8, eval_every=8,
+        output_dir=tmp_path / "qlora", **SETTINGS,
+    )  # fmt: skip
+    assert run.metrics["eval_loss"] < run.metrics["first_eval_loss"] - 0.2
+    weights = load_file(Path(run.adapter_path) / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # every layer learned
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_llava)
+    batch = inputs(AutoProcessor.from_pretrained(tiny_llava), "red")
+    before = logits(base, batch)
+    tuned = PeftModel.from_pretrained(base, run.adapter_path).eval()
+    assert not torch.allclose(logits(tuned, batch), before, atol=1e-3)
+
+
+# ---------------------------------------------------------------- several processes
+
+
+SCRIPT = """
+import sys
+from PIL import Image
+import llava_nb as ln
+rows = [{"image": Image.new("RGB", (40, 40), c), "question": "Color?", "answer": f"It is {c}."}
+        for c in ["red", "green", "blue", "red"] * 4]
+run = ln.finetune(sys.argv[1], rows, max_steps=None, epochs=1, batch_size=2, lr=5e-3,
+                  output_dir=sys.argv[2])
+print("RESULT", run.status, run.step, run.max_steps)
+"""
+
+
+def test_two_processes_with_accelerate_launch(tiny_llava, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(script), tiny_llava, str(tmp_path / "out"),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 16 rows, 2 per process per step, 2 processes: 4 steps (one process would take 8)
+    assert [line for line in done.stdout.splitlines() if line.startswith("RESULT")] == [
+        "RESULT finished 4 4",
+        "RESULT finished 4 4",
+    ]
+    progress = [line for line in done.stdout.splitlines() if line.startswith("llava_nb: step")]
+    assert progress and progress[-1].startswith("llava_nb: step 4/4")  # printed once, by rank 0
+    assert len(progress) == len(set(progress)) or len(progress) <= 3
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- the cell magic
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
+        shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "llava_nb")
+    return shell
+
+
+def test_finetune_cell_magic(shell, tiny_llava, tmp_path, capsys):
+    shell.user_ns["rows"] = squares(4)
+    shell.run_line_magic("llava", f"config model='{tiny_llava}'")
+    body = (
+        f"data: $rows\nmax_steps: 2\nbatch_size: 2\nprogress: false\noutput_dir: {tmp_path / 'm'}\n"
+    )
+    shell.run_cell_magic("llava_finetune", "-o tuned", body)
+    run = shell.user_ns["tuned"]
+    assert run.status == "finished" and run.step == 2 and run.config["base"] == tiny_llava
+    assert capsys.readouterr().err == ""
+
+    for bad, message in (
+        ("data: [unclosed", "llava_nb: %%llava_finetune: the body is not valid YAML at line 1"),
+        ("data: $nothing", "llava_nb: %%llava_finetune: no notebook variable named 'nothing'"),
+        ("data: x.json\nsteps: 3", "llava_nb: %%llava_finetune: unknown key 'steps'"),
+        ("max_steps: 3", "llava_nb: %%llava_finetune: no data; add a line data: train.json"),
+    ):
+        assert shell.run_cell_magic("llava_finetune", "", bad) is None
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+# ---------------------------------------------------------------- the example notebook
+
+
+def test_finetune_notebook_runs_offline(tmp_path):
+    import nbformat
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient import NotebookClient
+
+    path = ROOT / "examples" / "04_finetune.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env["IPYTHONDIR"] = str(tmp_path / "ipython")
+    env.pop("LLAVA_NB_MODEL", None)
+    manager = AsyncKernelManager(
+        kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[])
+    )
+    client = NotebookClient(
+        nb,
+        km=manager,
+        timeout=300,
+        allow_errors=False,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute(env=env)
+    assert [p.name for p in tmp_path.iterdir()] == ["ipython"]  # everything else in a temp dir
+
+    def texts(cell, kind):
+        return [o for o in cell.outputs if o.output_type == kind]
+
+    for cell in code:
+        assert not texts(cell, "error")
+        for output in texts(cell, "stream"):
+            assert "Traceback" not in output.text and "{'loss'" not in output.text, output.text
+    by_source = {cell.source.splitlines()[0]: cell for cell in code}
+
+    report = texts(by_source["data.validate(MODEL)"], "execute_result")[0]
+    assert "25 rows: 24 usable, 1 skipped" in report.data["text/markdown"]
+
+    # the progress: one display, updated in place to the end, with the loss curve
+    training = by_source["run = ln.finetune("]
+    (shown,) = texts(training, "display_data")
+    html = shown.data["text/html"]
+    assert "step 40/40" in html and "eval loss" in html and "data:image/png;base64" in html
+    assert "FinetuneRun(" in texts(training, "execute_result")[0].data["text/plain"]
+
+    metrics = by_source['run.metrics["first_eval_loss"], run.metrics["eval_loss"]']
+    first, last = ast.literal_eval(texts(metrics, "execute_result")[0].data["text/plain"])
+    assert last < first
+
+    comparison = texts(
+        by_source["ln.compare(MODEL, run.adapter_path, held_out, max_new_tokens=8)"],
+        "execute_result",
+    )[0]
+    assert "<table>" in comparison.data["text/html"]
+    aligned = texts(by_source["%%llava_finetune"], "execute_result")[0].data["text/plain"]
+    assert "finished, step=3/3" in aligned
+    assert not [o for o in by_source["%%llava_finetune"].outputs if o.get("name") == "stderr"]
