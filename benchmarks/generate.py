@@ -1,0 +1,423 @@
+"""Local generation speed: llava_nb's `Model.generate` vs plain `transformers` `generate`.
+
+    python benchmarks/generate.py                                   # CPU: a small shape, fp32
+    python benchmarks/generate.py --shape llava-1.5-7b --quant none,4bit   # a GPU: 16-bit + NF4
+    python benchmarks/generate.py --shape llava-1.5-7b --layers 2   # the 7B widths, 2 layers
+
+Both read the same saved checkpoint (random weights: speed does not depend on their values) and
+hold the same five-turn conversation (an image in turn 1, a new question each turn, greedy, the
+answer length fixed with `min_new_tokens`). Plain transformers re-reads the whole conversation
+every turn, as `generate` does; llava_nb keeps the conversation's key/value cache. llava_nb runs
+each of its decoding paths (--paths): "default" (what users get: on CUDA the static cache with
+the step replayed from a CUDA graph, elsewhere `generate` with the reused cache),
+"eager-static" (the static cache, no graph: the CPU-testable half of the GPU path) and
+"generate" (`generate` with the reused cache, forced). Printed per quantization: time to first
+token (TTFT) at turn 1 and turn 5, decode tokens/s, peak GPU memory, whether each path answered
+with plain transformers' tokens, and the ratios to plain transformers.
+
+Then the logit check: the prompt of turn 1, and 32 tokens fed to both the plain forward
+(dynamic cache) and llava_nb's static step (the CUDA graph on a GPU), the same tokens to both;
+printed: the largest logit difference at any step, the logits' scale, and how many steps pick
+the same argmax (random weights make argmax ties fragile: the difference is what counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+QUESTIONS = [
+    "What is in this picture?",
+    "Describe the colors in detail.",
+    "What is on the left side?",
+    "Is there any text in the photo?",
+    "Summarize everything in one sentence.",
+]
+
+# (vision: hidden, intermediate, layers, heads, image size, patch), (text: hidden, intermediate,
+# layers, heads, vocab, context)
+SHAPES = {
+    "small": ((256, 1024, 4, 4, 112, 14), (512, 1408, 4, 8, 32064, 4096)),
+    "llava-1.5-7b": ((1024, 4096, 24, 16, 336, 14), (4096, 11008, 32, 32, 32064, 4096)),
+}
+
+
+def build_checkpoint(path: str, shape: str, text_layers: int | None, dtype) -> str:
+    """Save a random-weights LLaVA-1.5 in `shape`; weights drawn on the fastest device."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from llava_nb.testing import LLAVA_15_TEMPLATE, tokenizer
+
+    (v_hidden, v_inter, v_layers, v_heads, image, patch), text = SHAPES[shape]
+    t_hidden, t_inter, t_layers, t_heads, vocab, context = text
+    tok = tokenizer()
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=v_hidden,
+            intermediate_size=v_inter,
+            num_hidden_layers=v_layers,
+            num_attention_heads=v_heads,
+            image_size=image,
+            patch_size=patch,
+            projection_dim=768,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=t_hidden,
+            intermediate_size=t_inter,
+            num_hidden_layers=text_layers or t_layers,
+            num_attention_heads=t_heads,
+            num_key_value_heads=t_heads,
+            max_position_embeddings=context,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image}, crop_size={"height": image, "width": image}
+        ),
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_15_TEMPLATE,
+    ).save_pretrained(path)
+    del model
+    return path
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def _reset_peak() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class _Clock:
+    """A transformers streamer that notes when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # the first put is the prompt
+            self._prompt_seen = True
+            return
+        _sync()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_plain(path: str, quant: str, image, new_tokens: int) -> dict:
+    """The baseline: the whole conversation through `generate` each turn."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    from llava_nb.models import _pick_dtype, pick_device
+
+    device = pick_device()
+    dtype = _pick_dtype(device)
+    if quant == "8bit" and device == "cuda":
+        dtype = torch.float16  # as llava_nb: LLM.int8 computes in fp16
+    options: dict = {"dtype": dtype}
+    # the same modules as llava_nb keeps unquantized, so both see the same image features
+    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    if quant == "4bit":
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
+        )
+    elif quant == "8bit":
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=skip
+        )
+    model = AutoModelForImageTextToText.from_pretrained(path, device_map=device, **options).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    warm_up = processor.apply_chat_template(
+        _first_turn(image),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    ).to(model.device, dtype)
+    with torch.inference_mode():
+        model.generate(**warm_up, max_new_tokens=4, do_sample=False)
+    model.generation_config.min_new_tokens = new_tokens
+    messages: list[dict] = []
+    turns = []
+    for i, question in enumerate(QUESTIONS):
+        content = [{"type": "image", "image": image}] if i == 0 else []
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        clock = _Clock()
+        _sync()
+        start = time.perf_counter()
+        inputs = processor.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        ).to(model.device, dtype)
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs, max_new_tokens=new_tokens, do_sample=False, streamer=clock
+            )
+        ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+        turns.append(_turn(start, clock.times, ids))
+        answer = processor.decode(ids, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    result = {"turns": turns, "peak_gb": _peak_gb()}
+    del model
+    return result
+
+
+PATHS = {  # --paths name -> $LLAVA_NB_STATIC_DECODE for it (per device kind)
+    "default": {"cuda": "auto", "cpu": "auto"},
+    "eager-static": {"cuda": "eager", "cpu": "1"},
+    "generate": {"cuda": "0", "cpu": "0"},
+}
+
+
+def run_llava_nb(path: str, quant: str, image, new_tokens: int, mode: str, check: int) -> dict:
+    """llava_nb: `Model.generate`, the path every front end (Chat, cell, panel, server) takes;
+    `mode`: the decoding path ($LLAVA_NB_STATIC_DECODE). With `check`, the logit check too."""
+    import llava_nb as ln
+    from llava_nb import decoding
+
+    os.environ[decoding.ENV] = mode
+    model = ln.Model(path, quantization=quant).load()
+    model.generate(_first_turn(image), max_new_tokens=4).wait()  # warm up, as for plain
+    model._conversation.clear()
+    model.model.generation_config.min_new_tokens = new_tokens
+    messages: list[dict] = []
+    turns = []
+    for i, question in enumerate(QUESTIONS):
+        content = [{"type": "image", "image": image}] if i == 0 else []
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        _sync()
+        start = time.perf_counter()
+        generation = model.generate(messages, max_new_tokens=new_tokens)
+        answer = generation.wait()
+        times = [generation.first_token_at, generation.finished_at]
+        turn = _turn(start, times, generation.token_ids)
+        turn["decode_tps"] = (len(generation.token_ids) - 1) / (times[1] - times[0])
+        turn["decoding"] = generation.decoding
+        turns.append(turn)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    result = {"turns": turns, "peak_gb": _peak_gb()}
+    result["captures"] = model._decoder.captures if model._decoder is not None else 0
+    if check:
+        model.model.generation_config.min_new_tokens = None
+        result["check"] = logit_check(model, image, check)
+    model.unload()
+    os.environ.pop(decoding.ENV, None)
+    return result
+
+
+def logit_check(model, image, steps: int) -> dict:
+    """Feed the same tokens to the plain forward (dynamic cache, one token a call, as
+    `generate` does) and to llava_nb's static step (replayed from a CUDA graph where there
+    is one); compare the logits step by step."""
+    import torch
+    from transformers import DynamicCache
+
+    from llava_nb.decoding import StaticDecoder, _capture_for
+
+    hf = model.model
+    inputs = model.processor.apply_chat_template(
+        _first_turn(image, QUESTIONS[0]),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    ).to(hf.device, hf.dtype)
+    ids = inputs["input_ids"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    length = ids.shape[1]
+    decoder = StaticDecoder(hf, _capture_for(hf.device))
+    with torch.inference_mode():
+        cache = DynamicCache(config=hf.config.get_text_config())
+        out = hf(**inputs, use_cache=True, logits_to_keep=1, **{decoder._cache_kw: cache})
+        plain, tokens = [out.logits[:, -1].float()], [out.logits[:, -1].argmax(-1)]
+        for _ in range(steps - 1):
+            out = hf(input_ids=tokens[-1].view(1, 1), use_cache=True, **{decoder._cache_kw: cache})
+            plain.append(out.logits[:, -1].float())
+            tokens.append(plain[-1].argmax(-1))
+        del cache
+        decoder.reserve(None, length + steps)
+        ours = [decoder.prefill(ids, 0, **extra).float()]
+        for i in range(steps - 1):
+            ours.append(decoder.step(tokens[i], length + i).float().clone())
+        _sync()
+        diffs = [float((a - b).abs().max()) for a, b in zip(plain, ours, strict=True)]
+        same = sum(int(a.argmax() == b.argmax()) for a, b in zip(plain, ours, strict=True))
+        scale = max(float(a.abs().max()) for a in plain)
+    return {
+        "steps": steps,
+        "max_diff": max(diffs),
+        "scale": scale,
+        "same_argmax": same,
+        "path": decoder.mode,
+        "dtype": str(hf.dtype).removeprefix("torch."),
+    }
+
+
+def _first_turn(image, text: str = "Warm up.") -> list[dict]:
+    content = [{"type": "image", "image": image}, {"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+def _turn(start: float, times: list[float], ids: list[int]) -> dict:
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return {"ttft_ms": (times[0] - start) * 1e3, "decode_tps": decode, "ids": ids}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--layers", type=int, help="language-model layers (default: the shape's)")
+    parser.add_argument("--quant", default="none", help="comma list of none, 4bit, 8bit")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--checkpoint", help="use (or build into) this folder")
+    parser.add_argument(
+        "--paths", default="default,eager-static", help=f"llava_nb paths: {', '.join(PATHS)}"
+    )
+    parser.add_argument("--check-steps", type=int, default=32, help="logit check length (0: no)")
+    args = parser.parse_args(argv)
+    paths = args.paths.split(",")
+    if unknown := set(paths) - set(PATHS):
+        parser.error(f"unknown --paths {', '.join(sorted(unknown))}; use {', '.join(PATHS)}")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import matplotlib.cbook
+    import torch
+    from PIL import Image
+
+    from llava_nb.models import _pick_dtype, pick_device
+
+    device = pick_device()
+    kind = "cuda" if device == "cuda" else "cpu"
+    dtype = _pick_dtype(device)
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        image = Image.open(f).convert("RGB")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or os.path.join(tmp, "random-llava")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            started = time.perf_counter()
+            build_checkpoint(path, args.shape, args.layers, dtype)
+            print(f"built {args.shape} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        print(
+            f"# {args.shape} (text layers: {args.layers or 'all'}), {device} ({gpu}), {dtype}, "
+            f"torch {torch.__version__}, transformers {_version('transformers')}, "
+            f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens a turn, "
+            f"{len(QUESTIONS)} turns",
+            flush=True,
+        )
+        print(
+            "| quant | path | TTFT turn 1 ms | TTFT turn 5 ms | decode tok/s (median turn) |"
+            " peak GB | same tokens as plain | decode vs plain | turn-5 TTFT vs plain |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|", flush=True)
+        checks = []
+        for quant in args.quant.split(","):
+            _reset_peak()
+            plain = run_plain(path, quant, image, args.new_tokens)
+            _row(quant, "transformers", plain, plain)
+            for i, name in enumerate(paths):
+                _reset_peak()
+                check = args.check_steps if i == 0 else 0
+                ours = run_llava_nb(path, quant, image, args.new_tokens, PATHS[name][kind], check)
+                decoding = ours["turns"][-1]["decoding"]
+                if decoding == "graph":
+                    decoding += f", {ours['captures']} captures incl. warm-up"
+                _row(quant, f"llava_nb {name} ({decoding})", ours, plain)
+                if check:
+                    checks.append((quant, ours["check"]))
+        for quant, check in checks:
+            print(
+                f"# logit check, {quant}, {check['dtype']}, {check['path']} step vs plain "
+                f"forward, same {check['steps']} tokens fed: max |logit difference| "
+                f"{check['max_diff']:.4g} (logits up to {check['scale']:.3g}; relative "
+                f"{check['max_diff'] / check['scale']:.2g}), same argmax at "
+                f"{check['same_argmax']}/{check['steps']} steps"
+            )
+    return 0
+
+
+def _row(quant: str, name: str, result: dict, plain: dict) -> None:
+    turns, base = result["turns"], plain["turns"]
+    same = sum(a["ids"] == b["ids"] for a, b in zip(base, turns, strict=True))
+    tps = statistics.median(t["decode_tps"] for t in turns)  # a turn may include a capture
+    base_tps = statistics.median(t["decode_tps"] for t in base)
+    peak = f"{result['peak_gb']:.2f}" if result["peak_gb"] is not None else "-"
+    print(
+        f"| {quant} | {name} | {turns[0]['ttft_ms']:.1f} | {turns[-1]['ttft_ms']:.1f} | "
+        f"{tps:.1f} | {peak} | {same}/{len(turns)} turns | {tps / base_tps:.2f}x | "
+        f"{base[-1]['ttft_ms'] / turns[-1]['ttft_ms']:.2f}x faster |",
+        flush=True,
+    )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

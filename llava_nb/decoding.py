@@ -1,0 +1,496 @@
+"""Faster local generation: the conversation so far is not read again.
+
+A chat's next prompt starts with its previous prompt and answer, so the key/value cache that
+answering it left behind already holds most of the new prompt. `ConversationCache` keeps that
+cache (one per loaded model: the last conversation answered), finds how much of a new prompt it
+covers, and hands `generate` the cache cut to that prefix plus only the images that are not in it.
+
+What makes a prefix reusable: the same token ids and, for image tokens, the same pixels (an
+image's fingerprint is a hash of its processed pixel values), computed by the same weights (an
+adapter change clears the cache). Anything else, and the prompt is read from the point where it
+differs, so the answer is the one a fresh prompt gives.
+
+`StaticDecoder` is the fast path on a GPU: a key/value cache allocated once (gpt-fast style),
+the prompt read by the model's own forward, then one token per call through a step whose every
+input is a tensor updated in place, so the step can be captured once in a CUDA graph and
+replayed. Sampling and stopping reuse `generate`'s own logits processors and stopping criteria,
+so a seed gives the tokens `generate` gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+IMAGE_INPUTS = ("pixel_values", "image_sizes")  # per-image tensors, one row per image, in order
+
+
+def image_fingerprints(inputs: dict[str, Any]) -> list[str]:
+    """One hash per image of the prompt, from the processed pixels (CPU tensors)."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        return []
+    return [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).hexdigest() for row in pixels]
+
+
+def _image_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each image's run of placeholder tokens, in order."""
+    runs: list[tuple[int, int]] = []
+    for i, token in enumerate(ids):
+        if token != image_token_id:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+@dataclass
+class _Entry:
+    ids: list[int]  # the tokens the cache holds, in order
+    images: list[str]  # fingerprints of the images among them
+    cache: Any  # a transformers DynamicCache
+    weights: object  # what the weights were (adapter state) when it was computed
+
+
+class ConversationCache:
+    """The key/value cache of the last conversation a model answered, for the next turn.
+
+    Not thread-safe by itself: the model's lock is held around `take` ... `keep`.
+    """
+
+    def __init__(self, image_token_id: int) -> None:
+        self.image_token_id = image_token_id
+        self._entry: _Entry | None = None
+        self.reused_tokens = 0  # of the last prompt, for status and benchmarks
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def take(
+        self, inputs: dict[str, Any], fingerprints: list[str], weights: object, static=False
+    ) -> tuple[dict[str, Any], Any]:
+        """Inputs for `generate` and the cache to continue from (None: start afresh).
+
+        The cache is cut to the longest reusable prefix of the new prompt; image inputs keep
+        only the images after that prefix. The entry is consumed: `keep` stores the next one.
+        `static`: the caller decodes with a `StaticDecoder` (a static cache is reused only by
+        it, a dynamic one only by `generate`). Cutting a static cache moves its write position;
+        the entries beyond it are masked until overwritten.
+        """
+        entry, self._entry = self._entry, None
+        self.reused_tokens = 0
+        if entry is None or entry.weights != weights or _is_static(entry.cache) != static:
+            return inputs, None
+        ids = inputs["input_ids"][0].tolist()
+        limit = min(len(entry.ids), len(ids) - 1)  # at least one token left to read
+        prefix = 0
+        while prefix < limit and entry.ids[prefix] == ids[prefix]:
+            prefix += 1
+        kept_images = 0
+        for start, end in _image_runs(ids, self.image_token_id):
+            if start >= prefix:
+                break
+            same = (
+                end <= prefix
+                and kept_images < len(entry.images)
+                and entry.images[kept_images] == fingerprints[kept_images]
+            )
+            if not same:  # a different picture, or one cut in half: read it again
+                prefix = start
+                break
+            kept_images += 1
+        if prefix == 0:
+            return inputs, None
+        cache = entry.cache
+        held = cache_length(cache)
+        if prefix < held:
+            if not getattr(cache, "is_croppable", True):
+                return inputs, None
+            cache.crop(prefix - held)  # negative: drop that many from the end
+        inputs = dict(inputs)
+        for key in IMAGE_INPUTS:
+            if key in inputs:
+                inputs[key] = inputs[key][kept_images:]
+                if len(inputs[key]) == 0:
+                    del inputs[key]
+        self.reused_tokens = prefix
+        return inputs, cache
+
+    def keep(self, cache: Any, sequence: list[int], fingerprints: list[str], weights: object):
+        """Remember the cache a generation left: it holds the first `cache length` tokens of
+        `sequence` (prompt + answer; the last answer token was never fed back)."""
+        length = cache_length(cache)
+        if length == 0 or length > len(sequence):
+            return
+        self._entry = _Entry(list(sequence[:length]), list(fingerprints), cache, weights)
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens a transformers cache holds (a static cache keeps the count in a tensor)."""
+    return int(cache.get_seq_length())
+
+
+def _is_static(cache: Any) -> bool:
+    return type(cache).__name__ == "StaticCache"
+
+
+# ------------------------------------------------------------------ static cache + CUDA graph
+
+ENV = "LLAVA_NB_STATIC_DECODE"  # auto (default) | 0: plain generate | 1: static | eager: no graph
+BLOCK = 1024  # the static cache grows in blocks of this many tokens (each step reads all of it)
+CHECK_STEPS = 8  # steps compared, eager against graph, before a captured step is trusted
+_log = logging.getLogger("llava_nb")
+
+
+def static_decoder(
+    owner: Any, input_ids: Any, options: dict[str, Any], stopping_criteria: Any = None
+) -> StaticDecoder | None:
+    """The loaded `Model`'s static decoder, prepared for this generation (`generate`'s
+    `input_ids`, options and extra stopping criteria) when it applies, else None (plain
+    `generate`). By default it applies on CUDA only; `$LLAVA_NB_STATIC_DECODE` forces it off
+    (0), on (1: CUDA graphs where CUDA runs), or on without graphs (eager)."""
+    mode = os.environ.get(ENV, "").strip().lower()
+    model = owner.model
+    if mode in ("0", "off") or (mode not in ("1", "on", "eager") and model.device.type != "cuda"):
+        return None
+    capture = None if mode == "eager" else _capture_for(model.device)
+    decoder = getattr(owner, "_decoder", None)
+    try:
+        if decoder is None or decoder.model is not model or decoder.capture is not capture:
+            decoder = owner._decoder = StaticDecoder(model, capture)
+        if not decoder.applies(options):
+            return None
+        decoder.prepare(input_ids, options, stopping_criteria)
+        return decoder
+    except Exception as e:  # another transformers than the one this was built on
+        if not _unsupported_noticed:
+            _unsupported_noticed.append(True)
+            _log.warning("llava_nb: no static-cache decoding here (%s); using generate", e)
+        return None
+
+
+_unsupported_noticed: list[bool] = []
+
+
+def _capture_for(device) -> Callable | None:
+    """How a step is captured for replay on this device (None: it runs eagerly)."""
+    return capture_cuda_graph if device.type == "cuda" else None
+
+
+def capture_cuda_graph(body: Callable[[], Any]) -> Callable[[], Any]:
+    """Capture `body` (every input a tensor at a fixed address) in a CUDA graph; return a
+    function that replays it and returns its output tensor (overwritten by each replay)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        output = body()
+
+    def replay():
+        graph.replay()
+        return output
+
+    replay.graph = graph  # kept alive with the function
+    return replay
+
+
+_GENERATE_PARTS = (  # generate's own steps that `StaticDecoder.prepare` reuses
+    "_prepare_generation_config",
+    "_prepare_special_tokens",
+    "_prepare_generated_length",
+    "_get_logits_processor",
+    "_get_stopping_criteria",
+)
+
+
+class StaticDecoder:
+    """Decoding over a pre-allocated key/value cache, one loaded model's (GPU memory bounded by
+    the model's context; freed with the model).
+
+    `prefill` reads prompt tokens with the model's normal forward (images included); `step`
+    feeds one token at a position through static tensors — the token, the position, the mask
+    and every cache layer's write index are written in place from them — so a step captured
+    once replays right at any position. A captured step is trusted only after it matched the
+    eager step over `CHECK_STEPS` tokens; otherwise (or if capture fails, as bitsandbytes 8-bit
+    kernels can) this model decodes eagerly, after one warning.
+    """
+
+    def __init__(self, model: Any, capture: Callable | None = None) -> None:
+        import inspect
+
+        import torch
+
+        self.model = model
+        self.capture = capture
+        self.graphs_ok: bool | None = None  # None: not checked yet; False: fell back to eager
+        self.captures = 0  # steps captured (once per cache size and weights)
+        self.cache: Any = None  # a transformers StaticCache
+        self.capacity = 0
+        self._replay: Callable | None = None  # the captured step for this cache and weights
+        self._weights: object = None
+        self._plan: tuple | None = None  # set by prepare(), used by the next generate()
+        self._text_config = model.config.get_text_config()
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+        device = model.device
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self._position = torch.zeros((), dtype=torch.long, device=device)
+        self._columns: Any = None  # arange(capacity)
+        self._dtype = model.get_input_embeddings().weight.dtype
+        self._supported = self._check_supported()
+
+    @property
+    def mode(self) -> str:
+        """How steps run: "graph" (captured once, replayed) or "eager-static"."""
+        replayed = self.capture is not None and self.graphs_ok is not False
+        return "graph" if replayed else "eager-static"
+
+    def _check_supported(self) -> bool:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        probe = StaticCache(config=self._text_config, max_cache_len=8)  # allocates nothing
+        return all(
+            type(layer) is StaticLayer and hasattr(layer, "cumulative_length")
+            for layer in probe.layers
+        )  # sliding-window layers keep their length in Python: not replayable
+
+    def applies(self, options: dict[str, Any]) -> bool:
+        """Greedy or sampling, with an attention this step supports; else plain generate."""
+        attention = getattr(self._text_config, "_attn_implementation", None)
+        if not self._supported or attention not in ("sdpa", "eager"):  # others: no 4-D mask
+            return False
+        missing = [name for name in _GENERATE_PARTS if not hasattr(self.model, name)]
+        if missing:
+            raise RuntimeError(f"this transformers has no {', '.join(missing)}")
+        try:
+            config, _ = self.model._prepare_generation_config(None, **options)
+            mode = config.get_generation_mode()
+        except Exception:  # generate itself reports a bad configuration
+            return False
+        return getattr(mode, "value", mode) in ("greedy_search", "sample") and (
+            config.use_cache is not False
+        )
+
+    # ---- the cache
+
+    def reserve(self, cache: Any, needed: int) -> None:
+        """Make `self.cache` hold `cache`'s tokens (None: none) with room for `needed`."""
+        from transformers import StaticCache
+
+        held = cache_length(cache) if cache is not None else 0
+        if self.cache is None or self.capacity < needed:
+            context = self._text_config.max_position_embeddings
+            capacity = min(max(context, needed), -(-needed // BLOCK) * BLOCK)
+            fresh = StaticCache(config=self._text_config, max_cache_len=capacity)
+            self._replay = None  # a captured step points at the old cache's memory
+            self.cache, self.capacity, self._columns = fresh, capacity, None
+        if cache is not None and cache is not self.cache and held:
+            for new, old in zip(self.cache.layers, cache.layers, strict=True):
+                if not new.is_initialized:
+                    new.lazy_initialization(old.keys, old.values)
+                new.keys[:, :, :held].copy_(old.keys[:, :, :held])
+                new.values[:, :, :held].copy_(old.values[:, :, :held])
+        self._set_length(held)
+
+    def _set_length(self, length: int) -> None:
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(length)
+            elif length:
+                raise RuntimeError("static cache written before it was allocated")
+
+    # ---- forward passes
+
+    def prefill(self, input_ids, start: int, **inputs: Any):
+        """Read `input_ids[:, start:]` (the first `start` are in the cache); image inputs as
+        the processor made them. Returns the last position's logits."""
+        import torch
+
+        self._set_length(start)
+        length = input_ids.shape[1]
+        device = input_ids.device
+        positions = torch.arange(start, length, device=device).unsqueeze(0)
+        columns = torch.arange(self.capacity, device=device)
+        visible = columns.unsqueeze(0) <= positions.view(-1, 1)  # causal, stale entries hidden
+        out = self.model(
+            input_ids=input_ids[:, start:],
+            position_ids=positions,
+            attention_mask=self._additive(visible).view(1, 1, length - start, self.capacity),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: self.cache},
+            **inputs,
+        )
+        return out.logits[:, -1]
+
+    def _additive(self, visible):
+        import torch
+
+        blocked = torch.finfo(self._dtype).min
+        return torch.zeros(visible.shape, dtype=self._dtype, device=visible.device).masked_fill_(
+            ~visible, blocked
+        )
+
+    def _step_body(self):
+        """One token through the model, reading only the static tensors (graph-capturable)."""
+        for layer in self.cache.layers:  # the write index of every layer, from the position
+            layer.cumulative_length.copy_(self._position)
+        mask = self._additive(self._columns <= self._position).view(1, 1, 1, self.capacity)
+        out = self.model(
+            input_ids=self._token,
+            position_ids=self._position.view(1, 1),
+            attention_mask=mask,
+            use_cache=True,
+            **{self._cache_kw: self.cache},
+        )
+        return out.logits[:, -1]
+
+    def _load(self, token, position: int) -> None:
+        self._token.copy_(token.view(1, 1))
+        self._position.fill_(position)
+
+    def step(self, token, position: int):
+        """Logits after feeding `token` (a 1-element tensor) at `position` (tokens before it
+        are in the cache; later entries are ignored). The result is overwritten by the next
+        step: copy what you keep."""
+        import torch
+
+        if self._columns is None:
+            self._columns = torch.arange(self.capacity, device=self._token.device)
+        if self._replay is None and self.capture is not None and self.graphs_ok is not False:
+            self._replay = self._capture_checked(token, position)
+        self._load(token, position)
+        return self._replay() if self._replay is not None else self._step_body()
+
+    def _capture_checked(self, token, position: int) -> Callable | None:
+        """Capture the step, then compare it with the eager step from the same state over a
+        few tokens; None (eager from now on, one warning) if capture fails or they differ.
+        The steps write cache entries at and after `position`, which decoding overwrites."""
+        steps = max(1, min(CHECK_STEPS, self.capacity - position))
+        expected, fed = [], []
+        current = token.view(1)
+        for i in range(steps):
+            self._load(current, position + i)
+            logits = self._step_body().float()
+            expected.append(logits.clone())
+            fed.append(current)
+            current = logits.argmax(-1)
+        try:
+            self._load(token, position)
+            self.captures += 1
+            replay = self.capture(self._step_body)
+            worst, scale = 0.0, 1.0
+            for i in range(steps):
+                self._load(fed[i], position + i)
+                difference = float((replay().float() - expected[i]).abs().max())
+                worst = max(worst, difference if difference == difference else math.inf)  # NaN
+                scale = max(scale, float(expected[i].abs().max()))
+        except Exception as e:  # any capture failure: decode eagerly instead
+            self._give_up(f"the decoding step could not be captured ({type(e).__name__}: {e})")
+            return None
+        if worst > 2e-2 * scale:  # beyond fp16/bf16 rounding
+            self._give_up(
+                f"the captured step disagreed with the eager step (max logit difference "
+                f"{worst:.3g} of {scale:.3g})"
+            )
+            return None
+        self.graphs_ok = True
+        return replay
+
+    def _give_up(self, why: str) -> None:
+        self.graphs_ok = False
+        self._replay = None
+        _log.warning("llava_nb: %s; decoding without CUDA graphs for this model", why)
+        import torch
+
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # ---- generation
+
+    def generate(
+        self, inputs: dict[str, Any], cache: Any, *, weights: object = None, streamer: Any = None
+    ):
+        """What `model.generate(**inputs, **options, streamer=..., stopping_criteria=...)`
+        returns (prompt + answer ids) for the options given to `prepare`, continuing from
+        `cache` (None: afresh; from `ConversationCache.take(..., static=True)`: image inputs
+        already cut to those after it). The cache it leaves is `self.cache`."""
+        import torch
+
+        if self._plan is None:
+            raise RuntimeError("StaticDecoder.generate needs prepare() first")
+        (config, processors, criteria), self._plan = self._plan, None
+        input_ids = inputs["input_ids"]
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        if weights != self._weights:  # an adapter switch changes the step's code path
+            self._replay, self._weights = None, weights
+        self.reserve(cache, config.max_length - 1)
+        start = cache_length(self.cache)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        logits = self.prefill(input_ids, start, **extra)
+        sequence = input_ids
+        while True:  # as generate's sampling loop, one sequence
+            scores = processors(sequence, logits.to(copy=True, dtype=torch.float32))
+            if config.do_sample:
+                probs = torch.nn.functional.softmax(scores, dim=-1)
+                token = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                token = torch.argmax(scores, dim=-1)
+            sequence = torch.cat([sequence, token[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if bool(criteria(sequence, None).all()):
+                break
+            logits = self.step(token, sequence.shape[1] - 1)
+        if streamer is not None:
+            streamer.end()
+        return sequence
+
+    def prepare(self, input_ids, options: dict[str, Any], stopping_criteria=None) -> None:
+        """Set up the next `generate`: `generate`'s own generation config, logits processors
+        and stopping criteria for these options (the model's generation_config included), so
+        the tokens are its. Done before any state changes, so a failure changes nothing."""
+        from transformers import StoppingCriteriaList
+
+        model = self.model
+        defaults = model.generation_config
+        config, _ = model._prepare_generation_config(None, **options)
+        model._prepare_special_tokens(config, True, device=input_ids.device)
+        config = model._prepare_generated_length(
+            generation_config=config,
+            has_default_max_length=options.get("max_length") is None
+            and defaults.max_length is None,
+            has_default_min_length=options.get("min_length") is None
+            and defaults.min_length is None,
+            model_input_name="input_ids",
+            input_ids_length=input_ids.shape[1],
+            inputs_tensor=input_ids,
+        )
+        processors = model._get_logits_processor(
+            generation_config=config,
+            input_ids_seq_length=input_ids.shape[1],
+            encoder_input_ids=input_ids,
+            device=input_ids.device,
+            model_kwargs={"attention_mask": None},
+        )
+        criteria = model._get_stopping_criteria(
+            generation_config=config,
+            stopping_criteria=stopping_criteria or StoppingCriteriaList(),
+        )
+        self._plan = config, processors, criteria
