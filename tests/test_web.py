@@ -39,7 +39,7 @@ def page_of(browser, tiny_llava, tmp_path):
 def test_a_two_turn_chat_with_an_image_then_stop(page_of, tiny_llava):
     page, service = page_of
     expect(page.locator("#state")).to_have_text("ready")
-    assert page.text_content("#model") == tiny_llava
+    expect(page.locator("#model")).to_have_text(tiny_llava)
     page.fill("#max-tokens", "8")
 
     page.set_input_files("#file", PHOTO)
