@@ -16,37 +16,55 @@ from llava_nb.errors import LlavaError
 
 __version__ = "0.1.0"
 __all__ = [
+    "AttentionMap",
     "Chat",
+    "ChatPanel",
     "LlavaError",
     "Model",
     "RemoteModel",
     "Turn",
+    "compare",
+    "data",
+    "demo",
+    "finetune",
+    "last_attention",
     "load_image",
     "load_ipython_extension",
+    "merge_adapter",
     "testing",
 ]
 
 _LAZY = {
+    "AttentionMap": "llava_nb.attention",
+    "last_attention": "llava_nb.attention",
     "Chat": "llava_nb.chat",
     "Turn": "llava_nb.chat",
+    "ChatPanel": "llava_nb.panel",
     "Model": "llava_nb.models",
     "RemoteModel": "llava_nb.remote",
     "load_image": "llava_nb.images",
+    "finetune": "llava_nb.training.train",
+    "merge_adapter": "llava_nb.training.adapters",
+    "compare": "llava_nb.training.adapters",
 }
 
 if TYPE_CHECKING:
-    from llava_nb import testing
+    from llava_nb import data, demo, testing
+    from llava_nb.attention import AttentionMap, last_attention
     from llava_nb.chat import Chat, Turn
     from llava_nb.images import load_image
     from llava_nb.models import Model
+    from llava_nb.panel import ChatPanel
     from llava_nb.remote import RemoteModel
+    from llava_nb.training.adapters import compare, merge_adapter
+    from llava_nb.training.train import finetune
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name == "testing":
-        return importlib.import_module("llava_nb.testing")
+    if name in ("data", "demo", "testing"):
+        return importlib.import_module(f"llava_nb.{name}")
     raise AttributeError(f"module 'llava_nb' has no attribute {name!r}")
 
 

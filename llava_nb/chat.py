@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,21 @@ class Turn:
     interrupted: bool = False  # the answer was stopped before it ended
 
 
+class Answer(str):
+    """An answer: a plain `str` (notebooks render it as Markdown) that can carry `.attention`,
+    the `AttentionMap` of where it looked (asked with attention=True; None otherwise)."""
+
+    attention: Any = None
+
+    def __new__(cls, text: str = "", attention: Any = None) -> Answer:
+        answer = super().__new__(cls, text)
+        answer.attention = attention
+        return answer
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
 class Chat:
     """A multi-turn conversation about images.
 
@@ -63,6 +79,9 @@ class Chat:
             "seed": seed,
         }
         self._turns: list[Turn] = []
+        self.adapter: str | None = None  # a fine-tuned adapter folder (use_adapter), or the base
+        self._attention: Any = None  # the AttentionMap of the last answer asked with attention
+        self._listeners: list[Callable[[str, Turn | None, str], None]] = []
 
     def __repr__(self) -> str:
         return f"Chat(model={self.model.model_id!r}, turns={len(self._turns)})"
@@ -71,6 +90,22 @@ class Chat:
     def history(self) -> list[Turn]:
         """The turns so far, oldest first (a copy: edit the chat through its methods)."""
         return list(self._turns)
+
+    def on_change(self, callback: Callable[[str, Turn | None, str], None]) -> Callable[[], None]:
+        """Call `callback(event, turn, piece)` whenever the conversation changes, so several views
+        (cells, a panel) can show one chat. Events: "start" (a question is being answered),
+        "piece" (`piece` of its answer), "end" (it ended; recorded unless it failed), "undo",
+        "reset". Called on the thread that changed the chat. Returns a function that unsubscribes.
+        """
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def _notify(self, event: str, turn: Turn | None = None, piece: str = "") -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(event, turn, piece)
+            except Exception:  # a broken view must not break the conversation
+                logging.getLogger(__name__).exception("llava_nb: a chat listener failed")
 
     def messages(self, question: str | None = None, images: list[Image.Image] = ()) -> list[dict]:
         """The conversation in the processor's chat format, optionally with a new question."""
@@ -88,11 +123,14 @@ class Chat:
                 )
         return messages
 
-    def stream(self, question: str, image: Any = None, **settings: Any) -> Iterator[str]:
+    def stream(
+        self, question: str, image: Any = None, *, attention: bool = False, **settings: Any
+    ) -> Iterator[str]:
         """Ask a question and yield the answer in pieces as they are generated.
 
         `image` is one image or a list (path, URL, bytes, PIL, array, tensor). Stopping early
         (KeyboardInterrupt, or leaving the loop) keeps the partial answer, marked interrupted.
+        `attention=True` records where the answer looked: `ln.last_attention()` once it ends.
         """
         question = question.strip() if isinstance(question, str) else question
         if not isinstance(question, str) or not question:
@@ -102,37 +140,81 @@ class Chat:
             raise LlavaError(f"unknown setting {sorted(unknown)[0]!r}; use {', '.join(SETTINGS)}")
         sources = image if isinstance(image, list | tuple) else [] if image is None else [image]
         images = [load_image(source) for source in sources]
+        self._attention = None
         generation = self.model.generate(
-            self.messages(question, images), **{**self.settings, **settings}
+            self.messages(question, images),
+            **{**self.settings, **settings},
+            **({"attention": True} if attention else {}),  # remote models refuse it
         )
+        if hasattr(generation, "adapter"):  # a local model: answer with this chat's adapter
+            generation.adapter = self.adapter
         return self._record(generation, Turn(question, images))
 
     def _record(self, generation, turn: Turn) -> Iterator[str]:
+        self._notify("start", turn)
+        pieces = iter(generation)
         try:
-            yield from generation
+            for piece in pieces:
+                self._notify("piece", turn, piece)
+                yield piece
         except (KeyboardInterrupt, GeneratorExit):
+            getattr(pieces, "close", lambda: None)()  # stops the generation, keeps its text
             self._keep(turn, generation)  # the partial answer, marked interrupted
             raise
-        self._keep(turn, generation)
+        else:
+            self._keep(turn, generation)
+        finally:
+            self._notify("end", turn)
 
     def _keep(self, turn: Turn, generation) -> None:
         turn.answer, turn.interrupted = generation.text, generation.stopped
         self._turns.append(turn)
+        if getattr(generation, "records_attention", False):
+            self._attention = generation.attention  # also ln.last_attention()
 
-    def ask(self, question: str, image: Any = None, **settings: Any) -> str:
-        """Ask a question (optionally about new images) and return the whole answer."""
-        with closing(self.stream(question, image, **settings)) as pieces:
+    def ask(
+        self, question: str, image: Any = None, *, attention: bool = False, **settings: Any
+    ) -> Answer:
+        """Ask a question (optionally about new images) and return the whole answer.
+
+        With `attention=True` the answer's `.attention` is its `AttentionMap`: one map over
+        every image of the conversation; pick one with `image=` (-1: the latest).
+        """
+        with closing(self.stream(question, image, attention=attention, **settings)) as pieces:
             for _ in pieces:
                 pass
-        return self._turns[-1].answer
+        return Answer(self._turns[-1].answer, self._attention)
+
+    def use_adapter(self, path: str | os.PathLike | None) -> None:
+        """Answer with a fine-tuned adapter (an `ln.finetune` output_dir), or the base (None).
+
+        The base stays loaded: adapters are swapped in place on the shared model, and each chat
+        on it answers with its own choice.
+        """
+        if path is None:
+            self.adapter = None
+            return
+        if not isinstance(self.model, Model):
+            raise LlavaError("adapters need local weights; this chat's model is a server")
+        from llava_nb.models import _activate_adapter
+        from llava_nb.training.adapters import check_adapter
+
+        folder = str(check_adapter(path))
+        self.model.load()
+        with self.model._lock:
+            _activate_adapter(self.model, folder)  # loaded now, so a bad adapter fails here
+        self.adapter = folder
 
     def undo(self) -> Turn | None:
         """Remove the last turn (question and answer) and return it."""
-        return self._turns.pop() if self._turns else None
+        turn = self._turns.pop() if self._turns else None
+        self._notify("undo", turn)
+        return turn
 
     def reset(self) -> None:
         """Forget every turn; the model and settings stay."""
         self._turns.clear()
+        self._notify("reset")
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the chat, its images embedded, to a JSON file (atomically: never half-written)."""
@@ -143,6 +225,7 @@ class Chat:
             "model": self.model.model_id,
             "remote_model": getattr(self.model, "remote_model", None),  # never the API key
             "settings": self.settings,
+            "adapter": self.adapter,
             "turns": [
                 {
                     "question": t.question,
@@ -186,6 +269,7 @@ class Chat:
         try:
             model = model or get_model(data["model"], remote_model=data.get("remote_model"))
             chat = cls(model, **data["settings"])
+            chat.adapter = data.get("adapter")  # applied when it next answers
             chat._turns = [
                 Turn(
                     t["question"],

@@ -13,11 +13,12 @@ import time
 from contextlib import closing
 from typing import Any
 
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.display import Markdown, display
 from IPython.utils.text import FullEvalFormatter
 from traitlets import Enum, Float, Integer, TraitError, Unicode, observe, validate
 
+from llava_nb.chat import Answer
 from llava_nb.errors import LlavaError
 
 DEFAULT_CHAT = "default"
@@ -25,7 +26,7 @@ UPDATE_INTERVAL_S = 0.1  # how often the streaming answer is redrawn
 
 HELP = """\
 %%llava [-m MODEL] [-i IMAGE ...] [-c CHAT] [--new] [--max-new-tokens N] [--temperature T]
-        [--top-p P] [--seed S] [-o VAR]
+        [--top-p P] [--seed S] [-o VAR] [--attention]
 question text, with {python_variable} interpolation
 
     -i IMAGE   a path, an http(s) URL, or a notebook variable holding an image (PIL, array,
@@ -33,14 +34,20 @@ question text, with {python_variable} interpolation
                later turns.
     -c CHAT    a named conversation (default: "default"); --new starts it afresh.
     -o VAR     store the answer in the notebook variable VAR instead of returning it.
+    --attention  record where the answer looked and show its heatmap; the map is
+               ln.last_attention() (or VAR.attention with -o VAR).
 
 %llava load [MODEL] [--4bit | --8bit | --no-quant] [--device DEV]   load now (else on first use)
 %llava load http://host:8000/v1 [--remote-model NAME] [--api-key KEY]   use a server (vLLM,
             Ollama, llama.cpp, llava-nb serve) instead of local weights
 %llava unload | status | models | chats | help
 %llava history [CHAT] | reset [CHAT] | undo [CHAT]
+%llava panel [CHAT]                 a chat window on CHAT; cells asking CHAT show up there too
 %llava save FILE [CHAT] | open FILE [CHAT]
 %llava config [KEY=VALUE ...]       model, quantization, device, max_new_tokens, temperature, top_p
+
+%%llava_finetune [-o VAR]   fine-tune; the body is ln.finetune's arguments as YAML (key: value
+            lines; $name is a notebook variable), e.g. data: train.json / max_steps: 200
 """
 
 
@@ -71,6 +78,7 @@ def _question_parser() -> _Parser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("-o", "--output", type=_identifier)
+    p.add_argument("--attention", action="store_true")
     return p
 
 
@@ -88,7 +96,7 @@ def _command_parser() -> _Parser:
     load.add_argument("--api-key", help="the server's API key (default: $OPENAI_API_KEY)")
     for name in ("unload", "status", "models", "chats", "help"):
         sub.add_parser(name, add_help=False)
-    for name in ("history", "reset", "undo"):
+    for name in ("history", "reset", "undo", "panel"):
         sub.add_parser(name, add_help=False).add_argument("chat", nargs="?", default=DEFAULT_CHAT)
     for name in ("save", "open"):
         cmd = sub.add_parser(name, add_help=False)
@@ -133,13 +141,6 @@ def _split(line: str) -> list[str]:
 # ---------------------------------------------------------------- display objects
 
 
-class Answer(str):
-    """The answer text; notebooks render it as Markdown."""
-
-    def _repr_markdown_(self) -> str:
-        return str(self)
-
-
 def _shown(text: str) -> dict[str, str]:
     """A raw Markdown display bundle for model text.
 
@@ -170,7 +171,7 @@ class LlavaMagics(Magics):
     """The %llava magics; its settings are also `%config LlavaMagics.model = ...`."""
 
     model = Unicode(
-        "", help="Default model id or folder ('' = $LLAVA_NB_MODEL or LLaVA-1.5-7B)"
+        "", help="Default model id or folder ('' = $LLAVA_NB_MODEL, LLaVA-1.5-7B, or 'demo')"
     ).tag(config=True)
     quantization = Enum(["auto", "none", "4bit", "8bit"], "auto", help="Quantization").tag(
         config=True
@@ -222,6 +223,16 @@ class LlavaMagics(Magics):
             if cell is None:
                 return self._command(parse_command(line))
             return self._ask(parse_question(line), cell)
+        except LlavaError as e:
+            print(f"llava_nb: {e}", file=sys.stderr)
+
+    @cell_magic
+    def llava_finetune(self, line: str, cell: str):
+        """%%llava_finetune [-o VAR]: fine-tune; the body is ln.finetune's arguments as YAML."""
+        from llava_nb.training.cell import run_cell
+
+        try:
+            return run_cell(self, line, cell)
         except LlavaError as e:
             print(f"llava_nb: {e}", file=sys.stderr)
 
@@ -286,7 +297,8 @@ class LlavaMagics(Magics):
         }
         previous, chat.model = chat.model, model
         try:
-            pieces = chat.stream(question, images, **settings)  # bad input fails here
+            # bad input fails here
+            pieces = chat.stream(question, images, attention=args.attention, **settings)
         except BaseException:
             chat.model = previous
             raise
@@ -295,14 +307,18 @@ class LlavaMagics(Magics):
             self.pinned.add(args.chat)
         elif args.new:
             self.pinned.discard(args.chat)
-        answer, interrupted = self._stream(chat, pieces, keep=bool(args.output))
+        keep = bool(args.output or args.attention)
+        answer, interrupted = self._stream(chat, pieces, keep=keep)
         self._release_unused()
         if interrupted:
             return None
+        attention = chat._attention if args.attention else None
+        if attention is not None:  # the answer stays shown above its heatmap; no cell value
+            display(attention.plot())
         if args.output:
-            self.shell.user_ns[args.output] = Answer(answer)
+            self.shell.user_ns[args.output] = Answer(answer, attention)
             return None
-        return Answer(answer)
+        return None if args.attention else Answer(answer)
 
     def _stream(self, chat, pieces, keep: bool = False) -> tuple[str, bool]:
         """Show the answer as it grows (one display, redrawn at most every UPDATE_INTERVAL_S).
@@ -412,6 +428,19 @@ class LlavaMagics(Magics):
             stopped = " *(interrupted)*" if turn.interrupted else ""
             lines += [f"**You:**{pictures} {turn.question}", f"**LLaVA:** {turn.answer}{stopped}"]
         return Markdown("\n\n".join(lines) or "*(no turns yet)*")
+
+    def _cmd_panel(self, args):
+        from llava_nb.chat import Chat
+        from llava_nb.panel import ChatPanel
+
+        if args.chat not in self.chats:  # opened before any question: the chat starts here
+            self.chats[args.chat] = Chat(
+                self._current_model(),
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+            )
+        return ChatPanel(self.chats[args.chat])
 
     def _cmd_reset(self, args) -> None:
         self._existing(args.chat).reset()

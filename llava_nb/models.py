@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
+import inspect
 import logging
 import os
 import queue
@@ -21,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llava_nb.decoding import image_fingerprints, static_decoder
 from llava_nb.errors import LlavaError
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+DEMO_MODEL = "demo"  # the offline demo model (llava_nb.demo), built on first use
 FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}
 QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
 
@@ -54,13 +58,49 @@ REGISTRY: dict[str, KnownModel] = {
         KnownModel("llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next", "7B", "Vicuna-7B", 14.1),
         KnownModel("llava-hf/llava-v1.6-vicuna-13b-hf", "llava_next", "13B", "Vicuna-13B", 26.7),
         KnownModel("llava-hf/llava-v1.6-34b-hf", "llava_next", "34B", "Yi-34B", 69.5),
+        KnownModel(DEMO_MODEL, "llava", "0.15B", "SmolLM2-135M-Instruct", 0.3),
     )
 }
 
 
 def default_model_id() -> str:
-    """The model a chat uses when none is named: `$LLAVA_NB_MODEL`, else LLaVA-1.5-7B."""
-    return os.environ.get("LLAVA_NB_MODEL") or DEFAULT_MODEL
+    """The model a chat uses when none is named: `$LLAVA_NB_MODEL`, else LLaVA-1.5-7B, else
+    (when that is neither cached nor downloadable here) the offline demo model."""
+    configured = os.environ.get("LLAVA_NB_MODEL")
+    if configured:
+        return configured
+    if _default_available():
+        return DEFAULT_MODEL
+    if not _fallback_noticed:
+        _fallback_noticed.append(True)
+        print(
+            f"llava_nb: {DEFAULT_MODEL} is not cached and the hub cannot be reached; using the "
+            "offline demo model (set LLAVA_NB_MODEL or %llava config model=... for another)",
+            flush=True,
+        )
+    return DEMO_MODEL
+
+
+_fallback_noticed: list[bool] = []  # the fallback notice is shown once per process
+
+
+@functools.cache
+def _default_available() -> bool:
+    """Asked once per process: a probe of the hub takes up to a few seconds."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(DEFAULT_MODEL, "config.json"), str) or (
+        _hub_reachable()
+    )
+
+
+def _source(model_id: str) -> str:
+    """The folder or hub id to read the weights from: the demo model is built on first use."""
+    if model_id == DEMO_MODEL:
+        from llava_nb.demo import build
+
+        return build()
+    return model_id
 
 
 def pick_device() -> str:
@@ -234,6 +274,9 @@ class Model:
         self._state = "unloaded"
         self._load_seconds: float | None = None
         self._lock = threading.RLock()  # one load or generation at a time
+        self._conversation: Any = None  # decoding.ConversationCache: the last chat's KV cache
+        self._decoder: Any = None  # decoding.StaticDecoder: static KV cache, CUDA graph
+        self._weights_version = 0  # bumped whenever the weights change (adapters): stale caches
 
     def __repr__(self) -> str:
         return (
@@ -288,7 +331,8 @@ class Model:
         from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
         start = time.perf_counter()
-        config = _load_config(self.model_id)
+        source = _source(self.model_id)
+        config = _load_config(source)
         if config.model_type not in FAMILIES:
             raise ModelError(
                 f"'{self.model_id}' is a {config.model_type!r} model, not LLaVA or LLaVA-NeXT; "
@@ -318,8 +362,8 @@ class Model:
         dtype_name = str(dtype).removeprefix("torch.")
         print(f"llava_nb: loading {self.model_id} on {device} ({label}{dtype_name})…", flush=True)
         try:
-            self.processor = AutoProcessor.from_pretrained(self.model_id)
-            self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kwargs).eval()
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).eval()
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -329,6 +373,9 @@ class Model:
             raise ModelError(f"loading {self.model_id} needs a package: {e}") from None
         self.device, self._loaded_quantization = device, quant
         self._load_seconds = time.perf_counter() - start
+        from llava_nb.decoding import ConversationCache
+
+        self._conversation = ConversationCache(self.model.config.image_token_id)
         gb = self.model.get_memory_footprint() / 1e9
         print(f"llava_nb: loaded in {self._load_seconds:.1f} s ({gb:.2f} GB)", flush=True)
 
@@ -348,7 +395,7 @@ class Model:
             self._release()
 
     def _release(self) -> None:
-        self.model = self.processor = None
+        self.model = self.processor = self._conversation = self._decoder = None
         self._loaded_quantization = None
         self._state = "unloaded"
         gc.collect()
@@ -367,10 +414,14 @@ class Model:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        attention: bool = False,
+        adapter: str | None = None,
     ) -> Generation:
         """Start answering a conversation in the processor's chat-message format.
 
-        Returns a `Generation`: iterate it for text pieces; `.text` is the answer.
+        Returns a `Generation`: iterate it for text pieces; `.text` is the answer. With
+        `attention=True` it also records where the answer looked (`Generation.attention`).
+        `adapter`: a fine-tuned adapter folder to answer with (None: the base weights).
         """
         check_settings(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
@@ -382,7 +433,10 @@ class Model:
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-        ).to(self.model.device, self.model.dtype)
+        )
+        reuse = not attention  # attention capture reads the whole prompt
+        fingerprints = image_fingerprints(inputs) if reuse else None
+        inputs = inputs.to(self.model.device, self.model.dtype)
         prompt_tokens = inputs["input_ids"].shape[1]
         context = self.model.config.text_config.max_position_embeddings
         if prompt_tokens >= context:
@@ -396,7 +450,15 @@ class Model:
         }
         if temperature > 0:
             options.update(do_sample=True, temperature=temperature, top_p=top_p)
-        return Generation(self, inputs, options, seed)
+        recorder = None
+        if attention:
+            from llava_nb.attention import _Recorder
+
+            recorder = _Recorder(self, inputs, messages)
+        generation = Generation(self, inputs, options, seed, recorder)
+        generation.adapter = adapter
+        generation._fingerprints = fingerprints
+        return generation
 
 
 def check_settings(*, max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
@@ -420,8 +482,19 @@ class Generation:
     leaving the loop early) ends it after the current token and keeps the partial answer.
     """
 
-    def __init__(self, model: Model, inputs, options: dict[str, Any], seed: int | None) -> None:
+    def __init__(
+        self, model: Model, inputs, options: dict[str, Any], seed: int | None, recorder=None
+    ) -> None:
         self._model = model
+        self._recorder = recorder  # attention capture (llava_nb.attention), or None
+        self._attention = None
+        self.adapter: str | None = None  # switched to in the worker, holding the model's lock
+        self._fingerprints: list[str] | None = None  # of the images; None: no KV-cache reuse
+        self.reused_tokens = 0  # prompt tokens whose keys/values came from the previous turn
+        self.decoding: str | None = None  # "generate", "eager-static" or "graph"
+        self.started_at: float | None = None  # time.perf_counter() when the worker started
+        self.first_token_at: float | None = None  # ... when the first new token arrived
+        self.finished_at: float | None = None  # ... when the answer ended
         self.prompt_tokens = inputs["input_ids"].shape[1]
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -452,15 +525,38 @@ class Generation:
         from transformers import StoppingCriteriaList
 
         try:
-            with self._model._lock, torch.inference_mode():
+            recording = self._recorder or contextlib.nullcontext()
+            with self._model._lock, torch.inference_mode(), recording:
+                _activate_adapter(self._model, self.adapter)
                 if seed is not None:
                     torch.manual_seed(seed)
-                out = self._model.model.generate(
-                    **inputs,
-                    **options,
-                    streamer=_QueueStreamer(self._queue),
-                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]),
-                )
+                conversation = self._model._conversation
+                weights = (self.adapter, self._model._weights_version)
+                streamer = _QueueStreamer(self._queue)
+                stopping = StoppingCriteriaList([_StopOnEvent(self._stop)])
+                # the static-cache decoder (CUDA graphs) where it applies, else plain generate
+                decoder = None
+                if self._recorder is None:
+                    decoder = static_decoder(self._model, inputs["input_ids"], options, stopping)
+                cache = None
+                if self._fingerprints is not None and conversation is not None:
+                    inputs, cache = conversation.take(
+                        inputs, self._fingerprints, weights, static=decoder is not None
+                    )
+                    self.reused_tokens = conversation.reused_tokens
+                    if decoder is None:
+                        options = {**options, **_cache_option(self._model.model, cache)}
+                if decoder is not None:
+                    out = decoder.generate(inputs, cache, weights=weights, streamer=streamer)
+                    cache, self.decoding = decoder.cache, decoder.mode
+                else:
+                    out = self._model.model.generate(
+                        **inputs, **options, streamer=streamer, stopping_criteria=stopping
+                    )
+                    cache = next((v for k, v in options.items() if k in _CACHE_KWARGS), None)
+                    self.decoding = "generate"
+                if self._fingerprints is not None and conversation is not None:
+                    conversation.keep(cache, out[0].tolist(), self._fingerprints, weights)
             self._queue.put(("end", out[0, self.prompt_tokens :].tolist()))
         except BaseException as e:  # handed to the consumer thread, raised there
             self._queue.put(("error", e))
@@ -472,11 +568,14 @@ class Generation:
         if self.done:
             return
         emitted = ""
+        self.started_at = time.perf_counter()
         self._worker.start()
         try:
             while True:
                 kind, value = self._queue.get()
                 if kind == "token":
+                    if not self.token_ids:
+                        self.first_token_at = time.perf_counter()
                     self.token_ids.append(value)
                     text = self._decode(self.token_ids).rstrip("\ufffd")  # hold back split bytes
                 elif kind == "end":
@@ -494,6 +593,7 @@ class Generation:
                     self.done = True
                     return
         finally:
+            self.finished_at = time.perf_counter()
             if not self.done:  # interrupted, stopped or abandoned: keep what we have
                 self._stop.set()
                 self._worker.join()
@@ -506,6 +606,51 @@ class Generation:
         for _ in self:
             pass
         return self.text
+
+    @property
+    def records_attention(self) -> bool:
+        """Whether this answer records attention (generate with attention=True)."""
+        return self._recorder is not None
+
+    @property
+    def attention(self):
+        """The `AttentionMap` of the answer (generate with attention=True), once it is done."""
+        if self._recorder is None:
+            raise GenerationError("this answer was generated without attention=True; ask again")
+        if not self.done:
+            raise GenerationError("the answer is not finished; read it (or wait()) first")
+        if self._attention is None:
+            self._attention = self._recorder.attention_map(self.token_ids)
+        return self._attention
+
+
+_CACHE_KWARGS = ("cache", "past_key_values")  # generate()'s name for it: 5.24+, before
+
+
+def _cache_option(model, cache) -> dict[str, Any]:
+    """`generate` keyword for a KV cache to continue from (a fresh one when `cache` is None),
+    under the name this transformers version takes."""
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config.text_config)
+    parameters = inspect.signature(model.prepare_inputs_for_generation).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
+
+
+def _activate_adapter(owner: Model, adapter: str | None) -> None:
+    """Switch the loaded weights to a chat's adapter (None: the base) before it generates.
+
+    Loading an adapter not seen before bumps the weights version: no cache outlives the weights
+    it was computed with (an adapter trained again in the same folder loads afresh)."""
+    loaded = len(getattr(owner.model, "_llava_nb_adapters", None) or ())
+    if adapter is None and not loaded:
+        return  # no adapter was ever loaded: nothing to switch, nothing to import
+    from llava_nb.training.adapters import activate
+
+    activate(owner.model, adapter)
+    if len(getattr(owner.model, "_llava_nb_adapters", None) or ()) != loaded:
+        owner._weights_version += 1
 
 
 class _QueueStreamer:

@@ -136,8 +136,14 @@ class RemoteModel:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        attention: bool = False,
     ) -> RemoteGeneration:
         """Start answering; iterate the result for text pieces (as with `Model.generate`)."""
+        if attention:
+            raise GenerationError(
+                f"attention maps need local weights; {self.model_id} is a server. Load the "
+                "model locally (ln.Model('llava-hf/...')) to ask with attention=True"
+            )
         check_settings(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )

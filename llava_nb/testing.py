@@ -50,7 +50,7 @@ _SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 _KINDS = ("llava", "llava_next")
 
 
-def _tokenizer(vocab_size: int):
+def tokenizer(vocab_size: int = 320):
     """A byte-level BPE tokenizer trained in-process, with LLaVA's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -105,7 +105,7 @@ def make_tiny_llava(
     )
 
     path = Path(path)
-    tokenizer = _tokenizer(vocab_size=320)
+    tok = tokenizer()
     image_size, patch = 32, 8
     vision = CLIPVisionConfig(
         hidden_size=width,
@@ -117,21 +117,21 @@ def make_tiny_llava(
         projection_dim=width,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tok),
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     common = dict(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
@@ -146,7 +146,7 @@ def make_tiny_llava(
         )
         processor = LlavaProcessor(
             image_processor=image_processor,
-            tokenizer=tokenizer,
+            tokenizer=tok,
             patch_size=patch,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
@@ -167,13 +167,13 @@ def make_tiny_llava(
         )
         processor = LlavaNextProcessor(
             image_processor=image_processor,
-            tokenizer=tokenizer,
+            tokenizer=tok,
             patch_size=patch,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
             chat_template=LLAVA_NEXT_MISTRAL_TEMPLATE,
         )
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -61,3 +61,24 @@ def browser():
         )
         yield chromium
         chromium.close()
+
+
+# The reduced demo model (llava_nb.demo): about half the images and steps of the real build
+# (4.4 min on 2 CPU cores); tests/test_demo.py checks it answers above chance.
+SMALL_DEMO = {"align_rows": 384, "align_steps": 48, "instruct_rows": 128, "instruct_steps": 16}
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> str:
+    """A cache folder (for $LLAVA_NB_CACHE) holding a reduced demo build, made over a
+    half-written folder (no marker, a truncated file) that the build must replace."""
+    from llava_nb import demo
+
+    cache = tmp_path_factory.mktemp("llava_nb-cache")
+    folder = cache / f"demo-{demo.VERSION}"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llava"}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 100)
+    assert not demo.is_built(folder)
+    demo.build(folder, seed=0, progress=False, **SMALL_DEMO)
+    return str(cache)

@@ -40,7 +40,11 @@ def test_registry_lists_the_llava_hf_checkpoints():
 
 
 def test_default_model_comes_from_the_environment(monkeypatch):
+    import llava_nb.models
+
     monkeypatch.delenv("LLAVA_NB_MODEL", raising=False)
+    # where LLaVA-1.5-7B is cached or the hub answers (offline, tests/test_demo.py: the demo)
+    monkeypatch.setattr(llava_nb.models, "_default_available", lambda: True)
     assert default_model_id() == "llava-hf/llava-1.5-7b-hf"
     monkeypatch.setenv("LLAVA_NB_MODEL", "/some/folder")
     assert Model().model_id == "/some/folder"

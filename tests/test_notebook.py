@@ -314,7 +314,7 @@ def test_kernel_interrupt_keeps_the_partial_answer(slow_llava, photo_path, kerne
 # ---------------------------------------------------------------- the quickstart example
 
 
-def test_quickstart_notebook_runs_offline(kernel_env, tmp_path):
+def test_quickstart_notebook_runs_offline(kernel_env, demo_cache, tmp_path):
     committed = nbformat.read(QUICKSTART, as_version=4)
     nbformat.validate(committed)
     code_cells = [cell for cell in committed.cells if cell.cell_type == "code"]
@@ -322,7 +322,8 @@ def test_quickstart_notebook_runs_offline(kernel_env, tmp_path):
     assert any("%load_ext llava_nb" in cell.source for cell in code_cells)
 
     nb = nbformat.read(QUICKSTART, as_version=4)
-    client = execute(nb, kernel_env, tmp_path)
+    # the demo model: the reduced build of tests/conftest.py, found in the cache as a user's is
+    client = execute(nb, {**kernel_env, "LLAVA_NB_CACHE": demo_cache}, tmp_path)
     assert list(tmp_path.iterdir()) == []  # the checkpoint and the saved chat go to a temp dir
     code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
     for cell in code_cells:
