@@ -103,6 +103,9 @@ def test_model_demo_uses_the_cached_build_and_answers_above_chance(demo_cache, m
         words = chat.ask(question, image=row["image"]).lower().split()
         right += bool(words) and words[0].strip(".,!") == answer
     model.unload()
+    from llava_nb.training.train import base_id
+
+    assert base_id("demo") == base_id(model) == str(Path(demo_cache) / f"demo-{demo.VERSION}")
     # chance is 1 in 6; the reduced build measured 42% (benchmarks/demo_accuracy.py, n=40), the
     # full build is meant for >= 95%
     assert right / len(rows) >= 0.3

@@ -69,10 +69,12 @@ class FinetuneRun:
 
 def base_id(model: Any) -> str:
     """The checkpoint id or folder behind a `Model`, an id or a path."""
+    from llava_nb.models import _source  # "demo" names a folder built on first use
+
     if isinstance(model, str | os.PathLike):
-        return str(model)
+        return _source(str(model))
     if hasattr(model, "model_id") and not hasattr(model, "remote_model"):
-        return str(model.model_id)
+        return _source(str(model.model_id))
     if hasattr(model, "remote_model"):
         raise FinetuneError("fine-tuning needs local weights, not a server; pass a checkpoint")
     raise FinetuneError(
