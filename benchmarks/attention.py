@@ -66,76 +66,12 @@ def build(family: str, shape: str, folder: Path, layers: int | None) -> str:
 
 def _build_7b(family: str, path: Path, layers: int) -> None:
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-        LlavaProcessor,
-    )
 
-    from llava_nb.testing import LLAVA_15_TEMPLATE, LLAVA_NEXT_MISTRAL_TEMPLATE
-    from llava_nb.testing import tokenizer as make_tokenizer
+    from llava_nb.testing import LLAVA_7B_TEXT, LLAVA_7B_VISION, llava_parts, tokenizer
 
-    tokenizer = make_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    common = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    processor_args = dict(
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    size, crop = {"shortest_edge": 336}, {"height": 336, "width": 336}
-    if family == "llava":
-        config, cls = LlavaConfig(**common), LlavaForConditionalGeneration
-        processor = LlavaProcessor(
-            image_processor=CLIPImageProcessor(size=size, crop_size=crop),
-            chat_template=LLAVA_15_TEMPLATE,
-            **processor_args,
-        )
-    else:
-        pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-        config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
-        cls = LlavaNextForConditionalGeneration
-        processor = LlavaNextProcessor(
-            image_processor=LlavaNextImageProcessor(
-                size=size, crop_size=crop, image_grid_pinpoints=pinpoints
-            ),
-            chat_template=LLAVA_NEXT_MISTRAL_TEMPLATE,
-            **processor_args,
-        )
+    tok = tokenizer()
+    text = {**LLAVA_7B_TEXT, "num_hidden_layers": layers, "vocab_size": len(tok)}
+    cls, config, processor = llava_parts(family, tok, LLAVA_7B_VISION, text)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
@@ -144,7 +80,7 @@ def _build_7b(family: str, path: Path, layers: int) -> None:
             model = cls(config)
     finally:
         torch.set_default_dtype(default)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     processor.save_pretrained(path)
     del model

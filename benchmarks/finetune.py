@@ -69,65 +69,17 @@ def make_checkpoint(shape: str, workdir: Path) -> str:
     if (target / "config.json").is_file():
         return str(target)
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
 
-    from llava_nb.testing import LLAVA_15_TEMPLATE
-    from llava_nb.testing import tokenizer as make_tokenizer
+    from llava_nb.testing import LLAVA_7B_TEXT, LLAVA_7B_VISION, llava_parts, tokenizer
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    tokenizer = make_tokenizer(
-        vocab_size=320
-    )  # a small real tokenizer; the embedding is 32064 wide
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    tok = tokenizer()  # a small real tokenizer; the embedding is 32064 wide, as in the 7B
+    model_class, config, processor = llava_parts("llava", tok, LLAVA_7B_VISION, LLAVA_7B_TEXT)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlavaForConditionalGeneration(config).to(torch.float16)
+        model = model_class(config).to(torch.float16)
     model.save_pretrained(target)
     del model
     torch.cuda.empty_cache()  # the workers need the GPU; this process keeps only its context
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        ),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_15_TEMPLATE,
-    )
     processor.save_pretrained(target)
     return str(target)
 

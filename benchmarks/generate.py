@@ -48,61 +48,35 @@ QUESTIONS = [
     "Summarize everything in one sentence.",
 ]
 
-# (vision: hidden, intermediate, layers, heads, image size, patch), (text: hidden, intermediate,
-# layers, heads, vocab, context)
-SHAPES = {
-    "small": ((256, 1024, 4, 4, 112, 14), (512, 1408, 4, 8, 32064, 4096)),
-    "llava-1.5-7b": ((1024, 4096, 24, 16, 336, 14), (4096, 11008, 32, 32, 32064, 4096)),
-}
+
+def _shapes() -> dict[str, tuple[dict, dict]]:
+    from llava_nb.testing import LLAVA_7B_TEXT, LLAVA_7B_VISION
+
+    small_vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=4, image_size=112, patch_size=14)  # fmt: skip
+    small_text = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=8,
+                      max_position_embeddings=4096, vocab_size=32064)  # fmt: skip
+    return {"small": (small_vision, small_text), "llava-1.5-7b": (LLAVA_7B_VISION, LLAVA_7B_TEXT)}
+
+
+SHAPES = ("small", "llava-1.5-7b")
 
 
 def build_checkpoint(path: str, shape: str, text_layers: int | None, dtype) -> str:
     """Save a random-weights LLaVA-1.5 in `shape`; weights drawn on the fastest device."""
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
 
-    from llava_nb.testing import LLAVA_15_TEMPLATE, tokenizer
+    from llava_nb.testing import llava_parts, tokenizer
 
-    (v_hidden, v_inter, v_layers, v_heads, image, patch), text = SHAPES[shape]
-    t_hidden, t_inter, t_layers, t_heads, vocab, context = text
+    vision, text = _shapes()[shape]
+    text = {**text, "num_hidden_layers": text_layers or text["num_hidden_layers"]}
     tok = tokenizer()
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=v_hidden,
-            intermediate_size=v_inter,
-            num_hidden_layers=v_layers,
-            num_attention_heads=v_heads,
-            image_size=image,
-            patch_size=patch,
-            projection_dim=768,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=t_hidden,
-            intermediate_size=t_inter,
-            num_hidden_layers=text_layers or t_layers,
-            num_attention_heads=t_heads,
-            num_key_value_heads=t_heads,
-            max_position_embeddings=context,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    model_class, config, processor = llava_parts("llava", tok, vision, text)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)
     model = model.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -112,16 +86,7 @@ def build_checkpoint(path: str, shape: str, text_layers: int | None, dtype) -> s
                 param.normal_(0.0, 0.02)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
-    LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": image}, crop_size={"height": image, "width": image}
-        ),
-        tokenizer=tok,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_15_TEMPLATE,
-    ).save_pretrained(path)
+    processor.save_pretrained(path)
     del model
     return path
 

