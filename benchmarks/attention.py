@@ -3,6 +3,7 @@
     python benchmarks/attention.py                          # tiny random LLaVA-1.5 and NeXT, CPU
     python benchmarks/attention.py --shape 7b --family llava --family llava_next   # on a GPU
     python benchmarks/attention.py --model llava-hf/llava-1.5-7b-hf --pointing 50
+    python benchmarks/attention.py --model demo --pointing 200           # the offline demo model
 
 Cost: the same checkpoint, the same prompt (a photo and a question) and the same number of new
 tokens (end-of-sequence suppressed), in one run: llava_nb without attention, llava_nb with
@@ -18,6 +19,8 @@ aspect ratios; "What color is the shape?" with attention=True. A hit is when the
 the heatmap's maximum (whole answer, all layers) falls inside the shape's box. Chance is the
 mean fraction of the picture the box covers. Random-weight checkpoints (--shape) sit near
 chance by construction: only a trained model (--model) says anything about localisation.
+With the demo model (--model demo, or its folder) the pictures are its own kind instead (one to
+three shapes, `ln.demo.shapes_dataset`) and the question names one of them.
 
 --shape 7b builds a random checkpoint with LLaVA-1.5-7B's / LLaVA-NeXT-7B's shapes (CLIP
 ViT-L/14 at 336 px, a 32-layer 4096-wide language model) in a temporary folder: realistic cost,
@@ -251,7 +254,6 @@ def cost(path: str, new_tokens: int, repeat: int) -> dict:
 
 
 def pointing(path: str, count: int, seed: int = 0) -> dict:
-    import numpy as np
     from PIL import Image, ImageDraw
 
     import llava_nb as ln
@@ -274,10 +276,9 @@ def pointing(path: str, count: int, seed: int = 0) -> dict:
         answer = chat.ask("What color is the shape?", image, attention=True)
         answers.append(str(answer))
         for method in hits:
-            heat = answer.attention.heatmap(method=method)
-            ys, xs = np.nonzero(heat >= heat.max() - 1e-6)
-            y, x = ys.mean(), xs.mean()
-            hits[method] += int(x0 <= x < x0 + bw and y0 <= y < y0 + bh)
+            hits[method] += _hit(
+                answer.attention.heatmap(method=method), (x0, y0, x0 + bw, y0 + bh)
+            )
         chance.append(bw * bh / (w * h))
     model.unload()
     said_color = sum(any(c in a.lower() for c in COLORS) for a in answers)
@@ -287,6 +288,49 @@ def pointing(path: str, count: int, seed: int = 0) -> dict:
         "chance": statistics.mean(chance),
         "answers_naming_a_color": said_color,
         "example_answer": answers[0],
+    }
+
+
+def _hit(heat, box) -> bool:
+    """Whether the centre of the heatmap's maximum lies inside `box` (x0, y0, x1, y1)."""
+    import numpy as np
+
+    ys, xs = np.nonzero(heat >= heat.max() - 1e-6)
+    x0, y0, x1, y1 = box
+    return bool(x0 <= xs.mean() < x1 and y0 <= ys.mean() < y1)
+
+
+def pointing_shapes(path: str, count: int, seed: int = 4321) -> dict:
+    """The pointing game on the demo model's own pictures (`ln.demo.shapes_dataset`, a seed its
+    build never used): ask the color of one of the one to three shapes; a hit when the
+    heatmap's maximum lies in that shape's box."""
+    import llava_nb as ln
+    from llava_nb import demo
+
+    rng = random.Random(seed)
+    model = ln.Model(path)
+    chat = ln.Chat(model, max_new_tokens=4)
+    hits, chance, right = {"mean": 0, "rollout": 0}, [], 0
+    for row in demo.shapes_dataset(count, seed):
+        target = rng.choice(row["objects"])
+        question = (
+            "What color is the shape?"
+            if len(row["objects"]) == 1
+            else f"What color is the {target['shape']}?"
+        )
+        chat.reset()
+        answer = chat.ask(question, row["image"], attention=True)
+        right += str(answer).strip().lower().startswith(target["color"])
+        for method in hits:
+            hits[method] += _hit(answer.attention.heatmap(method=method), target["box"])
+        x0, y0, x1, y1 = target["box"]
+        chance.append((x1 - x0) * (y1 - y0) / (row["image"].width * row["image"].height))
+    model.unload()
+    return {
+        "images": count,
+        "hit_rate": {m: n / count for m, n in hits.items()},
+        "chance": statistics.mean(chance),
+        "right_answers": right,
     }
 
 
@@ -321,6 +365,12 @@ def report(name: str, result: dict) -> None:
         print(f"time ratio attention=True / plain: {ratio:.2f}x ({verdict} the 1.5x goal)")
 
 
+def _is_demo(path: str) -> bool:
+    from llava_nb import demo
+
+    return path == demo.DEMO_ID or demo.is_built(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a checkpoint id or folder (default: random ones)")
@@ -344,7 +394,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in checkpoints.items():
             report(name, cost(path, args.new_tokens, args.repeat))
             sys.stdout.flush()
-            if args.pointing:
+            if args.pointing and _is_demo(path):
+                result = pointing_shapes(path, args.pointing)
+                rates = ", ".join(f"{m} {r:.0%}" for m, r in result["hit_rate"].items())
+                print(
+                    f"pointing game on the demo's shapes, {result['images']} pictures: hit rate "
+                    f"{rates}; chance {result['chance']:.0%}; right colors: "
+                    f"{result['right_answers']}"
+                )
+            elif args.pointing:
                 result = pointing(path, args.pointing)
                 rates = ", ".join(f"{m} {r:.0%}" for m, r in result["hit_rate"].items())
                 print(
