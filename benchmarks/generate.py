@@ -20,14 +20,8 @@ Then the logit check: the prompt of turn 1, and 32 tokens fed to both the plain 
 printed: the largest logit difference at any step, the logits' scale, and how many steps pick
 the same argmax (random weights make argmax ties fragile: the difference is what counts).
 
-On a lent GPU machine (one call of about 7 minutes; not yet run): first, here, fetch the wheels
-it lacks into an ignored folder (`echo /.whl/ >> .git/info/exclude`, then `pip download --no-deps
---only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl
-transformers==5.24.0 bitsandbytes==0.50.2`), then run there, carrying `.whl`:
-
-    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 python3 benchmarks/generate.py \
-        --shape llava-1.5-7b --quant none,4bit --checkpoint /tmp/llava7b
+On a lent GPU machine: `benchmarks/gpu.sh` runs this with the other GPU checks in one call (its
+header says which wheels to carry). Not yet run there.
 """
 
 from __future__ import annotations
