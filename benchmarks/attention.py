@@ -394,21 +394,20 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in checkpoints.items():
             report(name, cost(path, args.new_tokens, args.repeat))
             sys.stdout.flush()
-            if args.pointing and _is_demo(path):
-                result = pointing_shapes(path, args.pointing)
+            if args.pointing:
+                on_demo = _is_demo(path)
+                result = (pointing_shapes if on_demo else pointing)(path, args.pointing)
                 rates = ", ".join(f"{m} {r:.0%}" for m, r in result["hit_rate"].items())
-                print(
-                    f"pointing game on the demo's shapes, {result['images']} pictures: hit rate "
-                    f"{rates}; chance {result['chance']:.0%}; right colors: "
-                    f"{result['right_answers']}"
+                detail = (
+                    f"right colors: {result['right_answers']}"
+                    if on_demo
+                    else f"answers naming a color: {result['answers_naming_a_color']} "
+                    f"(e.g. {result['example_answer']!r})"
                 )
-            elif args.pointing:
-                result = pointing(path, args.pointing)
-                rates = ", ".join(f"{m} {r:.0%}" for m, r in result["hit_rate"].items())
+                where = " on the demo's shapes" if on_demo else ""
                 print(
-                    f"pointing game, {result['images']} pictures: hit rate {rates}; chance "
-                    f"{result['chance']:.0%}; answers naming a color: "
-                    f"{result['answers_naming_a_color']} (e.g. {result['example_answer']!r})"
+                    f"pointing game{where}, {result['images']} pictures: hit rate {rates}; chance "
+                    f"{result['chance']:.0%}; {detail}"
                 )
             sys.stdout.flush()
     return 0
