@@ -203,7 +203,9 @@ def cost(path: str, new_tokens: int, repeat: int) -> dict:
         "llava_nb attention=True": attention,
         "transformers output_attentions": transformers_eager,
     }
-    samples: dict[str, dict] = {name: {"times": [], "peaks": [], "kept": 0} for name in variants}
+    samples: dict[str, dict] = {
+        name: {"times": [], "peaks": [], "kept": 0, "path": "generate"} for name in variants
+    }
     failed: dict[str, str] = {}
     for i in range(repeat + 1):  # interleaved, so a change of load hits every variant alike
         for name, run in variants.items():
@@ -222,11 +224,13 @@ def cost(path: str, new_tokens: int, repeat: int) -> dict:
             except (torch.OutOfMemoryError, MemoryError) as e:
                 failed[name] = f"out of memory ({str(e).splitlines()[0][:60]})"
                 continue
+            path = getattr(result, "decoding", "generate")  # llava_nb's Generation says
             del result
             if i:  # the first round warms up
                 samples[name]["times"].append(elapsed)
                 samples[name]["peaks"].append(peak.bytes)
                 samples[name]["kept"] = kept
+                samples[name]["path"] = path
     rows = {
         name: {"error": failed[name]}
         if name in failed
@@ -234,6 +238,7 @@ def cost(path: str, new_tokens: int, repeat: int) -> dict:
             "seconds": statistics.median(sample["times"]),
             "peak_bytes": int(np.median(sample["peaks"])),
             "kept_bytes": sample["kept"],
+            "path": sample["path"],
         }
         for name, sample in samples.items()
     }
@@ -349,14 +354,14 @@ def report(name: str, result: dict) -> None:
         f"({info['image_tokens']} image), {info['new_tokens']} new tokens; same greedy answer "
         f"with attention=True: {'yes' if info['same_answer'] else 'NO'}"
     )
-    print(f"{'':34} {'time':>9} {'peak memory':>12} {'attention kept':>15}")
+    print(f"{'':34} {'time':>9} {'peak memory':>12} {'attention kept':>15}  decoding")
     for label, row in rows.items():
         if "error" in row:
             print(f"{label:34} {row['error']}")
             continue
         print(
             f"{label:34} {row['seconds']:8.3f}s {_mb(row['peak_bytes']):>12} "
-            f"{_mb(row['kept_bytes']):>15}"
+            f"{_mb(row['kept_bytes']):>15}  {row['path']}"
         )
     base, att = rows.get("llava_nb", {}), rows.get("llava_nb attention=True", {})
     if "seconds" in base and "seconds" in att:

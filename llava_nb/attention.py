@@ -291,11 +291,14 @@ class _Recorder:
                 f"layout gives {expected}; attention maps do not support this checkpoint"
             )
         self._layers = list(hf.model.language_model.layers)
+        self._heads = hf.config.get_text_config().num_attention_heads
+        self._first = len(ids) - 1  # the position whose row chose the first new token
         self._store = torch.float32 if hf.dtype == torch.float32 else torch.float16
         self._step: list[Any] = [None] * len(self._layers)
         self._pending: list[Any] = []  # steps still on the model's device, moved in batches
         self._steps: list[Any] = []  # per forward step: (layers, heads, image tokens + 1), CPU
         self._previous: str | None = None
+        self._buffers: dict[str, Any] = {}  # a static decoder's, when it records into them
 
     def __enter__(self) -> _Recorder:
         hf = self._model.model
@@ -325,6 +328,59 @@ class _Recorder:
                     self._flush()
 
         return record
+
+    # ---- inside a static decoder: every step's work is tensor operations on buffers at fixed
+    # addresses, so a step captured in a CUDA graph records when replayed
+
+    slots = _BATCH  # rows the device buffers hold between moves to the CPU
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """What decides the buffers' layout (and so a captured recording step)."""
+        return len(self._layers), self._heads, len(self._positions)
+
+    def make_buffers(self, device) -> dict[str, Any]:
+        """Device buffers for `record_into`: the image columns, the first row's position and
+        `slots` rows of (layers, heads, image tokens + 1)."""
+        import torch
+
+        return {
+            "columns": torch.zeros(len(self._positions), dtype=torch.long, device=device),
+            "first": torch.zeros((), dtype=torch.long, device=device),
+            "rows": torch.zeros(
+                (self.slots, *self.key[:2], len(self._positions) + 1),
+                dtype=self._model.model.dtype,
+                device=device,
+            ),
+        }
+
+    def record_into(self, buffers: dict[str, Any], position) -> None:
+        """Record each forward's last row into `buffers` (from `make_buffers`, perhaps made for
+        an earlier recorder of this `key`) at slot (position - first) % slots, `position` being
+        the decoder's tensor holding the query's position, read when the step runs; the query's
+        own key sits at that column. `move_rows` takes the rows off the device."""
+        import torch
+
+        buffers["columns"].copy_(self._positions)
+        buffers["first"].fill_(self._first)
+        self._buffers = buffers
+        for i, layer in enumerate(self._layers):
+
+            def record(row, i=i) -> None:  # (heads, cache length) of the last query
+                itself = row.index_select(1, position.view(1))
+                entry = torch.cat((row.index_select(1, buffers["columns"]), itself), dim=1)
+                slot = torch.remainder(position - buffers["first"], self.slots).view(1)
+                rows = buffers["rows"].select(1, i)
+                rows.index_copy_(0, slot, entry.unsqueeze(0).to(rows.dtype))
+
+            layer.self_attn._llava_nb_record = record
+
+    def move_rows(self, count: int) -> None:
+        """Append the buffers' first `count` rows (the steps since the last move) to the
+        answer's steps, in one copy to the CPU."""
+        if count:
+            rows = self._buffers["rows"][:count].to("cpu", self._store, copy=True)
+            self._steps.extend(rows.unbind())
 
     def _flush(self) -> None:
         """Move the pending steps to the CPU in one copy: a copy per step would wait on the

@@ -239,7 +239,11 @@ class StaticDecoder:
         self.captures = 0  # steps captured (once per cache size and weights)
         self.cache: Any = None  # a transformers StaticCache
         self.capacity = 0
-        self._replay: Callable | None = None  # the captured step for this cache and weights
+        # captured steps for this cache and weights: None's records nothing, an attention
+        # recorder's key's records into that recorder layout's buffers (one layout kept)
+        self._replays: dict[Any, Callable] = {}
+        self._recording: tuple[Any, Any] | None = None  # (recorder key, its device buffers)
+        self._key: Any = None  # the replay the current generation steps with
         self._weights: object = None
         self._plan: tuple | None = None  # set by prepare(), used by the next generate()
         self._text_config = model.config.get_text_config()
@@ -271,7 +275,8 @@ class StaticDecoder:
 
     def applies(self, options: dict[str, Any]) -> bool:
         """Greedy or sampling, with an attention this step supports; else plain generate."""
-        attention = getattr(self._text_config, "_attn_implementation", None)
+        attention = getattr(self._text_config, "_attn_implementation", None) or ""
+        attention = attention.removeprefix("llava_nb_recording_")  # attention capture's wrapper
         if not self._supported or attention not in ("sdpa", "eager"):  # others: no 4-D mask
             return False
         missing = [name for name in _GENERATE_PARTS if not hasattr(self.model, name)]
@@ -297,7 +302,7 @@ class StaticDecoder:
             context = self._text_config.max_position_embeddings
             capacity = min(max(context, needed), -(-needed // BLOCK) * BLOCK)
             fresh = StaticCache(config=self._text_config, max_cache_len=capacity)
-            self._replay = None  # a captured step points at the old cache's memory
+            self._replays.clear()  # a captured step points at the old cache's memory
             self.cache, self.capacity, self._columns = fresh, capacity, None
         if cache is not None and cache is not self.cache and held:
             for new, old in zip(self.cache.layers, cache.layers, strict=True):
@@ -324,6 +329,7 @@ class StaticDecoder:
         self._set_length(start)
         length = input_ids.shape[1]
         device = input_ids.device
+        self._position.fill_(length - 1)  # the last query's, for an attention recorder
         positions = torch.arange(start, length, device=device).unsqueeze(0)
         columns = torch.arange(self.capacity, device=device)
         visible = columns.unsqueeze(0) <= positions.view(-1, 1)  # causal, stale entries hidden
@@ -372,15 +378,28 @@ class StaticDecoder:
 
         if self._columns is None:
             self._columns = torch.arange(self.capacity, device=self._token.device)
-        if self._replay is None and self.capture is not None and self.graphs_ok is not False:
-            self._replay = self._capture_checked(token, position)
+        replay = self._replays.get(self._key)
+        if replay is None and self.capture is not None and self.graphs_ok is not False:
+            replay = self._capture_checked(token, position)
+            if replay is not None:
+                self._replays[self._key] = replay
         self._load(token, position)
-        return self._replay() if self._replay is not None else self._step_body()
+        return replay() if replay is not None else self._step_body()
 
     def _capture_checked(self, token, position: int) -> Callable | None:
         """Capture the step, then compare it with the eager step from the same state over a
         few tokens; None (eager from now on, one warning) if capture fails or they differ.
-        The steps write cache entries at and after `position`, which decoding overwrites."""
+        The steps write cache entries at and after `position`, which decoding overwrites, and
+        an attention recorder's rows, which are put back as they were."""
+        rows = self._recording[1]["rows"] if self._key is not None else None
+        kept = rows.clone() if rows is not None else None
+        try:
+            return self._capture_and_compare(token, position)
+        finally:
+            if kept is not None:
+                rows.copy_(kept)
+
+    def _capture_and_compare(self, token, position: int) -> Callable | None:
         steps = max(1, min(CHECK_STEPS, self.capacity - position))
         expected, fed = [], []
         current = token.view(1)
@@ -414,7 +433,7 @@ class StaticDecoder:
 
     def _give_up(self, why: str) -> None:
         self.graphs_ok = False
-        self._replay = None
+        self._replays.clear()
         _log.warning("llava_nb: %s; decoding without CUDA graphs for this model", why)
         import torch
 
@@ -424,12 +443,20 @@ class StaticDecoder:
     # ---- generation
 
     def generate(
-        self, inputs: dict[str, Any], cache: Any, *, weights: object = None, streamer: Any = None
+        self,
+        inputs: dict[str, Any],
+        cache: Any,
+        *,
+        weights: object = None,
+        streamer: Any = None,
+        recorder: Any = None,
     ):
         """What `model.generate(**inputs, **options, streamer=..., stopping_criteria=...)`
         returns (prompt + answer ids) for the options given to `prepare`, continuing from
         `cache` (None: afresh; from `ConversationCache.take(..., static=True)`: image inputs
-        already cut to those after it). The cache it leaves is `self.cache`."""
+        already cut to those after it). The cache it leaves is `self.cache`. `recorder`: an
+        attention recorder (`llava_nb.attention`, already entered) that records every step,
+        captured steps included; it needs the whole prompt read (`cache` None)."""
         import torch
 
         if self._plan is None:
@@ -438,29 +465,52 @@ class StaticDecoder:
         input_ids = inputs["input_ids"]
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         if weights != self._weights:  # an adapter switch changes the step's code path
-            self._replay, self._weights = None, weights
+            self._replays.clear()
+            self._weights = weights
         self.reserve(cache, config.max_length - 1)
+        self._key = self._record_with(recorder) if recorder is not None else None
         start = cache_length(self.cache)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        logits = self.prefill(input_ids, start, **extra)
-        sequence = input_ids
-        while True:  # as generate's sampling loop, one sequence
-            scores = processors(sequence, logits.to(copy=True, dtype=torch.float32))
-            if config.do_sample:
-                probs = torch.nn.functional.softmax(scores, dim=-1)
-                token = torch.multinomial(probs, num_samples=1).squeeze(1)
-            else:
-                token = torch.argmax(scores, dim=-1)
-            sequence = torch.cat([sequence, token[:, None]], dim=-1)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if bool(criteria(sequence, None).all()):
-                break
-            logits = self.step(token, sequence.shape[1] - 1)
+        rows = 1  # recorded rows not yet moved off the device (the prefill's, at slot 0)
+        try:
+            logits = self.prefill(input_ids, start, **extra)
+            sequence = input_ids
+            while True:  # as generate's sampling loop, one sequence
+                scores = processors(sequence, logits.to(copy=True, dtype=torch.float32))
+                if config.do_sample:
+                    probs = torch.nn.functional.softmax(scores, dim=-1)
+                    token = torch.multinomial(probs, num_samples=1).squeeze(1)
+                else:
+                    token = torch.argmax(scores, dim=-1)
+                sequence = torch.cat([sequence, token[:, None]], dim=-1)
+                if streamer is not None:
+                    streamer.put(token.cpu())
+                if bool(criteria(sequence, None).all()):
+                    break
+                if recorder is not None and rows == recorder.slots:
+                    recorder.move_rows(rows)  # before the next step overwrites slot 0
+                    rows = 0
+                logits = self.step(token, sequence.shape[1] - 1)
+                rows += 1
+        finally:
+            if recorder is not None:
+                recorder.move_rows(rows)
         if streamer is not None:
             streamer.end()
         return sequence
+
+    def _record_with(self, recorder: Any) -> Any:
+        """Point `recorder` at device buffers that outlive it, so that a step captured while
+        recording replays into them for the next recorder of the same layout; return the
+        replay key. One layout is kept: another one drops its buffers and captured step."""
+        key = recorder.key
+        if self._recording is None or self._recording[0] != key:
+            if self._recording is not None:
+                self._replays.pop(self._recording[0], None)
+            self._recording = key, recorder.make_buffers(self._token.device)
+        recorder.record_into(self._recording[1], self._position)
+        return key
 
     def prepare(self, input_ids, options: dict[str, Any], stopping_criteria=None) -> None:
         """Set up the next `generate`: `generate`'s own generation config, logits processors

@@ -434,8 +434,7 @@ class Model:
             return_dict=True,
             return_tensors="pt",
         )
-        reuse = not attention  # attention capture reads the whole prompt
-        fingerprints = image_fingerprints(inputs) if reuse else None
+        fingerprints = image_fingerprints(inputs)
         inputs = inputs.to(self.model.device, self.model.dtype)
         prompt_tokens = inputs["input_ids"].shape[1]
         context = self.model.config.text_config.max_position_embeddings
@@ -489,7 +488,7 @@ class Generation:
         self._recorder = recorder  # attention capture (llava_nb.attention), or None
         self._attention = None
         self.adapter: str | None = None  # switched to in the worker, holding the model's lock
-        self._fingerprints: list[str] | None = None  # of the images; None: no KV-cache reuse
+        self._fingerprints: list[str] = []  # of the prompt's images, for KV-cache reuse
         self.reused_tokens = 0  # prompt tokens whose keys/values came from the previous turn
         self.decoding: str | None = None  # "generate", "eager-static" or "graph"
         self.started_at: float | None = None  # time.perf_counter() when the worker started
@@ -535,19 +534,21 @@ class Generation:
                 streamer = _QueueStreamer(self._queue)
                 stopping = StoppingCriteriaList([_StopOnEvent(self._stop)])
                 # the static-cache decoder (CUDA graphs) where it applies, else plain generate
-                decoder = None
-                if self._recorder is None:
-                    decoder = static_decoder(self._model, inputs["input_ids"], options, stopping)
+                decoder = static_decoder(self._model, inputs["input_ids"], options, stopping)
                 cache = None
-                if self._fingerprints is not None and conversation is not None:
+                if conversation is not None and self._recorder is None:
                     inputs, cache = conversation.take(
                         inputs, self._fingerprints, weights, static=decoder is not None
                     )
                     self.reused_tokens = conversation.reused_tokens
-                    if decoder is None:
-                        options = {**options, **_cache_option(self._model.model, cache)}
+                elif conversation is not None:  # attention capture reads the whole prompt, and
+                    conversation.clear()  # its cache replaces the last one (static: in place)
+                if decoder is None and conversation is not None:
+                    options = {**options, **_cache_option(self._model.model, cache)}
                 if decoder is not None:
-                    out = decoder.generate(inputs, cache, weights=weights, streamer=streamer)
+                    out = decoder.generate(
+                        inputs, cache, weights=weights, streamer=streamer, recorder=self._recorder
+                    )
                     cache, self.decoding = decoder.cache, decoder.mode
                 else:
                     out = self._model.model.generate(
@@ -555,7 +556,7 @@ class Generation:
                     )
                     cache = next((v for k, v in options.items() if k in _CACHE_KWARGS), None)
                     self.decoding = "generate"
-                if self._fingerprints is not None and conversation is not None:
+                if conversation is not None:
                     conversation.keep(cache, out[0].tolist(), self._fingerprints, weights)
             self._queue.put(("end", out[0, self.prompt_tokens :].tolist()))
         except BaseException as e:  # handed to the consumer thread, raised there

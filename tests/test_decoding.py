@@ -221,9 +221,9 @@ def test_undo_and_changed_weights_with_the_static_cache(tiny_llava, photo, stati
     assert [chat.history[0].answer, answer] == plain
     recorded = model.generate(chat.messages("Where?"), max_new_tokens=4, attention=True)
     recorded.wait()
-    assert recorded.decoding == "generate"  # attention capture: plain generate, whole prompt
+    assert recorded.decoding == "eager-static" and recorded.reused_tokens == 0  # whole prompt
     chat.ask("And why?")
-    assert model._conversation.reused_tokens > 0  # the static cache survived it
+    assert model._conversation.reused_tokens > 0  # continues from what the recording left
     model._weights_version += 1  # what switching an adapter does
     chat.ask("And now?")
     assert model._conversation.reused_tokens == 0
@@ -276,14 +276,16 @@ class _Tape:
         return replay
 
 
-def test_a_captured_step_replays_right_at_every_position(tiny_llava_next, photo, static):
+def test_a_captured_step_replays_right_at_every_position(
+    tiny_llava_next, photo, static, monkeypatch
+):
     captured_at = []  # the cache size at each capture
 
     def capture(body):
         captured_at.append(model._decoder.capacity)
         return _Tape().capture(body)
 
-    static._capture_for = lambda device: capture
+    monkeypatch.setattr(static, "_capture_for", lambda device: capture)
     static.BLOCK = 256
     model = Model(tiny_llava_next)
     turns = _turns(photo)
@@ -295,14 +297,52 @@ def test_a_captured_step_replays_right_at_every_position(tiny_llava_next, photo,
     assert 1 <= len(captured_at) < len(turns) and sorted(set(captured_at)) == captured_at
 
 
+def test_captured_steps_record_attention_as_generate_does(
+    tiny_llava_next, photo, static, monkeypatch
+):
+    """The recording step is captured once per layout and replayed for later answers; its
+    rows leave the device every few steps (4 here) and match plain generate's capture."""
+    import numpy as np
+
+    from llava_nb.attention import _Recorder
+
+    model = Model(tiny_llava_next)
+    messages = Chat(model).messages("Describe both.", [photo, SQUARE])
+    monkeypatch.setenv(static.ENV, "0")
+    reference = model.generate(messages, max_new_tokens=14, attention=True)
+    reference.wait()
+    assert reference.decoding == "generate" and len(reference.token_ids) > 8
+    monkeypatch.setenv(static.ENV, "1")
+    monkeypatch.setattr(static, "_capture_for", lambda device: _Tape().capture)
+    monkeypatch.setattr(_Recorder, "slots", 4)
+    recorded = []
+    for _ in range(2):
+        generation = model.generate(messages, max_new_tokens=14, attention=True)
+        generation.wait()
+        recorded.append(generation)
+    assert [g.decoding for g in recorded] == ["graph", "graph"]
+    assert model._decoder.captures == 1  # the second answer replayed the first one's step
+    for generation in recorded:
+        assert generation.token_ids == reference.token_ids
+        ours, theirs = generation.attention, reference.attention
+        np.testing.assert_allclose(ours.weights, theirs.weights, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(ours.self_weights, theirs.self_weights, rtol=0, atol=1e-6)
+    # a turn without attention continues from the cache the recording left
+    follow = Chat(model)
+    follow._turns.append(Turn("Describe both.", [photo, SQUARE], recorded[-1].text))
+    answer = model.generate(follow.messages("And now?"), max_new_tokens=6)
+    answer.wait()
+    assert answer.decoding == "graph" and answer.reused_tokens > 0
+
+
 def test_a_capture_that_replays_wrongly_falls_back_after_one_warning(
-    tiny_llava, photo, static, caplog
+    tiny_llava, photo, static, caplog, monkeypatch
 ):
     def stale(body):  # replays the captured result without recomputing it
         output = body()
         return lambda: output
 
-    static._capture_for = lambda device: stale
+    monkeypatch.setattr(static, "_capture_for", lambda device: stale)
     model = Model(tiny_llava)
     turns = _turns(photo)[:2]
     with caplog.at_level("WARNING", logger="llava_nb"):
