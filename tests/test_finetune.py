@@ -8,6 +8,7 @@ The tiny model has random weights; it learns "It is <color>." for squares of one
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import os
 import signal
@@ -286,6 +287,32 @@ def test_align_trains_the_projector_and_optionally_the_vision_tower(tiny_llava, 
     assert all(not torch.equal(trained[k], base[k]) for k in projector)
     assert any(not torch.equal(trained[k], base[k]) for k in vision)
     assert run.config["lr"] == 5e-3 and run.status == "finished"
+
+
+def test_group_by_length_batches_samples_of_one_length(tiny_llava, tmp_path, monkeypatch):
+    from llava_nb.training.collate import Collator
+
+    batches = []
+    collate = Collator.__call__
+
+    def recording(self, items):
+        batches.append(sorted({len(item["input_ids"]) for item in items}))
+        return collate(self, items)
+
+    monkeypatch.setattr(Collator, "__call__", recording)
+    rows = [  # answers of one to four sentences
+        {**row, "answer": " ".join([row["answer"]] * (1 + i % 4))}
+        for i, row in enumerate(squares(64))
+    ]
+    run = ln.finetune(
+        tiny_llava, rows, max_steps=4, group_by_length=True, output_dir=tmp_path / "grouped",
+        **SETTINGS,
+    )  # fmt: skip
+    assert run.status == "finished" and run.config["group_by_length"] is True
+    # transformers sorts each random "megabatch" (here 16 samples: 4 batches) longest first
+    first = batches[:4]  # (the trainer may fetch a batch ahead)
+    assert all(a[0] >= b[-1] for a, b in itertools.pairwise(first)), batches
+    assert first[0][-1] > first[-1][0]
 
 
 def test_qlora_trains_a_4bit_base(tiny_llava, tmp_path):

@@ -354,6 +354,7 @@ def finetune(
     batch_size: int = 4,
     grad_accum: int = 1,
     warmup: float = 0.03,
+    group_by_length: bool = False,
     max_length: int | None = None,
     seed: int = 0,
     eval_every: int | None = None,
@@ -368,7 +369,9 @@ def finetune(
     LoRA on the language model with the projector trainable (stage 2, conversations).
     method "qlora": 4-bit NF4 base, gradient checkpointing. `train_vision=True` also trains the
     vision tower whole (a model whose vision encoder is not pretrained). `warmup` is the
-    fraction of steps with a rising learning rate (cosine decay after). Interrupting saves a
+    fraction of steps with a rising learning rate (cosine decay after). `group_by_length`
+    batches samples of similar length together (transformers' `LengthGroupedSampler`, still
+    shuffled): less padding, so faster when lengths vary. Interrupting saves a
     checkpoint and the adapter; calling again with the same output_dir resumes exactly.
     `progress=False` shows nothing; `callbacks` are extra transformers `TrainerCallback`s.
     """
@@ -428,6 +431,8 @@ def finetune(
         "data": data.fingerprint(),
         "eval_data": eval_data.fingerprint() if eval_data is not None else None,
     }
+    if group_by_length:  # only then: runs recorded before this setting existed still resume
+        config["group_by_length"] = True
     out = Path(output_dir).expanduser()
     # other processes of a multi-process run only read: the first one may be writing already
     record = _check_output_dir(out, config) if main else _read_run(out)
@@ -502,6 +507,7 @@ def _train(
         lr_scheduler_type="cosine",
         warmup_steps=config["warmup"],
         weight_decay=0.0,
+        train_sampling_strategy="group_by_length" if config.get("group_by_length") else "random",
         logging_steps=max(1, total // 100),
         eval_strategy="steps" if eval_data is not None else "no",
         eval_steps=eval_every or max(1, total // 10),
