@@ -370,8 +370,8 @@ def finetune(
     method "qlora": 4-bit NF4 base, gradient checkpointing. `train_vision=True` also trains the
     vision tower whole (a model whose vision encoder is not pretrained). `warmup` is the
     fraction of steps with a rising learning rate (cosine decay after). `group_by_length`
-    batches samples of similar length together (transformers' `LengthGroupedSampler`, still
-    shuffled): less padding, so faster when lengths vary. Interrupting saves a
+    batches samples of similar length together (transformers' `LengthGroupedSampler`, batches
+    in random order): less padding, so faster when lengths vary. Interrupting saves a
     checkpoint and the adapter; calling again with the same output_dir resumes exactly.
     `progress=False` shows nothing; `callbacks` are extra transformers `TrainerCallback`s.
     """
@@ -468,6 +468,26 @@ def _steps(n_rows: int, config: dict[str, Any], world: int) -> int:
     return max(1, math.ceil(math.ceil(batches / config["grad_accum"]) * config["epochs"]))
 
 
+class _ShuffledGroups:
+    """transformers' `LengthGroupedSampler` with its batches then shuffled: it sorts each random
+    "megabatch" (50 batches) longest first, so a run would drift from long to short samples
+    every 50 steps and end on the shortest; here each batch still holds similar lengths, in
+    random batch order (torch's global generator, seeded by the run's seed)."""
+
+    def __init__(self, grouped) -> None:
+        self.grouped = grouped
+
+    def __len__(self) -> int:
+        return len(self.grouped)
+
+    def __iter__(self):
+        import torch
+
+        indices, size = list(self.grouped), self.grouped.batch_size
+        batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+        return iter([i for k in torch.randperm(len(batches)).tolist() for i in batches[k]])
+
+
 def _train(
     model_id, device, processor, data, rows, eval_data, eval_rows, config, out, record, *,
     eval_every, save_every, progress, callbacks,
@@ -535,7 +555,14 @@ def _train(
         history = []
     recorder = Recorder(history)
     stop = _Stop()
-    trainer = Trainer(
+
+    class LlavaTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            grouped = self.args.train_sampling_strategy == "group_by_length"
+            return _ShuffledGroups(sampler) if grouped and sampler is not None else sampler
+
+    trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=TrainingSet(processor, data, rows),
