@@ -340,15 +340,18 @@ class _Recorder:
         return len(self._layers), self._heads, len(self._positions)
 
     def make_buffers(self, device) -> dict[str, Any]:
-        """Device buffers for `record_into`: the image columns, the first row's position and
-        `slots` rows of (layers, heads, image tokens + 1)."""
+        """Device buffers for `record_into`: the columns kept (the image tokens', then the
+        query's own), the first row's position, the slot of this step, and `slots` rows of
+        (layers, heads, image tokens + 1)."""
         import torch
 
+        n = len(self._positions)
         return {
-            "columns": torch.zeros(len(self._positions), dtype=torch.long, device=device),
+            "columns": torch.zeros(n + 1, dtype=torch.long, device=device),
             "first": torch.zeros((), dtype=torch.long, device=device),
+            "slot": torch.zeros(1, dtype=torch.long, device=device),
             "rows": torch.zeros(
-                (self.slots, *self.key[:2], len(self._positions) + 1),
+                (self.slots, len(self._layers), self._heads, n + 1),
                 dtype=self._model.model.dtype,
                 device=device,
             ),
@@ -358,20 +361,22 @@ class _Recorder:
         """Record each forward's last row into `buffers` (from `make_buffers`, perhaps made for
         an earlier recorder of this `key`) at slot (position - first) % slots, `position` being
         the decoder's tensor holding the query's position, read when the step runs; the query's
-        own key sits at that column. `move_rows` takes the rows off the device."""
+        own key sits at that column. The first layer sets the step's slot and own column for
+        the others. `move_rows` takes the rows off the device."""
         import torch
 
-        buffers["columns"].copy_(self._positions)
+        buffers["columns"][:-1].copy_(self._positions)
         buffers["first"].fill_(self._first)
         self._buffers = buffers
+        columns, slot = buffers["columns"], buffers["slot"]
         for i, layer in enumerate(self._layers):
 
             def record(row, i=i) -> None:  # (heads, cache length) of the last query
-                itself = row.index_select(1, position.view(1))
-                entry = torch.cat((row.index_select(1, buffers["columns"]), itself), dim=1)
-                slot = torch.remainder(position - buffers["first"], self.slots).view(1)
+                if i == 0:
+                    columns[-1:].copy_(position.view(1))
+                    slot.copy_(torch.remainder(position - buffers["first"], self.slots).view(1))
                 rows = buffers["rows"].select(1, i)
-                rows.index_copy_(0, slot, entry.unsqueeze(0).to(rows.dtype))
+                rows.index_copy_(0, slot, row.index_select(1, columns).unsqueeze(0).to(rows.dtype))
 
             layer.self_attn._llava_nb_record = record
 

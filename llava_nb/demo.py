@@ -446,12 +446,13 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
         features = vision(pixel_values=pixels).last_hidden_state[:, 1:].reshape(-1, width)
         logits = heads(features).split(sizes, dim=-1)
         shape = labels[:, 1].flatten() > 0
-        loss = sum(
-            torch.nn.functional.cross_entropy(group, labels[:, k].flatten())
-            + (3.0 * torch.nn.functional.cross_entropy(group[shape], labels[:, k].flatten()[shape])
-               if k < 2 else 0.0)
-            for k, group in enumerate(logits)
-        )  # fmt: skip
+        loss = 0.0
+        for k, group in enumerate(logits):
+            target = labels[:, k].flatten()
+            term = torch.nn.functional.cross_entropy(group, target)
+            if k < 2:  # color and shape: patches with a shape count four times
+                term = term + 3.0 * torch.nn.functional.cross_entropy(group[shape], target[shape])
+            loss = loss + term
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
