@@ -257,6 +257,8 @@ def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), method="full")
     with pytest.raises(FinetuneError, match="batch_size must be a number >= 1"):
         ln.finetune(tiny_llava, squares(3), batch_size=0)
+    with pytest.raises(FinetuneError, match="group_by_length must be True or False, got 'no'"):
+        ln.finetune(tiny_llava, squares(3), group_by_length="no")
     with pytest.raises(FinetuneError, match="no training data"):
         ln.finetune(tiny_llava)
     assert not (tmp_path / "a").exists()

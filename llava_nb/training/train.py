@@ -296,7 +296,7 @@ class _Stop:
 # ---------------------------------------------------------------- finetune
 
 
-def _check_settings(stage, method, target, numbers: dict[str, Any]) -> None:
+def _check_settings(stage, method, target, numbers: dict[str, Any], flags: dict[str, Any]) -> None:
     if stage not in STAGES:
         raise FinetuneError(f"unknown stage {stage!r}; use 'align' (projector) or 'instruct'")
     if method not in METHODS:
@@ -313,6 +313,9 @@ def _check_settings(stage, method, target, numbers: dict[str, Any]) -> None:
         if not ok and value is not None:
             limit = "> 0" if name in ("lr", "epochs") else f">= {low}"
             raise FinetuneError(f"{name} must be a number {limit}, got {value!r}")
+    for name, value in flags.items():  # a YAML "no" or "false" string would read as true
+        if not isinstance(value, bool):
+            raise FinetuneError(f"{name} must be True or False, got {value!r}")
 
 
 def _usable(data: Dataset, processor, limit: int, name: str, quiet: bool) -> list[int]:
@@ -393,6 +396,7 @@ def finetune(
             "warmup": warmup,
             "max_length": max_length,
         },
+        {"train_vision": train_vision, "group_by_length": group_by_length},
     )
     if model is None:
         from llava_nb.models import default_model_id
@@ -419,7 +423,7 @@ def finetune(
         "alpha": alpha,
         "dropout": dropout,
         "target": target,
-        "train_vision": bool(train_vision),
+        "train_vision": train_vision,
         "epochs": epochs,
         "max_steps": max_steps,
         "lr": lr,
