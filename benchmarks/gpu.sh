@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues ask for, in one call on a lent GPU machine (about 9
-# minutes; the device allows 10 a call and 15 a session, so run it once, then give it back).
+# Every GPU measurement the open issues ask for, in one call on a lent GPU machine (at most
+# 9.5 minutes; the device allows 10 a call and 15 a session, so run it once, then give it back).
 #
 #   speed (generate.py):   fp16 and NF4 decode, prefill, turn-1 vs turn-5 TTFT, vs plain generate
-#   attention.py:          attention=True vs plain on LLaVA-1.5-7B and NeXT-7B shapes
 #   finetune.py:           QLoRA on the LLaVA-1.5-7B shape, batch 1, ~1k tokens: peak memory
+#   attention.py:          attention=True vs plain on LLaVA-1.5-7B and NeXT-7B shapes
 #
 # The machine lacks some wheels and cannot reach PyPI. First, here (once):
 #   echo /.whl/ >> .git/info/exclude
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux_2_28_x86_64 -d .whl transformers==5.24.0 bitsandbytes==0.50.2 \
-#       peft==0.21.2 accelerate==1.15.0
-# then run `bash benchmarks/gpu.sh` there, carrying `.whl`. All three share one random-weights
-# checkpoint in the 7B shape (llava_nb.testing.llava_parts), built once.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+#       -d .whl transformers==5.24.0 bitsandbytes==0.50.2 peft==0.21.2
+# then run `bash benchmarks/gpu.sh 2>&1 | tee $OUT/gpu.log` there, carrying `.whl`. generate.py
+# and finetune.py share one random-weights checkpoint in the LLaVA-1.5-7B shape
+# (llava_nb.testing.llava_parts); attention.py builds its own two (1.5 and NeXT).
 set -u
 cd "$(dirname "$0")/.."
-pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit
+export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 run() {  # run LIMIT_SECONDS SCRIPT ARGS...: one benchmark, cut off at its limit
@@ -28,9 +30,11 @@ run() {  # run LIMIT_SECONDS SCRIPT ARGS...: one benchmark, cut off at its limit
     echo "== exit status $?"
 }
 
-run 240 benchmarks/generate.py --shape llava-1.5-7b --quant none,4bit \
+# the most wanted first: each is cut off at its limit, so a slow one cannot starve the next
+run 230 benchmarks/generate.py --shape llava-1.5-7b --quant none,4bit \
     --checkpoint /tmp/bench/llava-1.5-7b-random
-run 150 benchmarks/attention.py --shape 7b --family llava --family llava_next \
-    --new-tokens 64 --repeat 3 --pointing 0
-run 150 benchmarks/finetune.py --shape llava-1.5-7b --method qlora --steps 10 --batch-size 1 \
+run 120 benchmarks/finetune.py --shape llava-1.5-7b --method qlora --steps 10 --batch-size 1 \
     --tokens 450 --rows 16 --image-size 336 --workdir /tmp/bench
+rm -rf /tmp/bench  # room on the disk for the two checkpoints attention.py writes
+run 190 benchmarks/attention.py --shape 7b --family llava --family llava_next \
+    --new-tokens 48 --repeat 2 --pointing 0
