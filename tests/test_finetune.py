@@ -335,6 +335,36 @@ def test_group_by_length_batches_similar_lengths_in_random_order(tiny_llava, tmp
     assert any(run != sorted(run, reverse=True) for run in runs)
 
 
+def test_projector_lr_sets_the_projectors_own_rate(tiny_llava, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_llava).state_dict()
+
+    def changes(name: str, **extra) -> tuple:
+        """The run, and how far the projector and LoRA moved in 3 steps (largest entry)."""
+        run = ln.finetune(
+            tiny_llava, squares(12), max_steps=3, output_dir=tmp_path / name, **SETTINGS, **extra
+        )
+        weights = load_file(tmp_path / name / "adapter_model.safetensors")
+        projector = max(
+            float((v - base[k.removeprefix("base_model.model.")]).abs().max())
+            for k, v in weights.items()
+            if "multi_modal_projector" in k
+        )
+        lora = max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k)
+        return run, projector, lora
+
+    plain, projector, lora = changes("plain")
+    slow, slow_projector, slow_lora = changes("slow", projector_lr=SETTINGS["lr"] / 1000)
+    assert (
+        slow.config["projector_lr"] == SETTINGS["lr"] / 1000 and "projector_lr" not in plain.config
+    )
+    assert 0 < slow_projector < projector / 100  # Adam's steps scale with the rate
+    assert slow_lora > lora / 2  # LoRA keeps its own
+    with pytest.raises(FinetuneError, match="projector_lr must be a number > 0, got 0"):
+        ln.finetune(tiny_llava, squares(3), projector_lr=0)
+
+
 def test_qlora_trains_a_4bit_base(tiny_llava, tmp_path):
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration

@@ -306,12 +306,12 @@ def _check_settings(stage, method, target, numbers: dict[str, Any], flags: dict[
     for name, value in numbers.items():
         low = 0 if name in ("dropout", "warmup") else 1
         ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= low
-        if name in ("lr", "epochs"):
+        if name in ("lr", "projector_lr", "epochs"):
             ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
         if name in ("dropout", "warmup") and ok:
             ok = value < 1
         if not ok and value is not None:
-            limit = "> 0" if name in ("lr", "epochs") else f">= {low}"
+            limit = "> 0" if name in ("lr", "projector_lr", "epochs") else f">= {low}"
             raise FinetuneError(f"{name} must be a number {limit}, got {value!r}")
     for name, value in flags.items():  # a YAML "no" or "false" string would read as true
         if not isinstance(value, bool):
@@ -354,6 +354,7 @@ def finetune(
     epochs: float = 1,
     max_steps: int | None = None,
     lr: float | None = None,
+    projector_lr: float | None = None,
     batch_size: int = 4,
     grad_accum: int = 1,
     warmup: float = 0.03,
@@ -372,7 +373,9 @@ def finetune(
     LoRA on the language model with the projector trainable (stage 2, conversations).
     method "qlora": 4-bit NF4 base, gradient checkpointing. `train_vision=True` also trains the
     vision tower whole (a model whose vision encoder is not pretrained). `warmup` is the
-    fraction of steps with a rising learning rate (cosine decay after). `group_by_length`
+    fraction of steps with a rising learning rate (cosine decay after). `projector_lr`: the
+    projector's own learning rate (LLaVA's `mm_projector_lr`; default: `lr`), smaller when it
+    starts out trained and LoRA needs large steps. `group_by_length`
     batches samples of similar length together (transformers' `LengthGroupedSampler`, batches
     in random order): less padding, so faster when lengths vary. Interrupting saves a
     checkpoint and the adapter; calling again with the same output_dir resumes exactly.
@@ -391,6 +394,7 @@ def finetune(
             "epochs": epochs,
             "max_steps": max_steps,
             "lr": lr,
+            "projector_lr": projector_lr,
             "batch_size": batch_size,
             "grad_accum": grad_accum,
             "warmup": warmup,
@@ -435,7 +439,10 @@ def finetune(
         "data": data.fingerprint(),
         "eval_data": eval_data.fingerprint() if eval_data is not None else None,
     }
-    if group_by_length:  # only then: runs recorded before this setting existed still resume
+    # only when set: runs recorded before these settings existed still resume
+    if projector_lr is not None:
+        config["projector_lr"] = projector_lr
+    if group_by_length:
         config["group_by_length"] = True
     out = Path(output_dir).expanduser()
     # other processes of a multi-process run only read: the first one may be writing already
@@ -490,6 +497,19 @@ class _ShuffledGroups:
         indices, size = list(self.grouped), self.grouped.batch_size
         batches = [indices[i : i + size] for i in range(0, len(indices), size)]
         return iter([i for k in torch.randperm(len(batches)).tolist() for i in batches[k]])
+
+
+def _projector_groups(optimizer, model, lr: float) -> None:
+    """Give the projector's parameters param groups of their own (same settings) at `lr`."""
+    projector = {id(p) for name, p in model.named_parameters() if "multi_modal_projector" in name}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in projector]
+        if len(moved) == len(group["params"]):
+            group["lr"] = lr
+        elif moved:
+            group["params"] = [p for p in group["params"] if id(p) not in projector]
+            settings = {key: value for key, value in group.items() if key != "params"}
+            optimizer.add_param_group({**settings, "params": moved, "lr": lr})
 
 
 def _train(
@@ -561,6 +581,13 @@ def _train(
     stop = _Stop()
 
     class LlavaTrainer(Trainer):
+        def create_optimizer(self, *args, **kwargs):
+            new = self.optimizer is None
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if new and config.get("projector_lr") is not None:
+                _projector_groups(optimizer, self.model, config["projector_lr"])
+            return optimizer
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             grouped = self.args.train_sampling_strategy == "group_by_length"
