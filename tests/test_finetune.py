@@ -365,6 +365,33 @@ def test_projector_lr_sets_the_projectors_own_rate(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), projector_lr=0)
 
 
+@pytest.mark.parametrize("checkpoint", ["tiny_llava", "tiny_llava_next"])
+def test_the_loss_reads_logits_only_where_labels_are(checkpoint, request):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llava_nb.data import load
+    from llava_nb.training.collate import Collator, TrainingSet
+    from llava_nb.training.train import _labelled_logits_only
+
+    path = request.getfixturevalue(checkpoint)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    rows = [{**row, "answer": " ".join([row["answer"]] * (1 + i))}
+            for i, row in enumerate(squares(3))]  # fmt: skip
+    dataset = TrainingSet(processor, load(rows), [0, 1, 2])
+    batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    full, trimmed = model(**batch), model(**_labelled_logits_only(batch))
+    assert trimmed.logits.shape == (labelled, full.logits.shape[-1])
+    assert labelled < batch["labels"].numel() / 2  # image and prompt tokens never reach the head
+    torch.testing.assert_close(trimmed.loss, full.loss, rtol=1e-6, atol=1e-6)
+    total = torch.tensor(labelled)  # the Trainer's count over accumulated batches
+    torch.testing.assert_close(
+        model(**_labelled_logits_only(batch), num_items_in_batch=total).loss,
+        model(**batch, num_items_in_batch=total).loss, rtol=1e-6, atol=1e-6,
+    )  # fmt: skip
+
+
 def test_qlora_trains_a_4bit_base(tiny_llava, tmp_path):
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration

@@ -512,6 +512,21 @@ def _projector_groups(optimizer, model, lr: float) -> None:
             optimizer.add_param_group({**settings, "params": moved, "lr": lr})
 
 
+def _labelled_logits_only(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch with `logits_to_keep` set to the positions whose next token is a label (and
+    those labels as `shift_labels`), so the model's own loss runs the vocabulary-sized head
+    only there: image and prompt tokens, most of a LLaVA sample, never reach it. Same loss,
+    less time and memory."""
+    import torch
+
+    from llava_nb.training.collate import IGNORE
+
+    labels = inputs["labels"]
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    keep = shifted != IGNORE
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
+
+
 def _train(
     model_id, device, processor, data, rows, eval_data, eval_rows, config, out, record, *,
     eval_every, save_every, progress, callbacks,
@@ -564,6 +579,7 @@ def _train(
         use_cpu=not cuda,
         remove_unused_columns=False,
         label_names=["labels"],
+        prediction_loss_only=True,  # evaluation keeps the loss, not every logit
         report_to="none",
         disable_tqdm=True,
         log_level="error",
@@ -581,6 +597,9 @@ def _train(
     stop = _Stop()
 
     class LlavaTrainer(Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return super().compute_loss(model, _labelled_logits_only(inputs), *args, **kwargs)
+
         def create_optimizer(self, *args, **kwargs):
             new = self.optimizer is None
             optimizer = super().create_optimizer(*args, **kwargs)
