@@ -527,7 +527,7 @@ def _marker(folder: Path, recipe: dict[str, Any], seed: int, seconds: float) -> 
 
 
 def _stage_data(
-    rows: list[dict[str, Any]], stage: str, describe_every: int = 7
+    rows: list[dict[str, Any]], stage: str, describe_every: int
 ) -> list[dict[str, Any]]:
     if (
         stage == "align"
@@ -600,6 +600,10 @@ def build(
     unknown = sorted(set(recipe) - set(RECIPE))
     if unknown:
         raise DemoError(f"unknown build setting {unknown[0]!r}; use one of {', '.join(RECIPE)}")
+    every = recipe.get("describe_every", 1)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise DemoError(f"describe_every must be a whole number >= 1 (1 in N images only "
+                        f"described), got {every!r}")  # fmt: skip
     wanted = {**RECIPE, **recipe}
     target = Path(path).expanduser() if path is not None else default_path()
     # with no seed or settings given, any complete build will do (VERSION names the recipe)
@@ -640,7 +644,8 @@ def build(
         done("assemble")
         step("align", "stage 1 (align): the projector on captions")
         run = finetune(
-            str(work / "base"), _stage_data(align, "align"), stage="align",
+            str(work / "base"), _stage_data(align, "align", recipe["describe_every"]),
+            stage="align",
             max_steps=recipe["align_steps"], lr=recipe["align_lr"],
             output_dir=work / "align", **common,
         )  # fmt: skip

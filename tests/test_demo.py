@@ -160,6 +160,9 @@ def test_damaged_build_is_detected(small_demo, tmp_path):
     assert not demo.is_built(copy)
 
 
-def test_build_refuses_unknown_settings(tmp_path):
+def test_build_refuses_unknown_or_bad_settings(tmp_path):
     with pytest.raises(ln.LlavaError, match="unknown build setting 'steps'"):
         demo.build(tmp_path / "demo", steps=3)
+    with pytest.raises(ln.LlavaError, match="describe_every must be a whole number >= 1"):
+        demo.build(tmp_path / "demo", describe_every=0)
+    assert not (tmp_path / "demo").exists()

@@ -370,7 +370,7 @@ def test_the_loss_reads_logits_only_where_labels_are(checkpoint, request):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from llava_nb.data import load
-    from llava_nb.training.collate import Collator, TrainingSet
+    from llava_nb.training.collate import IGNORE, Collator, TrainingSet
     from llava_nb.training.train import _labelled_logits_only
 
     path = request.getfixturevalue(checkpoint)
@@ -380,7 +380,7 @@ def test_the_loss_reads_logits_only_where_labels_are(checkpoint, request):
             for i, row in enumerate(squares(3))]  # fmt: skip
     dataset = TrainingSet(processor, load(rows), [0, 1, 2])
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
-    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
     full, trimmed = model(**batch), model(**_labelled_logits_only(batch))
     assert trimmed.logits.shape == (labelled, full.logits.shape[-1])
     assert labelled < batch["labels"].numel() / 2  # image and prompt tokens never reach the head
