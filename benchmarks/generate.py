@@ -15,6 +15,13 @@ the step replayed from a CUDA graph, elsewhere `generate` with the reused cache)
 token (TTFT) at turn 1 and turn 5, decode tokens/s, peak GPU memory, whether each path answered
 with plain transformers' tokens, and the ratios to plain transformers.
 
+Each contender (plain transformers, each llava_nb path) runs in fresh processes of its own
+(--repeat of them, interleaved with the others'; each figure is their median), as a user runs one
+or the other: nothing (allocator, compiled kernels, CPU thread pools) carries over
+from one measurement to the next. On a CPU this matters: once one thread has run torch, another
+thread's torch work pays for a second OpenMP thread team (on 2 cores, plain `generate` on a new
+thread was 7% slower after the main thread had run it).
+
 Then the logit check: the prompt of turn 1, and 32 tokens fed to both the plain forward
 (dynamic cache) and llava_nb's static step (the CUDA graph on a GPU), the same tokens to both;
 printed: the largest logit difference at any step, the logits' scale, and how many steps pick
@@ -28,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,15 +107,6 @@ def _peak_gb() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.max_memory_allocated() / 1e9
-
-
-def _reset_peak() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 class _Clock:
@@ -304,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         "--paths", default="default,eager-static", help=f"llava_nb paths: {', '.join(PATHS)}"
     )
     parser.add_argument("--check-steps", type=int, default=32, help="logit check length (0: no)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="processes per contender; medians are printed"
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: "plain" or one llava_nb path
     args = parser.parse_args(argv)
     paths = args.paths.split(",")
     if unknown := set(paths) - set(PATHS):
@@ -311,29 +315,30 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import matplotlib.cbook
+    if args.one:
+        print(json.dumps(measure_one(args)), flush=True)
+        return 0
     import torch
-    from PIL import Image
 
     from llava_nb.models import _pick_dtype, pick_device
 
     device = pick_device()
-    kind = "cuda" if device == "cuda" else "cpu"
     dtype = _pick_dtype(device)
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        image = Image.open(f).convert("RGB")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or os.path.join(tmp, "random-llava")
         if not os.path.exists(os.path.join(path, "config.json")):
             started = time.perf_counter()
             build_checkpoint(path, args.shape, args.layers, dtype)
             print(f"built {args.shape} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the children need the memory
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
         print(
             f"# {args.shape} (text layers: {args.layers or 'all'}), {device} ({gpu}), {dtype}, "
             f"torch {torch.__version__}, transformers {_version('transformers')}, "
             f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens a turn, "
-            f"{len(QUESTIONS)} turns",
+            f"{len(QUESTIONS)} turns, each row the median of {args.repeat} fresh processes",
             flush=True,
         )
         print(
@@ -343,18 +348,20 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
         checks = []
         for quant in args.quant.split(","):
-            _reset_peak()
-            plain = run_plain(path, quant, image, args.new_tokens)
+            runs: dict[str, list[dict]] = {name: [] for name in ["plain", *paths]}
+            for repeat in range(args.repeat):  # interleaved, so drifts hit every contender
+                for i, name in enumerate(runs):
+                    check = args.check_steps if i == 1 and repeat == 0 else 0
+                    runs[name].append(_child(args, path, quant, name, check))
+            plain = _merge(runs.pop("plain"))
             _row(quant, "transformers", plain, plain)
-            for i, name in enumerate(paths):
-                _reset_peak()
-                check = args.check_steps if i == 0 else 0
-                ours = run_llava_nb(path, quant, image, args.new_tokens, PATHS[name][kind], check)
+            for name, results in runs.items():
+                ours = _merge(results)
                 decoding = ours["turns"][-1]["decoding"]
                 if decoding == "graph":
                     decoding += f", {ours['captures']} captures incl. warm-up"
                 _row(quant, f"llava_nb {name} ({decoding})", ours, plain)
-                if check:
+                if "check" in ours:
                     checks.append((quant, ours["check"]))
         for quant, check in checks:
             print(
@@ -365,6 +372,49 @@ def main(argv: list[str] | None = None) -> int:
                 f"{check['same_argmax']}/{check['steps']} steps"
             )
     return 0
+
+
+def _child(args, path: str, quant: str, contender: str, check: int) -> dict:
+    """Measure one contender in a fresh Python process; its result is its last stdout line."""
+    command = [sys.executable, os.path.abspath(__file__), "--one", contender, "--quant", quant,
+               "--checkpoint", path, "--new-tokens", str(args.new_tokens),
+               "--check-steps", str(check)]  # fmt: skip
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {contender} run ({quant}) failed with exit status {done.returncode}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _merge(results: list[dict]) -> dict:
+    """One contender's repeated runs as one: each turn's median times, the first run's
+    tokens, path and logit check, the highest peak memory."""
+    merged = {**results[0], "turns": []}
+    for turns in zip(*(result["turns"] for result in results), strict=True):
+        merged["turns"].append(
+            {
+                **turns[0],
+                "ttft_ms": statistics.median(turn["ttft_ms"] for turn in turns),
+                "decode_tps": statistics.median(turn["decode_tps"] for turn in turns),
+            }
+        )
+    peaks = [result["peak_gb"] for result in results if result["peak_gb"] is not None]
+    merged["peak_gb"] = max(peaks) if peaks else None
+    return merged
+
+
+def measure_one(args) -> dict:
+    """In a child process: one contender's five-turn chat (and its logit check)."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        image = Image.open(f).convert("RGB")
+    if args.one == "plain":
+        return run_plain(args.checkpoint, args.quant, image, args.new_tokens)
+    from llava_nb.models import pick_device
+
+    mode = PATHS[args.one]["cuda" if pick_device() == "cuda" else "cpu"]
+    return run_llava_nb(args.checkpoint, args.quant, image, args.new_tokens, mode, args.check_steps)
 
 
 def _row(quant: str, name: str, result: dict, plain: dict) -> None:

@@ -31,7 +31,7 @@ run() {  # run LIMIT_SECONDS SCRIPT ARGS...: one benchmark, cut off at its limit
 }
 
 # the most wanted first: each is cut off at its limit, so a slow one cannot starve the next
-run 230 benchmarks/generate.py --shape llava-1.5-7b --quant none,4bit \
+run 250 benchmarks/generate.py --shape llava-1.5-7b --quant none,4bit --repeat 1 \
     --checkpoint /tmp/bench/llava-1.5-7b-random
 run 120 benchmarks/finetune.py --shape llava-1.5-7b --method qlora --steps 10 --batch-size 1 \
     --tokens 450 --rows 16 --image-size 336 --workdir /tmp/bench
