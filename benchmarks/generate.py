@@ -10,10 +10,13 @@ answer length fixed with `min_new_tokens`). Plain transformers re-reads the whol
 every turn, as `generate` does; llava_nb keeps the conversation's key/value cache. llava_nb runs
 each of its decoding paths (--paths): "default" (what users get: on CUDA the static cache with
 the step replayed from a CUDA graph, elsewhere `generate` with the reused cache),
-"eager-static" (the static cache, no graph: the CPU-testable half of the GPU path) and
-"generate" (`generate` with the reused cache, forced). Printed per quantization: time to first
-token (TTFT) at turn 1 and turn 5, decode tokens/s, peak GPU memory, whether each path answered
-with plain transformers' tokens, and the ratios to plain transformers.
+"eager-static" (the static cache, no graph: the CPU-testable half of the GPU path),
+"compiled" (the static cache's step through torch.compile, then, on CUDA, its graph; compiling
+happens in the warm-up answer, whose time is printed) and "generate" (`generate` with the reused
+cache, forced). Printed per quantization: time to first token (TTFT) at turn 1 and turn 5,
+decode tokens/s, one decoding step alone (run back to back: the rate with no work between
+tokens), peak GPU memory, whether each path answered with plain transformers' tokens, and the
+ratios to plain transformers.
 
 Each contender (plain transformers, each llava_nb path) runs in fresh processes of its own
 (--repeat of them, interleaved with the others'; each figure is their median), as a user runs one
@@ -23,7 +26,8 @@ thread's torch work pays for a second OpenMP thread team (on 2 cores, plain `gen
 thread was 7% slower after the main thread had run it).
 
 Then the logit check: the prompt of turn 1, and 32 tokens fed to both the plain forward
-(dynamic cache) and llava_nb's static step (the CUDA graph on a GPU), the same tokens to both;
+(dynamic cache) and llava_nb's static step (the CUDA graph on a GPU; for the first path, and
+again compiled for "compiled"), the same tokens to both;
 printed: the largest logit difference at any step, the logits' scale, and how many steps pick
 the same argmax (random weights make argmax ties fragile: the difference is what counts).
 
@@ -195,6 +199,7 @@ def run_plain(path: str, quant: str, image, new_tokens: int) -> dict:
 PATHS = {  # --paths name -> $LLAVA_NB_STATIC_DECODE for it (per device kind)
     "default": {"cuda": "auto", "cpu": "auto"},
     "eager-static": {"cuda": "eager", "cpu": "1"},
+    "compiled": {"cuda": "compile", "cpu": "compile"},
     "generate": {"cuda": "0", "cpu": "0"},
 }
 
@@ -207,7 +212,9 @@ def run_llava_nb(path: str, quant: str, image, new_tokens: int, mode: str, check
 
     os.environ[decoding.ENV] = mode
     model = ln.Model(path, quantization=quant).load()
+    started = time.perf_counter()
     model.generate(_first_turn(image), max_new_tokens=4).wait()  # warm up, as for plain
+    warm_up_s = time.perf_counter() - started
     model._conversation.clear()
     model.model.generation_config.min_new_tokens = new_tokens
     messages: list[dict] = []
@@ -225,20 +232,40 @@ def run_llava_nb(path: str, quant: str, image, new_tokens: int, mode: str, check
         turn["decoding"] = generation.decoding
         turns.append(turn)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    result = {"turns": turns, "peak_gb": _peak_gb()}
+    result = {"turns": turns, "peak_gb": _peak_gb(), "warm_up_s": warm_up_s}
     result["captures"] = model._decoder.captures if model._decoder is not None else 0
+    result["step_ms"] = step_alone_ms(model._decoder) if model._decoder is not None else None
     if check:
         model.model.generation_config.min_new_tokens = None
-        result["check"] = logit_check(model, image, check)
+        result["check"] = logit_check(model, image, check, compiled=mode == "compile")
     model.unload()
     os.environ.pop(decoding.ENV, None)
     return result
 
 
-def logit_check(model, image, steps: int) -> dict:
+def step_alone_ms(decoder, repeats: int = 32) -> float:
+    """One decoding step run back to back with nothing between (the replayed graph, or the
+    eager step): against the decode rate, what the work between tokens costs."""
+    import torch
+
+    from llava_nb.decoding import cache_length
+
+    position = min(cache_length(decoder.cache), decoder.capacity - 1)  # past the chat's tokens
+    token = torch.zeros(1, dtype=torch.long, device=decoder._token.device)
+    with torch.inference_mode():
+        decoder.step(token, position)  # captured here if it was not yet
+        _sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            decoder.step(token, position)
+        _sync()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def logit_check(model, image, steps: int, compiled: bool = False) -> dict:
     """Feed the same tokens to the plain forward (dynamic cache, one token a call, as
     `generate` does) and to llava_nb's static step (replayed from a CUDA graph where there
-    is one); compare the logits step by step."""
+    is one; `compiled`: through torch.compile); compare the logits step by step."""
     import torch
     from transformers import DynamicCache
 
@@ -255,7 +282,7 @@ def logit_check(model, image, steps: int) -> dict:
     ids = inputs["input_ids"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     length = ids.shape[1]
-    decoder = StaticDecoder(hf, _capture_for(hf.device))
+    decoder = StaticDecoder(hf, _capture_for(hf.device), compiled=compiled)
     with torch.inference_mode():
         cache = DynamicCache(config=hf.config.get_text_config())
         out = hf(**inputs, use_cache=True, logits_to_keep=1, **{decoder._cache_kw: cache})
@@ -338,20 +365,22 @@ def main(argv: list[str] | None = None) -> int:
             f"# {args.shape} (text layers: {args.layers or 'all'}), {device} ({gpu}), {dtype}, "
             f"torch {torch.__version__}, transformers {_version('transformers')}, "
             f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens a turn, "
-            f"{len(QUESTIONS)} turns, each row the median of {args.repeat} fresh processes",
+            f"{len(QUESTIONS)} turns, each row the median of {args.repeat} fresh process(es)",
             flush=True,
         )
         print(
             "| quant | path | TTFT turn 1 ms | TTFT turn 5 ms | decode tok/s (median turn) |"
-            " peak GB | same tokens as plain | decode vs plain | turn-5 TTFT vs plain |"
+            " one step alone ms (its tok/s) | peak GB | same tokens as plain | decode vs plain |"
+            " turn-5 TTFT vs plain |"
         )
-        print("|---|---|---|---|---|---|---|---|---|", flush=True)
+        print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
         checks = []
         for quant in args.quant.split(","):
             runs: dict[str, list[dict]] = {name: [] for name in ["plain", *paths]}
             for repeat in range(args.repeat):  # interleaved, so drifts hit every contender
                 for i, name in enumerate(runs):
-                    check = args.check_steps if i == 1 and repeat == 0 else 0
+                    checked = repeat == 0 and (i == 1 or name == "compiled")
+                    check = args.check_steps if checked else 0
                     runs[name].append(_child(args, path, quant, name, check))
             plain = _merge(runs.pop("plain"))
             _row(quant, "transformers", plain, plain)
@@ -361,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                 if decoding == "graph":
                     decoding += f", {ours['captures']} captures incl. warm-up"
                 _row(quant, f"llava_nb {name} ({decoding})", ours, plain)
+                if name == "compiled":
+                    warm_ups = ", ".join(f"{r['warm_up_s']:.1f}" for r in results)
+                    print(f"# {quant}, compiled: the warm-up answer (compiling) took {warm_ups} s")
                 if "check" in ours:
                     checks.append((quant, ours["check"]))
         for quant, check in checks:
@@ -386,8 +418,8 @@ def _child(args, path: str, quant: str, contender: str, check: int) -> dict:
 
 
 def _merge(results: list[dict]) -> dict:
-    """One contender's repeated runs as one: each turn's median times, the first run's
-    tokens, path and logit check, the highest peak memory."""
+    """One contender's repeated runs as one: each turn's median times, the median step time,
+    the first run's tokens, path and logit check, the highest peak memory."""
     merged = {**results[0], "turns": []}
     for turns in zip(*(result["turns"] for result in results), strict=True):
         merged["turns"].append(
@@ -397,6 +429,8 @@ def _merge(results: list[dict]) -> dict:
                 "decode_tps": statistics.median(turn["decode_tps"] for turn in turns),
             }
         )
+    steps = [result["step_ms"] for result in results if result.get("step_ms") is not None]
+    merged["step_ms"] = statistics.median(steps) if steps else None
     peaks = [result["peak_gb"] for result in results if result["peak_gb"] is not None]
     merged["peak_gb"] = max(peaks) if peaks else None
     return merged
@@ -421,11 +455,13 @@ def _row(quant: str, name: str, result: dict, plain: dict) -> None:
     turns, base = result["turns"], plain["turns"]
     same = sum(a["ids"] == b["ids"] for a, b in zip(base, turns, strict=True))
     tps = statistics.median(t["decode_tps"] for t in turns)  # a turn may include a capture
+    step_ms = result.get("step_ms")
+    step = f"{step_ms:.2f} ({1e3 / step_ms:.0f}/s)" if step_ms is not None else "-"
     base_tps = statistics.median(t["decode_tps"] for t in base)
     peak = f"{result['peak_gb']:.2f}" if result["peak_gb"] is not None else "-"
     print(
         f"| {quant} | {name} | {turns[0]['ttft_ms']:.1f} | {turns[-1]['ttft_ms']:.1f} | "
-        f"{tps:.1f} | {peak} | {same}/{len(turns)} turns | {tps / base_tps:.2f}x | "
+        f"{tps:.1f} | {step} | {peak} | {same}/{len(turns)} turns | {tps / base_tps:.2f}x | "
         f"{base[-1]['ttft_ms'] / turns[-1]['ttft_ms']:.2f}x faster |",
         flush=True,
     )

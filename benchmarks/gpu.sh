@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues ask for, in one call on a lent GPU machine (at most
-# 9.5 minutes; the device allows 10 a call and 15 a session, so run it once, then give it back).
+# The GPU measurements, in one call on a lent GPU machine (the device allows 10 minutes a call
+# and 15 a session, so run it once, then give it back):
 #
-#   speed (generate.py):   fp16 and NF4 decode, prefill, turn-1 vs turn-5 TTFT, vs plain generate
+#   speed (generate.py):   bf16 and NF4 decode, prefill, turn-1 vs turn-5 TTFT, vs plain generate,
+#                          the CUDA-graph path and the compiled one (about 8 minutes)
+# and with `rest` (about 5 minutes, a call of its own) the figures already in the README:
 #   finetune.py:           QLoRA on the LLaVA-1.5-7B shape, batch 1, ~1k tokens: peak memory
 #   attention.py:          attention=True vs plain on LLaVA-1.5-7B and NeXT-7B shapes
 #
@@ -30,9 +32,13 @@ run() {  # run LIMIT_SECONDS SCRIPT ARGS...: one benchmark, cut off at its limit
     echo "== exit status $?"
 }
 
-# the most wanted first: each is cut off at its limit, so a slow one cannot starve the next
-run 250 benchmarks/generate.py --shape llava-1.5-7b --quant none,4bit --repeat 1 \
-    --checkpoint /tmp/bench/llava-1.5-7b-random
+# issue 8's speed table: bf16 and NF4, the default path (CUDA graph) and the compiled one
+# (torch.compile, then the graph; compiling the 7B step takes a while, in its warm-up answer)
+if [ "${1:-}" != rest ]; then
+  run 480 benchmarks/generate.py --shape llava-1.5-7b --quant none,4bit --paths default,compiled \
+      --repeat 1 --checkpoint /tmp/bench/llava-1.5-7b-random
+  exit
+fi
 run 120 benchmarks/finetune.py --shape llava-1.5-7b --method qlora --steps 10 --batch-size 1 \
     --tokens 450 --rows 16 --image-size 336 --workdir /tmp/bench
 rm -rf /tmp/bench  # room on the disk for the two checkpoints attention.py writes

@@ -144,6 +144,7 @@ def _is_static(cache: Any) -> bool:
 # ------------------------------------------------------------------ static cache + CUDA graph
 
 ENV = "LLAVA_NB_STATIC_DECODE"  # auto (default) | 0: plain generate | 1: static | eager: no graph
+# | compile: the step through torch.compile first (fused kernels; a slow first answer)
 BLOCK = 1024  # the static cache grows in blocks of this many tokens (each step reads all of it)
 CHECK_STEPS = 8  # steps compared, eager against graph, before a captured step is trusted
 # How far a replayed step's logits may stray from the eager step's, as a fraction of the
@@ -161,16 +162,24 @@ def static_decoder(
     """The loaded `Model`'s static decoder, prepared for this generation (`generate`'s
     `input_ids`, options and extra stopping criteria) when it applies, else None (plain
     `generate`). By default it applies on CUDA only; `$LLAVA_NB_STATIC_DECODE` forces it off
-    (0), on (1: CUDA graphs where CUDA runs), or on without graphs (eager)."""
+    (0), on (1: CUDA graphs where CUDA runs), on without graphs (eager), or on with the step
+    compiled by torch.compile before it is captured (compile)."""
     mode = os.environ.get(ENV, "").strip().lower()
     model = owner.model
-    if mode in ("0", "off") or (mode not in ("1", "on", "eager") and model.device.type != "cuda"):
+    forced = ("1", "on", "eager", "compile")
+    if mode in ("0", "off") or (mode not in forced and model.device.type != "cuda"):
         return None
     capture = None if mode == "eager" else _capture_for(model.device)
+    compiled = mode == "compile"
     decoder = getattr(owner, "_decoder", None)
     try:
-        if decoder is None or decoder.model is not model or decoder.capture is not capture:
-            decoder = owner._decoder = StaticDecoder(model, capture)
+        if (
+            decoder is None
+            or decoder.model is not model
+            or decoder.capture is not capture
+            or decoder.wants_compiled != compiled
+        ):
+            decoder = owner._decoder = StaticDecoder(model, capture, compiled=compiled)
         if not decoder.applies(options):
             return None
         decoder.prepare(input_ids, options, stopping_criteria)
@@ -247,9 +256,16 @@ class StaticDecoder:
     once replays right at any position. A captured step is trusted only after it matched the
     eager step over `CHECK_STEPS` tokens; otherwise (or if capture fails, as bitsandbytes 8-bit
     kernels can) this model decodes eagerly, after one warning.
+
+    `compiled`: the step runs through `torch.compile` (inductor fuses its many small kernels;
+    compiling takes a while, once per cache size) and is captured as compiled. Should
+    compiling fail, the step runs as written, after one warning. A step that records attention
+    is never compiled.
     """
 
-    def __init__(self, model: Any, capture: Callable | None = None) -> None:
+    def __init__(
+        self, model: Any, capture: Callable | None = None, *, compiled: bool = False
+    ) -> None:
         import inspect
 
         import torch
@@ -257,6 +273,9 @@ class StaticDecoder:
         self.model = model
         self.capture = capture
         self.graphs_ok: bool | None = None  # None: not checked yet; False: fell back to eager
+        self.wants_compiled = compiled  # as asked; `compiled`: still so (no failure)
+        self.compiled = compiled
+        self._compiled_step: Callable | None = None
         self.captures = 0  # steps captured (once per cache size and weights)
         self.cache: Any = None  # a transformers StaticCache
         self.capacity = 0
@@ -280,9 +299,11 @@ class StaticDecoder:
 
     @property
     def mode(self) -> str:
-        """How steps run: "graph" (captured once, replayed) or "eager-static"."""
+        """How steps run: "graph" (captured once, replayed) or "eager-static", after
+        "compiled " when they go through torch.compile."""
         replayed = self.capture is not None and self.graphs_ok is not False
-        return "graph" if replayed else "eager-static"
+        mode = "graph" if replayed else "eager-static"
+        return f"compiled {mode}" if self._compiling else mode
 
     def _check_supported(self) -> bool:
         from transformers import StaticCache
@@ -406,7 +427,36 @@ class StaticDecoder:
             if replay is not None:
                 self._replays[self._key] = replay
         self._load(token, position)
-        return replay() if replay is not None else self._step_body()
+        if replay is not None:
+            return replay()
+        if not self._compiling:
+            return self._step_body()
+        try:
+            return self._compiled()()
+        except Exception as e:
+            self._not_compiled(e)  # the step as written rewrites the same cache entries
+            return self._step_body()
+
+    @property
+    def _compiling(self) -> bool:
+        """Whether the step goes through torch.compile: when asked, not recording attention."""
+        return self.compiled and self._key is None
+
+    def _compiled(self) -> Callable:
+        if self._compiled_step is None:
+            import torch
+
+            self._compiled_step = torch.compile(self._step_body, dynamic=False)
+        return self._compiled_step
+
+    def _not_compiled(self, error: BaseException) -> None:
+        self.compiled, self._compiled_step = False, None
+        while (inner := getattr(error, "inner_exception", error.__cause__)) is not None:
+            error = inner  # a compiler's error wraps the one that says why
+        why = f"{type(error).__name__}: {error}".splitlines()[0]
+        _log.warning(
+            "llava_nb: the decoding step could not be compiled (%s); running it as written", why
+        )
 
     def _capture_checked(self, token, position: int) -> Callable | None:
         """Capture the step, then compare it with the eager step from the same state over a
@@ -432,9 +482,7 @@ class StaticDecoder:
             fed.append(current)
             current = logits.argmax(-1)
         try:
-            self._load(token, position)
-            self.captures += 1
-            replay = self.capture(self._step_body)
+            replay = self._capture_step(token, position)
             worst, scale = 0.0, 1.0
             for i in range(steps):
                 self._load(fed[i], position + i)
@@ -453,8 +501,22 @@ class StaticDecoder:
         self.graphs_ok = True
         return replay
 
+    def _capture_step(self, token, position: int) -> Callable:
+        """Capture the step at `position`: compiled first when asked, as written should that
+        fail."""
+        self._load(token, position)
+        self.captures += 1
+        if self._compiling:
+            try:
+                return self.capture(self._compiled())
+            except Exception as e:
+                self._not_compiled(e)
+                self._load(token, position)
+        return self.capture(self._step_body)
+
     def _give_up(self, why: str) -> None:
         self.graphs_ok = False
+        self.compiled, self._compiled_step = False, None
         self._replays.clear()
         _log.warning("llava_nb: %s; decoding without CUDA graphs for this model", why)
         import torch

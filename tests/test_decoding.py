@@ -353,6 +353,72 @@ def test_a_capture_that_replays_wrongly_falls_back_after_one_warning(
     assert answers == _plain_transformers_answers(tiny_llava, turns, 16)
 
 
+def test_a_compiled_step_answers_as_plain_transformers(tiny_llava, photo, monkeypatch):
+    """$LLAVA_NB_STATIC_DECODE=compile: the step through torch.compile (inductor's CPU
+    kernels here), over a reused cache, gives plain transformers' tokens."""
+    import gc
+    import weakref
+
+    from torch._dynamo.utils import counters
+
+    from llava_nb import decoding
+
+    monkeypatch.setenv(decoding.ENV, "compile")
+    counters.clear()
+    model = Model(tiny_llava)
+    turns = _turns(photo)[:3]
+    answers, reused, paths = _ask_all(model, turns)
+    assert paths == ["compiled eager-static"] * len(turns)
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters)  # it really compiled
+    assert answers == _plain_transformers_answers(tiny_llava, turns, 16)
+    assert all(r > 0 for r in reused[1:])
+    recorded = model.generate(
+        Chat(model).messages("Where?", [photo]), max_new_tokens=8, attention=True
+    )
+    recorded.wait()  # a recording step is not compiled
+    assert recorded.decoding == "eager-static" and recorded.attention.weights.size
+    weights = weakref.ref(model.model)
+    model.unload()  # the compiled step keeps nothing of the model alive
+    gc.collect()
+    assert weights() is None
+
+
+def _broken_compile(monkeypatch):
+    """torch.compile with a backend that fails, as a compiler error on a new stack would."""
+    import torch
+
+    def backend(graph, example_inputs):
+        raise RuntimeError("no kernel for this op")
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=backend))
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_a_step_that_cannot_be_compiled_runs_as_written_after_one_warning(
+    captured, tiny_llava, photo, static, monkeypatch, caplog
+):
+    monkeypatch.setenv(static.ENV, "compile")
+    if captured:
+
+        def capture(body):
+            return _Tape().capture(body)
+
+        monkeypatch.setattr(static, "_capture_for", lambda device: capture)
+    _broken_compile(monkeypatch)
+    model = Model(tiny_llava)
+    turns = _turns(photo)[:2]
+    with caplog.at_level("WARNING", logger="llava_nb"):
+        answers, _, paths = _ask_all(model, turns)
+    assert paths == ["graph" if captured else "eager-static"] * 2
+    warnings = [r.getMessage() for r in caplog.records if "could not be compiled" in r.getMessage()]
+    assert warnings == [
+        "llava_nb: the decoding step could not be compiled (RuntimeError: no kernel for this op); "
+        "running it as written"
+    ]
+    assert answers == _plain_transformers_answers(tiny_llava, turns, 16)
+
+
 def test_a_transformers_the_decoder_cannot_use_means_plain_generate(
     tiny_llava, static, monkeypatch, caplog
 ):
