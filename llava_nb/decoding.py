@@ -294,6 +294,8 @@ class StaticDecoder:
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._position = torch.zeros((), dtype=torch.long, device=device)
         self._columns: Any = None  # arange(capacity)
+        self._host: Any = None  # pinned host memory a token and its stop flag are copied to
+        self._copied: Any = None  # CUDA event: that copy is done
         self._dtype = model.get_input_embeddings().weight.dtype
         self._supported = self._check_supported()
 
@@ -568,21 +570,50 @@ class StaticDecoder:
                 else:
                     token = torch.argmax(scores, dim=-1)
                 sequence = torch.cat([sequence, token[:, None]], dim=-1)
+                done = criteria(sequence, None)
+                reported = self._report(token, done)
+                # The next step is queued before the host learns whether this token ends the
+                # answer: the device need not idle while the host reads it, streams it and
+                # queues the step after. If it does end it, that step was spare: it only fed
+                # the last token into the cache.
+                fed = sequence.shape[1] < config.max_length  # else the length ends it
+                if fed:
+                    if recorder is not None and rows == recorder.slots:
+                        recorder.move_rows(rows)  # before the next step overwrites slot 0
+                        rows = 0
+                    logits = self.step(token, sequence.shape[1] - 1)
+                    rows += 1
+                token_id, stop = reported()
                 if streamer is not None:
-                    streamer.put(token.cpu())
-                if bool(criteria(sequence, None).all()):
-                    break
-                if recorder is not None and rows == recorder.slots:
-                    recorder.move_rows(rows)  # before the next step overwrites slot 0
-                    rows = 0
-                logits = self.step(token, sequence.shape[1] - 1)
-                rows += 1
+                    streamer.put(torch.tensor([token_id]))
+                if stop or not fed:
+                    break  # a spare step's attention row: left out of the map, as a stop's
         finally:
             if recorder is not None:
                 recorder.move_rows(rows)
         if streamer is not None:
             streamer.end()
         return sequence
+
+    def _report(self, token, done) -> Callable[[], tuple[int, bool]]:
+        """Start copying a token and its stop flag to the host without waiting for the work
+        queued after it; returns what waits for the copy and reads them."""
+        import torch
+
+        values = torch.stack([token[0], done[0].long()])
+        if not values.is_cuda:
+            return lambda: (int(values[0]), bool(values[1]))
+        if self._host is None:
+            self._host = torch.empty(2, dtype=torch.long, pin_memory=True)
+            self._copied = torch.cuda.Event()
+        self._host.copy_(values, non_blocking=True)
+        self._copied.record()
+
+        def read() -> tuple[int, bool]:
+            self._copied.synchronize()
+            return int(self._host[0]), bool(self._host[1])
+
+        return read
 
     def _record_with(self, recorder: Any) -> Any:
         """Point `recorder` at device buffers that outlive it, so that a step captured while
