@@ -189,30 +189,9 @@ def test_stop_ends_static_decoding_within_a_token_or_two(tiny_llava, photo, stat
 
 
 def test_end_of_answer_token_stops_static_decoding_as_generate(tiny_llava, photo, monkeypatch):
-    from llava_nb import decoding
-
-    messages = Chat(tiny_llava).messages("Describe it.", [photo])
-    generations = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv(decoding.ENV, mode)
-        model = Model(tiny_llava).load()
-        free = model.generate(messages, max_new_tokens=12)
-        free.wait()
-        model.model.generation_config.eos_token_id = free.token_ids[4]  # its fifth token
-        generations[mode] = model.generate(messages, max_new_tokens=12)
-        generations[mode].wait()
-    ids = generations["1"].token_ids
-    assert generations["1"].decoding == "eager-static"
-    assert ids == generations["0"].token_ids == free.token_ids[: ids.index(free.token_ids[4]) + 1]
-    assert len(ids) <= 5 and generations["1"].finish_reason == "stop"
-
-
-def test_an_answer_ended_by_its_end_token_records_the_attention_generate_does(
-    tiny_llava, photo, monkeypatch
-):
     """The static decoder queues the next step before it knows a token ends the answer; that
-    spare step records a row that is not the answer's, and feeds the last token into the cache
-    the next turn continues from."""
+    spare step records an attention row that is not the answer's, and feeds the last token
+    into the cache the next turn continues from."""
     import numpy as np
 
     from llava_nb import decoding
@@ -224,16 +203,18 @@ def test_an_answer_ended_by_its_end_token_records_the_attention_generate_does(
         model = Model(tiny_llava).load()
         free = model.generate(messages, max_new_tokens=12)
         free.wait()
-        model.model.generation_config.eos_token_id = free.token_ids[4]
+        model.model.generation_config.eos_token_id = free.token_ids[4]  # its fifth token
         generations[mode] = model.generate(messages, max_new_tokens=12, attention=True)
         generations[mode].wait()
-        follow = Chat(model)  # the next turn continues from the cache the answer left
+        follow = Chat(model)
         follow._turns.append(Turn("Describe it.", [photo], generations[mode].text))
         generations[mode + " next"] = model.generate(follow.messages("More?"), max_new_tokens=8)
         generations[mode + " next"].wait()
     ours, plain = generations["1"], generations["0"]
-    assert ours.decoding == "eager-static" and ours.finish_reason == "stop"
-    assert ours.token_ids == plain.token_ids and len(ours.token_ids) <= 5
+    ids = ours.token_ids
+    assert ours.decoding == "eager-static"
+    assert ids == plain.token_ids == free.token_ids[: ids.index(free.token_ids[4]) + 1]
+    assert len(ids) <= 5 and ours.finish_reason == "stop"
     np.testing.assert_allclose(ours.attention.weights, plain.attention.weights, atol=1e-6)
     ours, plain = generations["1 next"], generations["0 next"]
     assert ours.reused_tokens > 0 and ours.token_ids == plain.token_ids
