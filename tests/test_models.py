@@ -278,6 +278,29 @@ def test_a_generation_nobody_reads_does_no_work(tiny_llava):
     assert finished.wait() == finished.wait()  # reading it again gives the same answer
 
 
+def test_work_on_a_thread_of_its_own_returns_raises_and_outlasts_an_interrupt():
+    """A CPU load with bitsandbytes runs there, so its OpenMP pool ends with it."""
+    import signal
+    import threading
+
+    from llava_nb.models import _on_a_thread_of_its_own
+
+    assert _on_a_thread_of_its_own(lambda: "loaded") == "loaded"
+    with pytest.raises(ZeroDivisionError):
+        _on_a_thread_of_its_own(lambda: 1 / 0)
+    done = []
+
+    def work():
+        time.sleep(0.1)  # the caller is waiting for it by now
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as Jupyter's ■
+        time.sleep(0.3)
+        done.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        _on_a_thread_of_its_own(work)
+    assert done == [True]  # the interrupt came once the work had ended, not halfway
+
+
 @pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
 def test_unload_gives_the_memory_back(tmp_path_factory, quantization):
     """Resident memory, measured: a load/unload cycle (after a first one that imports the
