@@ -237,7 +237,7 @@ def run_llava_nb(path: str, quant: str, image, new_tokens: int, mode: str, check
     result["step_ms"] = step_alone_ms(model._decoder) if model._decoder is not None else None
     if check:
         model.model.generation_config.min_new_tokens = None
-        result["check"] = logit_check(model, image, check, compiled=mode == "compile")
+        result["check"] = logit_check(model, image, check)
     model.unload()
     os.environ.pop(decoding.ENV, None)
     return result
@@ -262,10 +262,11 @@ def step_alone_ms(decoder, repeats: int = 32) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def logit_check(model, image, steps: int, compiled: bool = False) -> dict:
+def logit_check(model, image, steps: int) -> dict:
     """Feed the same tokens to the plain forward (dynamic cache, one token a call, as
     `generate` does) and to llava_nb's static step (replayed from a CUDA graph where there
-    is one; `compiled`: through torch.compile); compare the logits step by step."""
+    is one; the model's own decoder where it has one, so a compiled step is not compiled
+    again); compare the logits step by step."""
     import torch
     from transformers import DynamicCache
 
@@ -282,7 +283,7 @@ def logit_check(model, image, steps: int, compiled: bool = False) -> dict:
     ids = inputs["input_ids"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     length = ids.shape[1]
-    decoder = StaticDecoder(hf, _capture_for(hf.device), compiled=compiled)
+    decoder = model._decoder or StaticDecoder(hf, _capture_for(hf.device))
     with torch.inference_mode():
         cache = DynamicCache(config=hf.config.get_text_config())
         out = hf(**inputs, use_cache=True, logits_to_keep=1, **{decoder._cache_kw: cache})

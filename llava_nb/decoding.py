@@ -258,9 +258,10 @@ class StaticDecoder:
     kernels can) this model decodes eagerly, after one warning.
 
     `compiled`: the step runs through `torch.compile` (inductor fuses its many small kernels;
-    compiling takes a while, once per cache size) and is captured as compiled. Should
-    compiling fail, the step runs as written, after one warning. A step that records attention
-    is never compiled.
+    compiling takes a while: in the first answer, and once more, with the cache's length
+    symbolic, when the cache first grows) and is captured as compiled. Should compiling fail,
+    the step runs as written, after one warning. A step that records attention is never
+    compiled.
     """
 
     def __init__(
@@ -448,7 +449,7 @@ class StaticDecoder:
         if self._compiled_step is None:
             import torch
 
-            self._compiled_step = torch.compile(self._step_body, dynamic=False)
+            self._compiled_step = torch.compile(self._step_body)
         return self._compiled_step
 
     def _not_compiled(self, error: BaseException) -> None:
