@@ -21,13 +21,14 @@ ratios to plain transformers.
 Each contender (plain transformers, each llava_nb path) runs in fresh processes of its own
 (--repeat of them, interleaved with the others'; each figure is their median), as a user runs one
 or the other: nothing (allocator, compiled kernels, CPU thread pools) carries over
-from one measurement to the next. On a CPU this matters: once one thread has run torch, another
-thread's torch work pays for a second OpenMP thread team (on 2 cores, plain `generate` on a new
-thread was 7% slower after the main thread had run it).
+from one measurement to the next. On a CPU this matters: each thread that runs torch keeps an
+OpenMP thread pool, and with more pool threads than cores libgomp stops letting idle ones spin,
+so every parallel region waits for sleeping threads (on 2 cores, plain `generate` on a new
+thread was 7% slower once the main thread had run it too).
 
 Then the logit check: the prompt of turn 1, and 32 tokens fed to both the plain forward
-(dynamic cache) and llava_nb's static step (the CUDA graph on a GPU; for the first path, and
-again compiled for "compiled"), the same tokens to both;
+(dynamic cache) and llava_nb's static step (the CUDA graph on a GPU), in the process of the
+first llava_nb path and of "compiled", with that process's own decoder; the same tokens to both;
 printed: the largest logit difference at any step, the logits' scale, and how many steps pick
 the same argmax (random weights make argmax ties fragile: the difference is what counts).
 
