@@ -693,7 +693,7 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
     each answer's thread makes. With more pool threads than cores, libgomp stops letting idle
     threads spin, and every parallel region of an answer waits for sleeping threads: on 2
     cores, 4-bit decoding ran at 0.67x of plain `generate`. An interrupt waits for the work to
-    end (it cannot be stopped halfway), then is raised."""
+    end (it cannot be stopped halfway), then is raised, and what it made is dropped."""
     outcome: dict[str, Any] = {}
     finished = threading.Event()  # not join(): an interrupted join marks a live thread ended
 
@@ -705,18 +705,24 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
         finally:
             finished.set()
 
-    threading.Thread(target=run, name="llava_nb-load", daemon=True).start()
+    worker = threading.Thread(target=run, name="llava_nb-load", daemon=True)
+    worker.start()
     interrupted = None
     while not finished.is_set():
         try:
             finished.wait()
         except KeyboardInterrupt as e:
             interrupted = e
+    try:
+        worker.join()  # its pool gone before any answer starts
+    except KeyboardInterrupt as e:
+        interrupted = e
     if "error" in outcome:
-        raise outcome["error"]
+        raise outcome.pop("error")
     if interrupted is not None:
+        outcome.clear()  # not kept alive by this frame in the interrupt's traceback
         raise interrupted
-    return outcome["value"]
+    return outcome.pop("value")  # the thread's closure keeps no reference to it
 
 
 def _generation_error(error: BaseException) -> BaseException:
