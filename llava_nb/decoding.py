@@ -484,7 +484,8 @@ class StaticDecoder:
             expected.append(logits.clone())
             fed.append(current)
             current = logits.argmax(-1)
-        try:
+
+        def capture_and_measure() -> tuple[Callable, float, float]:
             replay = self._capture_step(token, position)
             worst, scale = 0.0, 1.0
             for i in range(steps):
@@ -492,6 +493,15 @@ class StaticDecoder:
                 difference = float((replay().float() - expected[i]).abs().max())
                 worst = max(worst, difference if difference == difference else math.inf)  # NaN
                 scale = max(scale, float(expected[i].abs().max()))
+            return replay, worst, scale
+
+        try:
+            replay, worst, scale = capture_and_measure()
+            if self._compiling and worst > GRAPH_TOLERANCE * scale:
+                self._not_compiled(
+                    RuntimeError(f"it disagreed with the eager step: {worst:.3g} of {scale:.3g}")
+                )
+                replay, worst, scale = capture_and_measure()  # the step as written
         except Exception as e:  # any capture failure: decode eagerly instead
             self._give_up(f"the decoding step could not be captured ({type(e).__name__}: {e})")
             return None

@@ -432,6 +432,27 @@ def test_a_step_that_cannot_be_compiled_runs_as_written_after_one_warning(
     assert answers == _plain_transformers_answers(tiny_llava, turns, 16)
 
 
+def test_a_compiled_step_that_replays_wrongly_is_captured_as_written(
+    tiny_llava, photo, static, monkeypatch, caplog
+):
+    def capture(body):
+        if body == model._decoder._step_body:
+            return _Tape().capture(body)
+        output = body()  # the compiled step replays its first result, as a broken capture would
+        return lambda: output
+
+    monkeypatch.setenv(static.ENV, "compile")
+    monkeypatch.setattr(static, "_capture_for", lambda device: capture)
+    model = Model(tiny_llava)
+    turns = _turns(photo)[:2]
+    with caplog.at_level("WARNING", logger="llava_nb"):
+        answers, _, paths = _ask_all(model, turns)
+    assert paths == ["graph"] * 2 and model._decoder.graphs_ok
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "could not be compiled (RuntimeError: it disagreed" in warnings[0]
+    assert answers == _plain_transformers_answers(tiny_llava, turns, 16)
+
+
 def test_a_transformers_the_decoder_cannot_use_means_plain_generate(
     tiny_llava, static, monkeypatch, caplog
 ):
