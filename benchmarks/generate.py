@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.paths.split(",")
     if unknown := set(paths) - set(PATHS):
         parser.error(f"unknown --paths {', '.join(sorted(unknown))}; use {', '.join(PATHS)}")
+    if unknown := set(args.quant.split(",")) - {"none", "4bit", "8bit"}:
+        parser.error(f"unknown --quant {', '.join(sorted(unknown))}; use none, 4bit, 8bit")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -383,13 +385,20 @@ def main(argv: list[str] | None = None) -> int:
                 for i, name in enumerate(runs):
                     checked = repeat == 0 and (i == 1 or name == "compiled")
                     check = args.check_steps if checked else 0
-                    runs[name].append(_child(args, path, quant, name, check))
+                    result = _child(args, path, quant, name, check)
+                    runs[name] += [result] if result is not None else []
+            if not runs["plain"]:
+                print(f"# {quant}: plain transformers failed (its error is above): no rows")
+                continue
             plain = _merge(runs.pop("plain"))
             _row(quant, "transformers", plain, plain)
             for name, results in runs.items():
+                if not results:
+                    print(f"| {quant} | llava_nb {name} | failed: its error is above |")
+                    continue
                 ours = _merge(results)
                 decoding = ours["turns"][-1]["decoding"]
-                if decoding == "graph":
+                if decoding.endswith("graph"):
                     decoding += f", {ours['captures']} captures incl. warm-up"
                 _row(quant, f"llava_nb {name} ({decoding})", ours, plain)
                 if name == "compiled":
@@ -408,14 +417,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _child(args, path: str, quant: str, contender: str, check: int) -> dict:
-    """Measure one contender in a fresh Python process; its result is its last stdout line."""
+def _child(args, path: str, quant: str, contender: str, check: int) -> dict | None:
+    """Measure one contender in a fresh Python process; its result is its last stdout line
+    (None if it failed: the others still run)."""
     command = [sys.executable, os.path.abspath(__file__), "--one", contender, "--quant", quant,
                "--checkpoint", path, "--new-tokens", str(args.new_tokens),
                "--check-steps", str(check)]  # fmt: skip
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"the {contender} run ({quant}) failed with exit status {done.returncode}")
+        why = f"exit status {done.returncode}"
+        print(f"# the {contender} run ({quant}) failed: {why}", file=sys.stderr, flush=True)
+        return None
     return json.loads(done.stdout.splitlines()[-1])
 
 
