@@ -600,11 +600,11 @@ def build(
     unknown = sorted(set(recipe) - set(RECIPE))
     if unknown:
         raise DemoError(f"unknown build setting {unknown[0]!r}; use one of {', '.join(RECIPE)}")
-    every = recipe.get("describe_every", 1)
+    wanted = {**RECIPE, **recipe}
+    every = wanted["describe_every"]
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise DemoError(f"describe_every must be a whole number >= 1 (1 in N images only "
                         f"described), got {every!r}")  # fmt: skip
-    wanted = {**RECIPE, **recipe}
     target = Path(path).expanduser() if path is not None else default_path()
     # with no seed or settings given, any complete build will do (VERSION names the recipe)
     if not recipe and seed is None:

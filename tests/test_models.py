@@ -87,11 +87,29 @@ def test_llava_next_family(tiny_llava_next):
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantized_loading_keeps_vision_projector_and_head_unquantized(tiny_llava, bits, photo):
-    import torch
+def test_quantized_loading_keeps_vision_projector_and_head_unquantized(
+    tiny_llava, bits, photo, monkeypatch
+):
+    import threading
 
+    import torch
+    import transformers
+
+    loaded_on = []  # the thread each from_pretrained ran on
+    real = transformers.AutoModelForImageTextToText.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        loaded_on.append(threading.current_thread())
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(
+        transformers.AutoModelForImageTextToText, "from_pretrained", classmethod(from_pretrained)
+    )
     full = Model(tiny_llava).load()
     model = Model(tiny_llava, quantization=bits).load()
+    # a CPU quantizing load runs on a thread of its own: its OpenMP pool ends with it
+    assert loaded_on[0] is threading.current_thread()
+    assert loaded_on[1].name == "llava_nb-load" and not loaded_on[1].is_alive()
     quantized = type(model.model.model.language_model.layers[0].self_attn.q_proj).__name__
     assert quantized == {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[bits]
     vision_q = model.model.model.vision_tower.encoder.layers[0].self_attn.q_proj
