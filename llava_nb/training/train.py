@@ -8,6 +8,7 @@ trains badly; a chat's loaded model is never touched). The output_dir holds a pl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -663,6 +664,12 @@ def _train(
                 f"in {out}; run ln.finetune again with the same output_dir to resume",
                 file=sys.stderr,
             )
+    if world > 1:
+        # Rank 0 saves while the others would exit: a rank that exits first can take the saving
+        # one down with it. All wait for the adapter; the process group goes at exit.
+        trainer.accelerator.wait_for_everyone()
+        atexit.unregister(_destroy_process_group)  # once, however many runs
+        atexit.register(_destroy_process_group)
     run = FinetuneRun(
         output_dir=str(out),
         adapter_path=str(out),
@@ -675,6 +682,16 @@ def _train(
     )
     del trainer, model
     return run
+
+
+def _destroy_process_group() -> None:
+    """Run from `atexit`, while Python is whole: left to interpreter shutdown, gloo's worker
+    threads can abort the process (SIGABRT) as their tensors are freed. Not at the end of a run:
+    a script may call `finetune` again, and accelerate's state expects the group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _peak_memory(cuda: bool) -> int:
