@@ -166,10 +166,11 @@ def _tiles_view(config, processor, height: int, width: int, first: int) -> tuple
     dummy = np.broadcast_to(np.zeros((), np.uint8), (1, height, width))
     new_h, new_w = get_patch_output_size(dummy, (best_h, best_w), "channels_first")
     grid_h, grid_w = tiles_h * per, tiles_w * per
-    canvas = torch.arange(grid_h * grid_w).view(1, grid_h, grid_w)
-    kept = unpad_image(canvas, (height, width))[0]  # the model's own unpadding, on cell ids
-    rows, cols = kept.shape
-    top, left = divmod(int(kept[0, 0]), grid_w)
+    # the model's own unpadding, on an empty (no channels) canvas of cells: a centered slice
+    rows, cols = unpad_image(torch.empty(0, grid_h, grid_w), (height, width)).shape[1:]
+    # A very elongated image can keep no row (or no column) at all: its short side rounds to 0
+    # cells, and the processor emits no tile tokens then, or only the rows' newline tokens.
+    top, left = (grid_h - rows) // 2, (grid_w - cols) // 2
     index = first + np.arange(rows)[:, None] * (cols + 1) + np.arange(cols)[None, :]
     a, b = [], []
     for new, orig, best, grid, start in (
@@ -648,11 +649,12 @@ class AttentionMap:
         """The map on one view's patch grid (24 x 24 for LLaVA-1.5).
 
         view: "base" or, for LLaVA-NeXT, "tiles" (the default there: the high-resolution grid
-        after unpadding, newline tokens left out).
+        after unpadding, newline tokens left out; "base" when unpadding kept no cell).
         """
         values = self._vector(tokens, layers, heads, method, image)
         views = {v.name: v for v in self._views(self._image(image))}
-        name = view or ("tiles" if "tiles" in views else "base")
+        tiles = views.get("tiles")  # none kept (a very elongated image): the base view
+        name = view or ("tiles" if tiles is not None and tiles.index.size else "base")
         if name not in views:
             raise AttentionError(f"unknown view {name!r}; this model has {', '.join(views)}")
         return _normalized(values[views[name].index], normalize)

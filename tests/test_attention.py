@@ -20,6 +20,8 @@ from llava_nb.attention import AttentionError, AttentionMap, _image_geometry, ov
 matplotlib.use("Agg")
 
 SIZES = [(30, 100), (170, 40), (64, 64), (333, 500), (37, 211), (90, 23)]  # (height, width)
+# banners and poles: LLaVA-NeXT's unpadding keeps few tile rows (columns) of them, or none
+ELONGATED = [(100, 1000), (1, 200), (50, 2000), (30, 200), (100, 1), (2000, 50), (200, 30)]
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -218,8 +220,12 @@ def token_cells(model: ln.Model, height: int, width: int) -> tuple[dict[int, tup
     return truth, (th * per, tw * per)
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next"])
-@pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+@pytest.mark.parametrize(
+    "kind, size",
+    [(kind, size) for kind in ("llava", "llava_next") for size in SIZES]
+    + [("llava_next", size) for size in ELONGATED if min(size) >= 30],  # a pixel per cell
+    ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}",
+)
 def test_each_patch_lands_on_the_pixels_it_was_made_from(models, kind, size):
     """Paint the pixels our geometry gives a token white, run the real processor: the token's
     own cell (as the model packs it) must be the brightest cell and mostly white."""
@@ -285,6 +291,31 @@ def test_llava_next_adds_both_views_per_pixel(models):
     assert base.sum() == pytest.approx(16 / n, rel=1e-5)
     assert tiles.sum() == pytest.approx(64 / n, rel=1e-5)
     assert att.grid().shape == (8, 8) and att.grid(view="base").shape == (4, 4)
+
+
+@pytest.mark.parametrize("size", ELONGATED, ids=[f"{h}x{w}" for h, w in ELONGATED])
+def test_attention_on_elongated_images(models, size):
+    """A very wide or tall image: the map has one weight per image token of the prompt, even
+    where unpadding keeps no tile cell (only the base view's tokens, or only newline tokens)."""
+    model = models["llava_next"]
+    height, width = size
+    image = shape_image(height, width, (0, 0, width // 2, height // 2))
+    messages = ask_about([image])
+    generation = model.generate(messages, max_new_tokens=2, attention=True)
+    generation.wait()
+    att = generation.attention
+    inputs = model.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    count = int((inputs["input_ids"] == model.model.config.image_token_id).sum())
+    assert att._geometry[0]["tokens"] == count == att.weights.shape[-1] >= 16
+    heat = att.heatmap()
+    assert heat.shape == (height, width) and heat.max() == pytest.approx(1.0)
+    assert np.isfinite(heat).all() and heat.min() >= 0
+    tiles = att._geometry[0]["views"][1]
+    assert att.heatmap(view="tiles", normalize=False).shape == (height, width)
+    assert att.grid().shape == (tiles.index.shape if tiles.index.size else (4, 4))
+    att.plot().savefig(io.BytesIO(), format="png")
 
 
 # ---------------------------------------------------------------- aggregation
