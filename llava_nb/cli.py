@@ -1,6 +1,7 @@
 """`llava-nb`: chat with a LLaVA model in a terminal, or serve one over HTTP.
 
     llava-nb chat [--model M] [--image PATH] [--4bit|--8bit] [--max-new-tokens N] [--temperature T]
+    llava-nb chat --model openai:http://host:8000/v1 [--api-key KEY] ...
     llava-nb serve [--model M] [--host H] [--port P] [--api-key KEY] ...
 
 `chat` is another front end over the same `Chat` the notebook magics use. Answers stream to
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(subparser=chat)
     _add_model_options(
         chat, "hub id, local checkpoint folder, or server URL (openai:http://host:8000/v1)"
+    )
+    chat.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="the key a server URL needs (default: $OPENAI_API_KEY)",
     )
     chat.add_argument(
         "--image",
@@ -228,6 +234,7 @@ def _chat(args: argparse.Namespace) -> int:
     from llava_nb.chat import Chat
     from llava_nb.images import load_image
     from llava_nb.models import check_settings, get_model
+    from llava_nb.remote import is_remote
 
     chat_parser = args.subparser  # its error(): usage errors exit 2
     settings = {
@@ -247,10 +254,26 @@ def _chat(args: argparse.Namespace) -> int:
         except LlavaError as e:
             chat_parser.error(f"argument --image: {e}")
     try:
-        model = get_model(args.model, quantization=args.quantization, device=args.device)
+        model = get_model(
+            args.model, quantization=args.quantization, device=args.device, api_key=args.api_key
+        )
         chat = Chat(model, **settings)
     except LlavaError as e:
         chat_parser.error(str(e))
+    if is_remote(model.model_id):
+        local_only = [f"--{args.quantization}"] if args.quantization != "auto" else []
+        local_only += ["--device"] if args.device else []
+        if local_only:
+            flags = " and ".join(local_only)
+            verb = "is" if len(local_only) == 1 else "are"
+            chat_parser.error(
+                f"{flags} {verb} for local weights; with a server URL the server loads the "
+                f"model: leave out {flags}"
+            )
+    elif args.api_key:
+        chat_parser.error(
+            "--api-key is for a server URL (openai:http://host:port/v1); leave it out"
+        )
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # no line or answer dies on a stray byte
             stream.reconfigure(errors="replace")
@@ -260,6 +283,7 @@ def _chat(args: argparse.Namespace) -> int:
         images=images,
         quantization=args.quantization,
         device=args.device,
+        api_key=args.api_key,
         interactive=stdin.isatty(),
         stdin=stdin,
     )
@@ -281,6 +305,7 @@ class ChatSession:
         images: list | None = None,
         quantization: str = "auto",
         device: str | None = None,
+        api_key: str | None = None,
         interactive: bool = False,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
@@ -290,6 +315,7 @@ class ChatSession:
         self.pending = list(images or [])  # images for the next question
         self.quantization = quantization
         self.device = device
+        self.api_key = api_key  # for /model with a server URL
         self.interactive = interactive
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
@@ -546,7 +572,9 @@ class ChatSession:
         from llava_nb.models import get_model
 
         old = self.chat.model
-        new = get_model(name, quantization=self.quantization, device=self.device)
+        new = get_model(
+            name, quantization=self.quantization, device=self.device, api_key=self.api_key
+        )
         if new is old:
             self._info(f"already using {old.model_id}")
             return

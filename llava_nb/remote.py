@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,6 +54,11 @@ class RemoteModel:
         if not is_remote(model_id):
             raise ModelError(f"'{model_id}' is not a server URL; use openai:http://host:port/v1")
         self.base_url = model_id.removeprefix(PREFIX).rstrip("/")
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ModelError(
+                f"'{self.base_url}' is not a server URL; use openai:http://host:port/v1"
+            )
         self.model_id = PREFIX + self.base_url
         self.remote_model = remote_model
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
@@ -102,7 +108,8 @@ class RemoteModel:
             served = [m.id for m in client.models.list()]
         except openai.AuthenticationError:
             raise ModelError(
-                f"{self.base_url} refused the API key; pass api_key= (or --api-key)"
+                f"{self.base_url} refused the API key; pass api_key= (llava-nb chat: --api-key) "
+                "or set OPENAI_API_KEY"
             ) from None
         except openai.APIConnectionError:
             raise ModelError(

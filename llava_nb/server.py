@@ -11,7 +11,9 @@ Endpoints:
   ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
   ``stream_options.include_usage``. As in OpenAI's API, ``temperature`` defaults to 1 (send 0
   for greedy answers) and ``max_tokens`` to the rest of the context. The ``model`` field may be
-  left out; a name other than the served one gets 404.
+  left out; a name other than the served one gets 404. What it cannot honour is refused with
+  400 rather than ignored: ``tools``, a ``response_format`` other than text, ``logprobs``,
+  ``logit_bias`` (their empty defaults, which SDKs may send, pass).
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served.
 - ``GET /health``: 200 once the model is loaded, 503 (with Retry-After) while it loads.
 - ``GET /``: a small chat page (``llava_nb/web/index.html``).
@@ -37,6 +39,7 @@ import json
 import logging
 import math
 import re
+import reprlib
 import socket
 import sys
 import threading
@@ -69,7 +72,12 @@ logger = logging.getLogger("llava_nb.server")
 MAX_IMAGES_PER_REQUEST = 16
 MAX_STOP_STRINGS = 16
 MAX_REDIRECTS = 3
+MAX_INT_DIGITS = 100  # a longer number in a request is a mistake (and slow to convert)
 LOAD_RETRY_AFTER_S = 5
+ROUTES = (
+    "POST /v1/chat/completions, GET /v1/models, GET /v1/models/ID, GET /health and GET / "
+    "(the chat page)"
+)
 NO_LIMIT = 1 << 30  # max_tokens when the request names none: the rest of the context
 _T = TypeVar("_T")
 
@@ -651,6 +659,7 @@ class _Service:
         self.stats: Counter[str] = Counter()
         self.created = int(time.time())
         self.load_error: BaseException | None = None
+        self.on_load_error: Callable[[BaseException], None] = self._log_load_error
         self._loader: threading.Thread | None = None
 
     # -- loading
@@ -665,10 +674,13 @@ class _Service:
                 self.model.load()
             except BaseException as e:
                 self.load_error = e
-                logger.error("cannot load %s: %s", self.name, e)
+                self.on_load_error(e)
 
         self._loader = threading.Thread(target=load, name="llava_nb-load", daemon=True)
         self._loader.start()
+
+    def _log_load_error(self, error: BaseException) -> None:
+        logger.error("llava_nb: cannot load %s: %s", self.name, error)
 
     def state(self) -> str:
         if self.model.loaded:
@@ -730,22 +742,35 @@ class _Service:
     def parse(self, body: bytes) -> dict[str, Any]:
         """Check a chat-completions request and decode its images (runs in a worker thread)."""
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+            payload = json.loads(body.decode("utf-8-sig"), parse_int=_json_int)
+        except UnicodeDecodeError:
+            raise ApiError(
+                400, "the request body is not valid UTF-8 JSON; send JSON encoded as UTF-8"
+            ) from None
+        except RecursionError:
+            raise ApiError(
+                400, "the request body nests JSON too deeply; send a flatter JSON object"
+            ) from None
+        except ValueError as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object")
         model = payload.get("model")
-        if model not in (None, "") and model != self.name:
+        if model is not None and not isinstance(model, str):
+            raise ApiError(
+                400, f"model must be a string (the served model is {self.name!r})", param="model"
+            )
+        if model and model != self.name:
             raise ApiError(
                 404,
-                f"the model {model!r} does not exist; this server serves {self.name!r}",
+                f"the model {_shown(model)} does not exist; this server serves {self.name!r}",
                 param="model",
                 code="model_not_found",
             )
         n = payload.get("n")
         if n not in (None, 1):
             raise ApiError(400, "n must be 1: one answer per request", param="n")
+        _refuse_unsupported(payload)
         stream = payload.get("stream") or False
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", param="stream")
@@ -783,7 +808,7 @@ class _Service:
             else:
                 raise ApiError(
                     400,
-                    f"{param}: role {role!r} is not supported; use system, user or assistant",
+                    f"{param}: role {_shown(role)} is not supported; use system, user or assistant",
                     param=f"{param}.role",
                 )
             if out and out[-1]["role"] == role:  # LLaVA templates expect turns to alternate
@@ -833,7 +858,8 @@ class _Service:
             else:
                 raise ApiError(
                     400,
-                    f"{where}: part type {kind!r} is not supported; use 'text' or 'image_url'",
+                    f"{where}: part type {_shown(kind)} is not supported; "
+                    "use 'text' or 'image_url'",
                     param=where,
                 )
         return parts
@@ -893,11 +919,72 @@ class _Service:
                 param=param,
                 code="local_path_refused",
             )
-        if not resolved.is_file():
-            raise ApiError(400, f"image file {source[:80]!r} not found", param=param)
-        if resolved.stat().st_size > MAX_IMAGE_BYTES:
-            raise _too_large(f"image file {source[:80]!r}", MAX_IMAGE_BYTES)
-        return load_image(resolved.read_bytes())
+        try:
+            if resolved.is_dir():
+                raise ApiError(
+                    400,
+                    f"image path {source[:80]!r} is a folder; name an image file in it",
+                    param=param,
+                    code="invalid_image",
+                )
+            if not resolved.is_file():
+                raise ApiError(
+                    400, f"image file {source[:80]!r} not found", param=param, code="invalid_image"
+                )
+            if resolved.stat().st_size > MAX_IMAGE_BYTES:
+                raise _too_large(f"image file {source[:80]!r}", MAX_IMAGE_BYTES)
+            data = resolved.read_bytes()
+        except OSError as e:  # a name too long, no permission, ...
+            raise ApiError(
+                400,
+                f"cannot read image file {source[:80]!r} ({e.strerror or e}); check the path",
+                param=param,
+                code="invalid_image",
+            ) from None
+        return load_image(data)
+
+
+# Fields of OpenAI's API this server cannot honour, what each may be without asking for
+# anything (SDKs send some by default), and why the rest is refused.
+_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((None, []), "this server's model does not call tools"),
+    "functions": ((None, []), "this server's model does not call functions"),
+    "tool_choice": ((None, "none", "auto"), "this server's model does not call tools"),
+    "function_call": ((None, "none", "auto"), "this server's model does not call functions"),
+    "response_format": ((None, {"type": "text"}), "answers are plain text"),
+    "logprobs": ((None, False), "this server does not return log probabilities"),
+    "top_logprobs": ((None, 0), "this server does not return log probabilities"),
+    "logit_bias": ((None, {}), "this server does not bias tokens"),
+}
+
+
+def _refuse_unsupported(payload: dict[str, Any]) -> None:
+    """A request that asks for what the server cannot do gets 400, not a silent 200."""
+    for name, (harmless, why) in _UNSUPPORTED.items():
+        value = payload.get(name)
+        if value not in harmless:
+            raise ApiError(
+                400,
+                f"{name} is not supported ({why}); leave it out",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
+def _json_int(text: str) -> int:
+    """json's parse_int, refusing numbers too long to mean anything (int() would say worse)."""
+    if len(text) > MAX_INT_DIGITS:
+        raise ApiError(
+            400,
+            f"a number in the request is too long (over {MAX_INT_DIGITS} digits); send a "
+            "shorter one",
+        )
+    return int(text)
+
+
+def _shown(value: Any) -> str:
+    """A short repr of a client's value for an error message (bounded size and depth)."""
+    return reprlib.repr(value)
 
 
 def _checked_text(text: Any, param: str) -> str:
@@ -933,7 +1020,7 @@ def _number(payload: dict, name: str, default: float, low: float, high: float) -
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ApiError(400, f"{name} must be a number, got {value!r}", param=name)
+        raise ApiError(400, f"{name} must be a number, got {_shown(value)}", param=name)
     if not low <= value <= high:
         raise ApiError(400, f"{name} must be in [{low}, {high}], got {value!r}", param=name)
     return value
@@ -947,7 +1034,9 @@ def _settings(payload: dict[str, Any]) -> dict[str, Any]:
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
-        raise ApiError(400, f"{name} must be a positive integer, got {max_tokens!r}", param=name)
+        raise ApiError(
+            400, f"{name} must be a positive integer, got {_shown(max_tokens)}", param=name
+        )
     temperature = _number(payload, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(payload, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
@@ -956,7 +1045,7 @@ def _settings(payload: dict[str, Any]) -> dict[str, Any]:
     if seed is not None and (
         isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64
     ):
-        raise ApiError(400, f"seed must be a 64-bit integer, got {seed!r}", param="seed")
+        raise ApiError(400, f"seed must be a 64-bit integer, got {_shown(seed)}", param="seed")
     return {
         "max_new_tokens": min(max_tokens or NO_LIMIT, NO_LIMIT),
         "temperature": float(temperature),
@@ -1030,6 +1119,33 @@ class _LoopbackHostsOnly:
         await self.app(scope, receive, send)
 
 
+class _Unexpected:
+    """Answer an unexpected error with a 500 in OpenAI's format and keep the connection open.
+
+    (Starlette's own last-resort handler answers, then re-raises, and uvicorn closes the
+    connection.) Errors after the response started are left to the server.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def watch(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            if started or scope["type"] != "http":
+                raise
+            logger.exception("llava_nb: unexpected error in %s %s", scope["method"], scope["path"])
+            await _server_error(e).response()(scope, receive, send)
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -1092,20 +1208,18 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        message = (
-            f"no route {request.method} {request.url.path}; the API is under /v1"
-            if error.status_code == 404
-            else str(error.detail)
-        )
-        return ApiError(
-            error.status_code, message, code="not_found" if error.status_code == 404 else None
-        ).response()
+        where = f"{request.method} {request.url.path}"
+        code = None
+        if error.status_code == 404:
+            message, code = f"no route {where}; this server has {ROUTES}", "not_found"
+        elif error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            message = f"{where} is not allowed; use {allowed} for {request.url.path}"
+        else:
+            message = str(error.detail)
+        return ApiError(error.status_code, message, code=code, headers=error.headers).response()
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
-        return _server_error(error).response()
-
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(
             page,
@@ -1119,7 +1233,7 @@ def create_app(
             },
         )
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         state = service.state()
         status = service.model.status()
@@ -1146,12 +1260,12 @@ def create_app(
             "owned_by": "llava_nb",
         }
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> dict[str, Any]:
         service.check_key(request)
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model_info(model_id: str, request: Request) -> dict[str, Any]:
         service.check_key(request)
         if model_id != service.name:
@@ -1206,6 +1320,7 @@ def create_app(
             raise
         return JSONResponse(result)
 
+    app.add_middleware(_Unexpected)
     if loopback_hosts_only:
         app.add_middleware(_LoopbackHostsOnly)
     return app
@@ -1278,7 +1393,8 @@ def run_server(
     allowed_local_media_path: str | None = None,
 ) -> None:
     """Serve `model` on host:port until interrupted (Ctrl-C). Loads the weights in the
-    background; /health says when they are ready."""
+    background; /health says when they are ready. A model that cannot load stops the server
+    (`LlavaError`): it could never answer."""
     import uvicorn
 
     from llava_nb.models import Model, default_model_id
@@ -1312,8 +1428,16 @@ def run_server(
             file=sys.stderr,
             flush=True,
         )
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    service = app.state.llava
+
+    def stop(_error: BaseException) -> None:  # a server that can never answer should not run
+        server.should_exit = True
+
+    service.on_load_error = stop
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()
+    if service.load_error is not None:
+        raise LlavaError(f"cannot load {model_id}: {service.load_error}")

@@ -257,3 +257,52 @@ def test_serve_without_the_serve_extra_says_how_to_install_it(tiny_llava):
     assert result.stderr.splitlines()[-1] == (
         "llava-nb serve needs the serve extra: pip install 'llava_nb[serve]'"
     )
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_serve_exits_when_the_model_cannot_load(tiny_llava, tmp_path):
+    pytest.importorskip("uvicorn")
+    missing = str(tmp_path / "nonexistent")
+    for args, why in (
+        (["--model", missing], missing),
+        (["--model", tiny_llava, "--device", "banana"], "unknown device 'banana'"),
+    ):
+        result = _run("serve", *args, "--port", _free_port())
+        assert result.returncode == 1, result.stderr
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith("llava-nb: cannot load ") and why in last, result.stderr
+        assert not any(line.startswith("cannot load") for line in result.stderr.splitlines())
+
+
+def test_chat_with_a_server_url_takes_an_api_key(tiny_llava):
+    pytest.importorskip("uvicorn")
+    from llava_nb.models import Model
+    from llava_nb.server import create_app, serving
+
+    expected = Chat(tiny_llava, max_new_tokens=TOKENS).ask("What is this?")
+    with serving(create_app(Model(tiny_llava).load(), api_key="sekret")) as url:
+        args = ["chat", "--model", f"openai:{url}/v1", "--max-new-tokens", str(TOKENS)]
+        refused = _run(*args, stdin="What is this?\n")
+        assert refused.returncode == 1
+        assert "refused the API key" in refused.stderr and "--api-key" in refused.stderr
+        result = _run(*args, "--api-key", "sekret", stdin="What is this?\n")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected + "\n"
+        for local_only, flag in (
+            (["--4bit"], "--4bit is for local weights"),
+            (["--device", "cpu"], "--device is for local weights"),
+        ):
+            result = _run(*args, *local_only, stdin="What is this?\n")
+            assert result.returncode == 2 and flag in result.stderr, result.stderr
+            assert result.stdout == ""
+    result = _run("chat", "--model", tiny_llava, "--api-key", "k")
+    assert result.returncode == 2 and "--api-key is for a server URL" in result.stderr
+    result = _run("chat", "--model", "openai:not-a-url")
+    assert result.returncode == 2 and "'not-a-url' is not a server URL" in result.stderr

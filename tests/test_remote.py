@@ -148,3 +148,9 @@ def test_a_server_that_stays_unavailable_is_one_clear_error(tiny_llava, monkeypa
             assert chat.history == []
     finally:
         served._lock.release()
+
+
+def test_a_server_id_that_is_not_a_url_is_refused():
+    for bad in ("openai:not-a-url", "openai:ftp://host/v1", "http://"):
+        with pytest.raises(ModelError, match="is not a server URL; use openai:http://host:port/v1"):
+            RemoteModel(bad)

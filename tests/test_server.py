@@ -484,3 +484,134 @@ def test_concurrent_streams_are_not_mixed(client):
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(streamed, prompts))
     assert together == alone
+
+
+# ---------------------------------------------------------------- odd requests
+
+
+def _post(url: str, content: bytes, http=httpx) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    return http.post(url + "/v1/chat/completions", content=content, headers=headers)
+
+
+def _port(response: httpx.Response) -> int:
+    """The client's side of the connection that carried `response`."""
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+def test_deeply_nested_json_is_400_and_the_connection_stays_open(server):
+    url = server[0]
+    with httpx.Client(timeout=60) as http:
+        response = _post(url, b'{"messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}", http)
+        assert response.status_code == 400
+        assert "nests JSON too deeply" in response.json()["error"]["message"]
+        health = http.get(url + "/health")
+        assert health.status_code == 200 and _port(health) == _port(response)  # kept open
+        deep = b"[" * 400 + b"]" * 400  # parses, but must not be echoed back whole
+        for field in (b"temperature", b"model", b"max_tokens"):
+            body = b'{"messages": [{"role": "user", "content": "hi"}], "' + field + b'": '
+            response = _post(url, body + deep + b"}", http)
+            assert response.status_code == 400, field
+            assert len(response.json()["error"]["message"]) < 200, field
+
+
+def test_an_unexpected_error_is_500_and_keeps_the_connection(server, monkeypatch):
+    url, service = server
+
+    def broken(_body):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service, "parse", broken)
+    with httpx.Client(timeout=60) as http:
+        response = _post(url, b'{"messages": []}', http)
+        assert response.status_code == 500
+        assert response.json()["error"] == {
+            "message": "internal error (RuntimeError)",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        health = http.get(url + "/health")
+        assert health.status_code == 200 and _port(health) == _port(response)  # kept open
+
+
+def test_odd_bodies_get_plain_messages(server):
+    url = server[0]
+    cases = [
+        (b'{"messages": [], "seed": ' + b"7" * 5000 + b"}", "a number in the request is too long"),
+        (b'{"messages": "\xff\xfe\x00"}', "not valid UTF-8 JSON"),
+        (b'{"model": 5, "messages": []}', "model must be a string"),
+    ]
+    for body, expected in cases:
+        response = _post(url, body)
+        assert response.status_code == 400, body[:40]
+        message = response.json()["error"]["message"]
+        assert expected in message, message
+        assert "sys.set_int_max_str_digits" not in message and "codec" not in message
+
+
+def test_bad_local_image_paths_are_400(strict_client):
+    def with_image(url):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}]
+
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(strict_client, with_image("a" * 300 + ".png"))
+    assert (
+        "cannot read image file" in error.value.message and "check the path" in error.value.message
+    )
+    assert error.value.body["code"] == "invalid_image"
+    with pytest.raises(openai.BadRequestError, match="'.' is a folder; name an image file in it"):
+        ask(strict_client, with_image("."))
+    with pytest.raises(openai.BadRequestError, match="'missing.png' not found"):
+        ask(strict_client, with_image("missing.png"))
+
+
+def test_wrong_method_and_unknown_route_say_what_exists(server):
+    url = server[0]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    wrong = httpx.get(url + "/v1/chat/completions", headers=headers)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["message"] == (
+        "GET /v1/chat/completions is not allowed; use POST for /v1/chat/completions"
+    )
+    missing = httpx.post(url + "/v1/completions", json={}, headers=headers)
+    assert missing.status_code == 404
+    message = missing.json()["error"]["message"]
+    assert "under /v1" not in message and "POST /v1/chat/completions" in message
+    assert "GET /v1/models" in message and "GET /health" in message
+    for path in ("/health", "/", "/v1/models"):
+        head = httpx.head(url + path, headers=headers)
+        assert head.status_code == 200 and head.content == b"", path
+
+
+def test_fields_the_server_cannot_honour_are_refused(client):
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    refused = [
+        ({"tools": [tool]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+        ),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    ]
+    for extra, field in refused:
+        with pytest.raises(openai.BadRequestError) as error:
+            ask(client, [user("hi")], max_tokens=2, extra_body=extra)
+        assert error.value.body["param"] == field, extra
+        assert f"{field} is not supported" in error.value.message, extra
+    harmless = {
+        "tools": [],
+        "tool_choice": "none",
+        "logprobs": False,
+        "response_format": {"type": "text"},
+        "logit_bias": {},
+        "top_logprobs": None,
+    }
+    assert ask(client, [user("hi")], max_tokens=2, extra_body=harmless).choices
+    assert ask(client, [user("hi")], max_tokens=2, extra_body={"tool_choice": "auto"}).choices
