@@ -217,8 +217,21 @@ class Chat:
         self._notify("reset")
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write the chat, its images embedded, to a JSON file (atomically: never half-written)."""
-        path = Path(path).expanduser()
+        """Write the chat, its images embedded, to a JSON file (atomically: never half-written).
+
+        An existing chat file at `path` is replaced; any other existing file is left alone.
+        """
+        path = _chat_path(path)
+        if path.is_dir():
+            raise ChatFileError(
+                f"cannot save chat to '{path}': it is a folder; name a file in it, "
+                f"e.g. '{path / 'chat.json'}'"
+            )
+        if (path.exists() or path.is_symlink()) and not _is_chat_file(path):
+            raise ChatFileError(
+                f"'{path}' exists and is not a llava_nb chat file; save the chat under another "
+                "name, or delete that file first"
+            )
         data = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
@@ -255,7 +268,7 @@ class Chat:
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model | str | None = None) -> Chat:
         """Read a chat written by `save`; `model` overrides the model it was saved with."""
-        path = Path(path).expanduser()
+        path = _chat_path(path)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -267,18 +280,100 @@ class Chat:
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
             raise ChatFileError(f"'{path}' is not a llava_nb chat file; save one with chat.save()")
         try:
+            _check_fields(data, _FILE_FIELDS, "")
+            turns = [_read_turn(t, n) for n, t in enumerate(data["turns"], 1)]
             model = model or get_model(data["model"], remote_model=data.get("remote_model"))
             chat = cls(model, **data["settings"])
             chat.adapter = data.get("adapter")  # applied when it next answers
-            chat._turns = [
-                Turn(
-                    t["question"],
-                    [image_from_data_uri(u) for u in t["images"]],
-                    t["answer"],
-                    bool(t.get("interrupted")),
-                )
-                for t in data["turns"]
-            ]
+            chat._turns = turns
         except (KeyError, TypeError, LlavaError) as e:
             raise ChatFileError(f"chat file '{path}' is damaged ({e}); check the file") from None
         return chat
+
+
+# What each field of a chat file holds: (JSON types allowed, required). Checked on load, so a
+# hand-edited file fails there, in one line, never later in the middle of an answer.
+_FILE_FIELDS = {
+    "model": ((str,), True),
+    "remote_model": ((str, type(None)), False),
+    "settings": ((dict,), True),
+    "adapter": ((str, type(None)), False),
+    "turns": ((list,), True),
+}
+_TURN_FIELDS = {
+    "question": ((str,), True),
+    "images": ((list,), True),
+    "answer": ((str,), True),
+    "interrupted": ((bool,), False),
+}
+_JSON_NAMES = {
+    str: "text",
+    type(None): "null",
+    dict: "an object",
+    list: "a list",
+    bool: "true/false",
+}
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _check_fields(data: dict, fields: dict, where: str) -> None:
+    for name, (types, required) in fields.items():
+        if name not in data:
+            if required:
+                raise ChatFileError(f"{where}field '{name}' is missing")
+            continue
+        value = data[name]
+        if not isinstance(value, types):
+            wanted = " or ".join(_JSON_NAMES[t] for t in types)
+            raise ChatFileError(f"{where}field '{name}' must be {wanted}, not {_json_kind(value)}")
+
+
+def _read_turn(data: Any, number: int) -> Turn:
+    """One saved turn, its fields' types checked; errors name the turn (1 = the first)."""
+    where = f"turn {number}, "
+    if not isinstance(data, dict):
+        raise ChatFileError(f"turn {number} must be an object, not {_json_kind(data)}")
+    _check_fields(data, _TURN_FIELDS, where)
+    images = []
+    for i, uri in enumerate(data["images"]):
+        if not isinstance(uri, str):
+            raise ChatFileError(
+                f"{where}field 'images' item {i + 1} must be a data:image URI, "
+                f"not {_json_kind(uri)}"
+            )
+        try:
+            images.append(image_from_data_uri(uri))
+        except LlavaError as e:
+            raise ChatFileError(f"{where}field 'images' item {i + 1}: {e}") from None
+    return Turn(data["question"], images, data["answer"], data.get("interrupted", False))
+
+
+def _chat_path(path: Any) -> Path:
+    """A chat file's path, `~` expanded; an empty or non-path value fails in one line."""
+    if not isinstance(path, str | os.PathLike):
+        raise ChatFileError(f"a chat file path must be text, not {type(path).__name__}")
+    if not str(path).strip():
+        raise ChatFileError("the chat file name is empty; give one, e.g. 'chat.json'")
+    return Path(path).expanduser()
+
+
+def _is_chat_file(path: Path) -> bool:
+    """Whether `path` is a file `Chat.save` wrote (its "format" marker): saving may replace it."""
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            if f.read(64).lstrip()[:1] != b"{":  # not a JSON object: no need to read it all
+                return False
+            f.seek(0)
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FILE_FORMAT

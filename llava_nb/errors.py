@@ -3,3 +3,14 @@
 
 class LlavaError(Exception):
     """Base of every error llava_nb raises on bad input; front ends print its message."""
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows when a cell raises it (`chat.ask(image="missing.jpg")`, ...): the
+        one line that names the problem and the fix, not a traceback through llava_nb."""
+        return [f"{type(self).__name__}: {self}"]
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of a library's error message (or its type), to quote in one of ours."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -77,15 +77,26 @@ def load_image(source: object, *, namespace: Mapping[str, object] | None = None)
         return _decode(_fetch(source), f"image at {_short(source)}")
     if isinstance(source, str) and re.match(r"(?i)([a-z][\w+.-]+://|file:)", source):
         raise ImageError(f"cannot load {_short(source)}: only http(s) URLs are fetched; use a path")
+    named = isinstance(source, str) and source.isidentifier() and namespace is not None
+    if named and not Path(source).exists():  # a name, not a path: say both were looked for
+        raise ImageError(f"no notebook variable or image file named {source!r}; check the name")
     if isinstance(source, (str, os.PathLike)):
         return _decode(*_read_file(source))
     np = sys.modules.get("numpy")  # an ndarray implies numpy is imported already
     if np is not None and isinstance(source, np.ndarray):
         return _from_array(source, f"array of shape {source.shape}", torch=False)
     if type(source).__module__.startswith("torch") and hasattr(source, "detach"):
-        tensor = source.detach().cpu()
-        tensor = tensor.float() if tensor.is_floating_point() else tensor  # bfloat16 -> numpy
-        return _from_array(tensor.numpy(), f"tensor of shape {tuple(source.shape)}", torch=True)
+        label = f"tensor of shape {tuple(source.shape)}"
+        try:
+            tensor = source.detach().cpu()
+            tensor = tensor.float() if tensor.is_floating_point() else tensor  # bfloat16 -> numpy
+            values = tensor.numpy()
+        except (RuntimeError, TypeError, NotImplementedError) as err:  # meta, sparse, ...
+            raise ImageError(
+                f"cannot read the values of the {label} ({_one_line(err)}); pass a dense "
+                "tensor that holds data"
+            ) from None
+        return _from_array(values, label, torch=True)
     kind, mod = type(source).__qualname__, type(source).__module__
     kind = kind if mod == "builtins" else f"{mod}.{kind}"
     raise ImageError(
@@ -182,8 +193,15 @@ def _from_array(arr: object, label: str, *, torch: bool) -> Image.Image:
         raise ImageError(f"{label} is not an image; use shape {shapes}")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
-    elif arr.dtype.kind == "f":
-        arr = (np.nan_to_num(arr) * 255).round().clip(0, 255).astype(np.uint8)
+    elif arr.dtype.kind == "f":  # 0-1 (a little over or under: clipped), or 0-255
+        arr = np.nan_to_num(arr)
+        low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if low < -0.05 or high > 255.5:  # a normalized tensor, say: clipping would hide it
+            raise ImageError(
+                f"{label} holds values from {low:.4g} to {high:.4g}, not pixels; use floats in "
+                "0-1 or 0-255 (undo a normalization first)"
+            )
+        arr = (arr * 255 if high <= 2 else arr).round().clip(0, 255).astype(np.uint8)
     elif arr.dtype.kind in "iu" and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255)):
         arr = arr.astype(np.uint8)
     elif arr.dtype != np.uint8:

@@ -7,6 +7,7 @@ bad input of any kind prints one line (`llava_nb: ...`) and leaves chats and mod
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 import time
@@ -212,6 +213,13 @@ class LlavaMagics(Magics):
             raise TraitError(str(e)) from None
         return proposal["value"]
 
+    @validate("device")
+    def _valid_device(self, proposal):
+        device = proposal["value"].strip()
+        if device and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+            raise TraitError(f"unknown device {device!r}; use cuda, cuda:N, mps or cpu")
+        return device
+
     @observe("max_new_tokens", "temperature", "top_p")
     def _setting_changed(self, change) -> None:
         for chat in self.chats.values():  # a new setting applies to the chats already open
@@ -313,12 +321,11 @@ class LlavaMagics(Magics):
         if interrupted:
             return None
         attention = chat._attention if args.attention else None
+        if args.output:  # before the heatmap, which fails for an answer that saw no image
+            self.shell.user_ns[args.output] = Answer(answer, attention)
         if attention is not None:  # the answer stays shown above its heatmap; no cell value
             display(attention.plot())
-        if args.output:
-            self.shell.user_ns[args.output] = Answer(answer, attention)
-            return None
-        return None if args.attention else Answer(answer)
+        return None if args.output or args.attention else Answer(answer)
 
     def _stream(self, chat, pieces, keep: bool = False) -> tuple[str, bool]:
         """Show the answer as it grows (one display, redrawn at most every UPDATE_INTERVAL_S).
@@ -459,6 +466,14 @@ class LlavaMagics(Magics):
         from llava_nb.chat import Chat
 
         chat = Chat.load(args.file)
+        turns = len(self.chats[args.chat].history) if args.chat in self.chats else 0
+        if turns:  # never replace a conversation the user may not have saved
+            reset = "%llava reset" + ("" if args.chat == DEFAULT_CHAT else f" {args.chat}")
+            raise LlavaError(
+                f"chat '{args.chat}' already has {turns} turn(s); open the file as another "
+                f"chat (%llava open {shlex.quote(args.file)} NAME), or clear this one first "
+                f"({reset})"
+            )
         if chat.model.model_id == self._current_model().model_id:
             self.pinned.discard(args.chat)
         else:

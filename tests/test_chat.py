@@ -183,6 +183,113 @@ def test_loading_bad_chat_files(tmp_path):
         Chat.load(tmp_path / "damaged.json")
 
 
+def _chat_file(model, **turn) -> dict:
+    return {
+        "format": "llava_nb.chat",
+        "version": 1,
+        "model": model,
+        "settings": {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "seed": None},
+        "turns": [
+            {"question": "Fine?", "images": [], "answer": "Yes.", "interrupted": False},
+            {"question": "q", "images": [], "answer": "a", **turn},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "turn, fragment",
+    [
+        (
+            {"images": [5]},
+            "turn 2, field 'images' item 1 must be a data:image URI, not the number 5",
+        ),
+        ({"images": ["abc"]}, "turn 2, field 'images' item 1: data URI 'abc'"),
+        ({"images": "abc"}, "turn 2, field 'images' must be a list, not text"),
+        ({"question": 5}, "turn 2, field 'question' must be text, not the number 5"),
+        ({"answer": None}, "turn 2, field 'answer' must be text, not null"),
+        ({"interrupted": "no"}, "turn 2, field 'interrupted' must be true/false, not text"),
+        ({"question": None, "answer": None}, "turn 2, field 'question' must be text, not null"),
+    ],
+)
+def test_loading_a_damaged_turn_names_the_turn_and_field(tiny_llava, tmp_path, turn, fragment):
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(_chat_file(tiny_llava, **turn)))
+    with pytest.raises(ChatFileError) as error:
+        Chat.load(path)
+    message = str(error.value)
+    assert message.startswith(f"chat file '{path}' is damaged (") and fragment in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"turns": None}, "field 'turns' must be a list, not null"),
+        ({"turns": [5]}, "turn 1 must be an object, not the number 5"),
+        ({"turns": [{"images": [], "answer": "a"}]}, "turn 1, field 'question' is missing"),
+        ({"settings": None}, "field 'settings' must be an object, not null"),
+        ({"model": 5}, "field 'model' must be text, not the number 5"),
+        ({"adapter": 5}, "field 'adapter' must be text or null, not the number 5"),
+    ],
+)
+def test_loading_a_damaged_chat_file_names_the_field(tiny_llava, tmp_path, change, fragment):
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps({**_chat_file(tiny_llava), **change}))
+    with pytest.raises(ChatFileError, match="damaged") as error:
+        Chat.load(path)
+    assert fragment in str(error.value)
+
+
+def test_a_loaded_hand_edited_chat_goes_on(tiny_llava, tmp_path):
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(_chat_file(tiny_llava)))  # turn 2 has no "interrupted": optional
+    chat = Chat.load(path)
+    assert [(t.question, t.answer, t.interrupted) for t in chat.history] == [
+        ("Fine?", "Yes.", False),
+        ("q", "a", False),
+    ]
+    assert chat.ask("Next?") == chat.history[-1].answer
+
+
+def test_saving_never_replaces_a_file_that_is_not_a_chat(tiny_llava, tmp_path):
+    chat = Chat(tiny_llava, max_new_tokens=2)
+    chat.ask("Hi?")
+    others = {
+        "train.json": '[{"image": "a.jpg", "question": "q", "answer": "a"}]',
+        "config.json": '{"format": "something else"}',
+        "notes.txt": "my notes",
+        "photo.png": b"\x89PNG\r\n\x1a\n...",
+    }
+    for name, content in others.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ChatFileError) as error:
+            chat.save(path)
+        assert str(error.value) == (
+            f"'{path}' exists and is not a llava_nb chat file; save the chat under another "
+            "name, or delete that file first"
+        )
+        assert path.read_bytes() == (content if isinstance(content, bytes) else content.encode())
+    target = tmp_path / "chat.json"
+    chat.save(target)
+    chat.ask("More?")
+    chat.save(target)  # saving again replaces the chat file
+    assert len(Chat.load(target).history) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "chat.json"])
+
+
+def test_saving_to_an_empty_path_or_a_folder(tiny_llava, tmp_path):
+    chat = Chat(tiny_llava, max_new_tokens=2)
+    for path in ("", "  "):
+        with pytest.raises(ChatFileError, match="^the chat file name is empty; give one"):
+            chat.save(path)
+        with pytest.raises(ChatFileError, match="^the chat file name is empty; give one"):
+            Chat.load(path)
+    with pytest.raises(ChatFileError, match="it is a folder; name a file in it"):
+        chat.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_saving_never_leaves_a_half_written_file(tiny_llava, tmp_path):
     chat = Chat(tiny_llava, max_new_tokens=2)
     chat.ask("Hi?")

@@ -100,7 +100,8 @@ def test_bad_data_uris() -> None:
         (np.tile(np.array(RED, np.uint8), (4, 6, 1)), RED),
         (np.tile(np.array([255, 0, 0, 0], np.uint8), (4, 6, 1)), WHITE),  # transparent
         (np.tile(np.array([1.0, 0.0, 0.0]), (4, 6, 1)), RED),
-        (np.tile(np.array([2.0, -1.0, 0.0], np.float32), (4, 6, 1)), RED),  # clipped
+        (np.tile(np.array([1.02, -0.01, 0.0], np.float32), (4, 6, 1)), RED),  # clipped
+        (np.tile(np.array([255.0, 0.0, 0.0]), (4, 6, 1)), RED),  # uint8 values made float
         (np.ones((4, 6), bool), WHITE),
         (np.full((4, 6), 255, np.int64), WHITE),
     ],
@@ -120,6 +121,9 @@ def test_numpy_bad_shapes(shape: tuple[int, ...]) -> None:
 def test_numpy_bad_values_and_empty() -> None:
     with pytest.raises(ImageError, match="dtype int64"):
         load_image(np.full((4, 6), 1000, np.int64))
+    for low, high in ((-1.8, 2.1), (0.0, 1000.0)):  # normalized; not pixels either way
+        with pytest.raises(ImageError, match=f"values from {low:g} to {high:g}, not pixels"):
+            load_image(np.array([[low, high]], np.float32))
     with pytest.raises(ImageError, match="empty"):
         load_image(np.zeros((0, 6, 3), np.uint8))
 
@@ -139,6 +143,13 @@ def test_torch_tensors(tensor: torch.Tensor) -> None:
     assert img.size == (6, 4) and img.getpixel((5, 3)) == RED
 
 
+@pytest.mark.parametrize("tensor", [torch.empty(4, 6, 3, device="meta"), torch.eye(6).to_sparse()])
+def test_torch_tensors_without_readable_values(tensor: torch.Tensor) -> None:
+    with pytest.raises(ImageError, match="cannot read the values of the tensor .*dense") as err:
+        load_image(tensor)
+    one_line(err)
+
+
 def test_torch_gray_and_bad_shape() -> None:
     assert load_image(torch.ones(1, 4, 6)).getpixel((0, 0)) == WHITE
     assert load_image(torch.ones(4, 6)).size == (6, 4)
@@ -154,8 +165,10 @@ def test_namespace_lookup(red_png: Path) -> None:
         ImageError, match=r"^variable 'bad': cannot load an image from type int \(42\)"
     ):
         load_image("bad", namespace=ns)
-    with pytest.raises(ImageError, match="not found"):
-        load_image("dog", namespace=ns)  # not a variable, so it is a (missing) path
+    with pytest.raises(ImageError, match="^no notebook variable or image file named 'dog'"):
+        load_image("dog", namespace=ns)  # not a variable, nor a file
+    with pytest.raises(ImageError, match="image file 'dog' not found; check the path"):
+        load_image("dog")  # no notebook: a path
 
 
 @pytest.mark.parametrize("value", [42, {"a": 1}, None, 3.5, object()])

@@ -255,6 +255,26 @@ def test_output_variable(shell, magics):
     assert "2bad" not in shell.user_ns and len(magics.chats["default"].history) == 1
 
 
+def test_output_variable_is_set_even_when_the_heatmap_fails(shell, magics):
+    try:
+        ask(shell, "", "Hello?")  # loaded: no progress bar below
+        _, cap = ask(shell, "--attention -o reply", "Hello?")  # no image: no heatmap
+        one_error(cap, "saw no image")
+        assert shell.user_ns["reply"] == magics.chats["default"].history[-1].answer
+    finally:
+        shell.user_ns.pop("reply", None)
+
+
+def test_an_api_error_in_a_cell_shows_one_line(shell, magics, capsys):
+    result = shell.run_cell("import llava_nb as ln\nln.Chat(temperature=-1)")
+    assert type(result.error_in_exec).__name__ == "GenerationError"
+    out, err = capsys.readouterr()
+    lines = (out + err).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("GenerationError: temperature must be"), lines
+    result = shell.run_cell("1 / 0")  # anything else keeps its traceback
+    assert "Traceback" in "".join(capsys.readouterr())
+
+
 def test_generation_options(shell, magics):
     short, _ = ask(shell, "-c a --max-new-tokens 2", "Describe it.")
     long, _ = ask(shell, "-c b --max-new-tokens 12", "Describe it.")
@@ -318,6 +338,7 @@ def test_config_shows_and_sets_settings(shell, magics, tiny_llava):
         ("temperature=-1", "bad value for temperature"),
         ("top_p=1.5", "bad value for top_p"),
         ("quantization=16bit", "bad value for quantization"),
+        ("device=tpu", "bad value for device: 'tpu' (unknown device 'tpu'; use cuda, cuda:N,"),
         ("temperature=0.3 quantization=16bit", "bad value for quantization"),  # all or nothing
     ],
 )
@@ -509,6 +530,70 @@ def test_save_and_open_errors(shell, magics, tmp_path):
         result, cap = cmd(shell, line)
         assert result is None
         one_error(cap, fragment)
+    assert snapshot(magics) == before
+
+
+def test_open_never_replaces_a_chat_with_turns(shell, magics, tmp_path):
+    ask(shell, "-c saved", "Saved?")
+    path = tmp_path / "saved.json"
+    cmd(shell, f"save {path} saved")
+    ask(shell, "", "First?")
+    ask(shell, "", "Second?")
+    ask(shell, "-c work", "Work?")
+    before = snapshot(magics)
+    for line, fragments in [
+        (f"open {path}", ("chat 'default' already has 2 turn(s)", f"%llava open {path} NAME")),
+        (f"open {path} default", ("chat 'default' already has 2 turn(s)", "(%llava reset)")),
+        (f"open {path} work", ("chat 'work' already has 1 turn(s)", "(%llava reset work)")),
+    ]:
+        result, cap = cmd(shell, line)
+        assert result is None
+        one_error(cap, *fragments)
+    assert snapshot(magics) == before
+    _, cap = cmd(shell, f"open {path} copy")  # a new chat
+    assert cap.stdout.strip() == f"llava_nb: opened {path} as chat 'copy' (1 turns)"
+    cmd(shell, "undo work")
+    _, cap = cmd(shell, f"open {path} work")  # an empty chat
+    assert quiet(cap) and [t.question for t in magics.chats["work"].history] == ["Saved?"]
+    cmd(shell, "reset")
+    _, cap = cmd(shell, f"open {path}")
+    assert quiet(cap) and [t.question for t in magics.chats["default"].history] == ["Saved?"]
+
+
+def test_save_never_replaces_a_file_that_is_not_a_chat(shell, magics, tmp_path):
+    ask(shell, "", "Question?")
+    dataset = tmp_path / "train.json"
+    dataset.write_text('[{"image": "a.jpg", "question": "q", "answer": "a"}]')
+    _, cap = cmd(shell, f"save {dataset}")
+    one_error(cap, f"'{dataset}' exists and is not a llava_nb chat file", "another name")
+    assert dataset.read_text() == '[{"image": "a.jpg", "question": "q", "answer": "a"}]'
+    _, cap = cmd(shell, f"save {tmp_path / 'chat.json'}")
+    ask(shell, "", "More?")
+    _, cap = cmd(shell, f"save {tmp_path / 'chat.json'}")  # saving again is normal
+    assert cap.stdout.strip().endswith(f"(2 turns) to {tmp_path / 'chat.json'}")
+    for line in ("save ''", 'save ""', "open ''"):
+        _, cap = cmd(shell, line)
+        one_error(cap, "the chat file name is empty")
+
+
+def test_open_a_damaged_chat_file_names_turn_and_field(shell, magics, tmp_path):
+    ask(shell, "-c mine", "Mine?")
+    before = snapshot(magics)
+    base = {
+        "format": "llava_nb.chat",
+        "version": 1,
+        "model": magics.model,
+        "settings": {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "seed": None},
+    }
+    for turn, fragment in [
+        ({"question": "q", "images": [5], "answer": "a"}, "turn 1, field 'images' item 1"),
+        ({"question": 5, "images": [], "answer": None}, "turn 1, field 'question' must be text"),
+    ]:
+        path = tmp_path / "edited.json"
+        path.write_text(json.dumps({**base, "turns": [turn]}))
+        for line in (f"open {path} mine", f"open {path} fresh"):
+            _, cap = cmd(shell, line)
+            one_error(cap, f"chat file '{path}' is damaged", fragment)
     assert snapshot(magics) == before
 
 
