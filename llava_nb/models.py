@@ -12,6 +12,7 @@ import functools
 import gc
 import inspect
 import logging
+import math
 import os
 import queue
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_nb.decoding import image_fingerprints, static_decoder
-from llava_nb.errors import LlavaError
+from llava_nb.errors import LlavaError, first_line
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEMO_MODEL = "demo"  # the offline demo model (llava_nb.demo), built on first use
@@ -76,6 +77,7 @@ def default_model_id() -> str:
         print(
             f"llava_nb: {DEFAULT_MODEL} is not cached and the hub cannot be reached; using the "
             "offline demo model (set LLAVA_NB_MODEL or %llava config model=... for another)",
+            file=sys.stderr,
             flush=True,
         )
     return DEMO_MODEL
@@ -169,10 +171,18 @@ def _load_config(model_id: str):
     from transformers import AutoConfig
 
     local = Path(model_id).expanduser()
+    if local.is_file():
+        raise ModelError(f"'{model_id}' is a file; pass the checkpoint's folder or a hub id")
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelError(f"folder '{model_id}' has no config.json; point at a saved checkpoint")
-        return AutoConfig.from_pretrained(local)
+        try:
+            return AutoConfig.from_pretrained(local)
+        except (OSError, ValueError) as e:
+            raise ModelError(
+                f"the config.json in '{model_id}' cannot be read ({first_line(e)}); "
+                "save the checkpoint again"
+            ) from None
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
         raise ModelError(f"model folder '{model_id}' does not exist; check the path")
     cached = try_to_load_from_cache(model_id, "config.json")
@@ -185,9 +195,8 @@ def _load_config(model_id: str):
     try:
         return AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
-            f"model '{model_id}' not found ({first}); check the id or pass a local folder"
+            f"model '{model_id}' not found ({first_line(e)}); check the id or pass a local folder"
         ) from None
 
 
@@ -319,7 +328,7 @@ class Model:
             if self.model is None:
                 self._state = "loading"
                 try:
-                    self._load()
+                    _on_a_thread_of_its_own(self._load)
                 except BaseException:
                     self._release()
                     raise
@@ -361,12 +370,11 @@ class Model:
         label = f"{quant}, " if quant != "none" else ""
         dtype_name = str(dtype).removeprefix("torch.")
         print(f"llava_nb: loading {self.model_id} on {device} ({label}{dtype_name})…", flush=True)
+        from safetensors import SafetensorError
+
         try:
             self.processor = AutoProcessor.from_pretrained(source)
-            load = functools.partial(AutoModelForImageTextToText.from_pretrained, source, **kwargs)
-            if device == "cpu" and quant != "none":
-                load = functools.partial(_on_a_thread_of_its_own, load)
-            self.model = load().eval()
+            self.model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).eval()
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -374,6 +382,11 @@ class Model:
             raise ModelError(f"out of memory loading {self.model_id} on {device}; {hint}") from None
         except ImportError as e:
             raise ModelError(f"loading {self.model_id} needs a package: {e}") from None
+        except (OSError, ValueError, SafetensorError) as e:  # a file missing, cut short, garbled
+            raise ModelError(
+                f"{self.model_id} cannot be loaded ({first_line(e)}); it needs a complete "
+                "checkpoint: config, weights, processor and tokenizer files"
+            ) from None
         self.device, self._loaded_quantization = device, quant
         self._load_seconds = time.perf_counter() - start
         from llava_nb.decoding import ConversationCache
@@ -444,7 +457,7 @@ class Model:
         if prompt_tokens >= context:
             raise GenerationError(
                 f"the conversation is {prompt_tokens} tokens, more than the model's context of "
-                f"{context}; start a new chat (reset, or --new) or ask with fewer images"
+                f"{context}; ask a shorter question, with fewer images, or in a new chat"
             )
         options = {
             "max_new_tokens": min(max_new_tokens, context - prompt_tokens),
@@ -467,14 +480,14 @@ def check_settings(*, max_new_tokens: int, temperature: float, top_p: float, see
     """Refuse bad generation settings before any work starts."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, int | float) or temperature < 0:
+    if not isinstance(temperature, int | float) or not 0 <= temperature < math.inf:
         raise GenerationError(
             f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}"
         )
     if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}")
-    if seed is not None and not isinstance(seed, int):
-        raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and (not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise GenerationError(f"seed must be a 64-bit integer or None, got {seed!r}")
 
 
 class Generation:
@@ -686,14 +699,16 @@ class _StopOnEvent:
 
 
 def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
-    """`work()`, run on a new thread that ends with it.
+    """`work()` (a load), run on a new thread that ends with it.
 
-    For torch work whose OpenMP thread pool must not outlive it: bitsandbytes quantizes on the
-    CPU in OpenMP parallel regions, and a pool left on the calling thread sits beside the one
-    each answer's thread makes. With more pool threads than cores, libgomp stops letting idle
-    threads spin, and every parallel region of an answer waits for sleeping threads: on 2
-    cores, 4-bit decoding ran at 0.67x of plain `generate`. An interrupt waits for the work to
-    end (it cannot be stopped halfway), then is raised, and what it made is dropped."""
+    An interrupt only reaches the main thread, so it cannot land halfway through importing
+    torch or transformers (a half-imported torch cannot be imported again until the kernel
+    restarts); it waits for the work to end, then is raised, and what the work made is dropped.
+    And no OpenMP thread pool outlives the load: bitsandbytes quantizes on the CPU in parallel
+    regions, and a pool left on the calling thread sits beside the one each answer's thread
+    makes. With more pool threads than cores, libgomp stops letting idle threads spin, and
+    every parallel region of an answer waits for sleeping threads (on 2 cores, 4-bit decoding
+    ran at 0.67x of plain `generate`)."""
     outcome: dict[str, Any] = {}
     finished = threading.Event()  # not join(): an interrupted join marks a live thread ended
 
@@ -712,6 +727,9 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
         try:
             finished.wait()
         except KeyboardInterrupt as e:
+            if interrupted is None:
+                print("llava_nb: stopping once loading ends (it cannot stop halfway)",
+                      file=sys.stderr, flush=True)  # fmt: skip
             interrupted = e
     try:
         worker.join()  # its pool gone before any answer starts

@@ -99,7 +99,7 @@ def test_offline_default_falls_back_to_the_demo(monkeypatch, capsys):
         assert ln.Model().model_id == "demo"
     finally:
         models._default_available.cache_clear()
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()  # stderr: stdout is for answers
     assert len(lines) == 1  # one notice, once
     assert lines[0].startswith("llava_nb: llava-hf/llava-1.5-7b-hf is not cached")
     assert "LLAVA_NB_MODEL" in lines[0]

@@ -194,6 +194,8 @@ def test_merge_and_compare(run, tiny_llava, tmp_path):
     assert torch.allclose(logits(full, batch), logits(reference, batch), atol=1e-4)
     with pytest.raises(AdapterError, match="not empty"):
         ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged")
+    with pytest.raises(AdapterError, match="config.json' is a file; choose another folder"):
+        ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged" / "config.json" / "x")
 
     comparison = ln.compare(tiny_llava, run.adapter_path, [(QUESTION, square("red"))])
     (row,) = comparison.rows
@@ -241,6 +243,10 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_llava, tmp_path
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FinetuneError, match="not empty and holds no llava_nb run"):
         ln.finetune(tiny_llava, data, **{**parts, "output_dir": tmp_path / "other"})
+    for file in (tmp_path / "other" / "notes.txt", tmp_path / "other" / "notes.txt" / "run"):
+        with pytest.raises(FinetuneError, match="notes.txt' is a file; choose another output_dir"):
+            ln.finetune(tiny_llava, data, **{**parts, "output_dir": file})
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------- bad input

@@ -107,9 +107,9 @@ def test_quantized_loading_keeps_vision_projector_and_head_unquantized(
     )
     full = Model(tiny_llava).load()
     model = Model(tiny_llava, quantization=bits).load()
-    # a CPU quantizing load runs on a thread of its own: its OpenMP pool ends with it
-    assert loaded_on[0] is threading.current_thread()
-    assert loaded_on[1].name == "llava_nb-load" and not loaded_on[1].is_alive()
+    # every load runs on a thread of its own: a CPU quantizing load's OpenMP pool ends with it
+    assert [thread.name for thread in loaded_on] == ["llava_nb-load"] * 2
+    assert not any(thread.is_alive() for thread in loaded_on)
     quantized = type(model.model.model.language_model.layers[0].self_attn.q_proj).__name__
     assert quantized == {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[bits]
     vision_q = model.model.model.vision_tower.encoder.layers[0].self_attn.q_proj
@@ -144,6 +144,44 @@ def test_missing_folder_and_non_llava_checkpoints(tmp_path):
     with pytest.raises(ModelError, match="'llama' model, not LLaVA"):
         model.load()
     assert model.status()["state"] == "unloaded"
+
+
+def _damaged(tiny_llava, folder, damage):
+    import shutil
+
+    shutil.copytree(tiny_llava, folder)
+    damage(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "config.json").write_text("{not json"), "config.json in .* cannot be read"),
+        (lambda f: (f / "config.json").write_text("{}"), "config.json in .* cannot be read"),
+        (lambda f: (f / "model.safetensors").unlink(), "cannot be loaded .*complete checkpoint"),
+        (
+            lambda f: (f / "model.safetensors").write_bytes(
+                (f / "model.safetensors").read_bytes()[:5000]
+            ),
+            "cannot be loaded .*complete checkpoint",
+        ),  # half a download
+        (lambda f: (f / "tokenizer.json").unlink(), "cannot be loaded .*complete checkpoint"),
+    ],
+)
+def test_a_damaged_checkpoint_folder_gets_one_line(tiny_llava, tmp_path, damage, message):
+    model = Model(_damaged(tiny_llava, tmp_path / "damaged", damage))
+    with pytest.raises(ModelError, match=message) as error:
+        model.load()
+    assert len(str(error.value).splitlines()) == 1
+    assert model.status()["state"] == "unloaded"
+
+
+def test_a_file_is_not_a_model_folder(photo, tmp_path):
+    image = tmp_path / "photo.jpg"
+    photo.save(image)
+    with pytest.raises(ModelError, match="is a file; pass the checkpoint's folder"):
+        Model(str(image)).load()
 
 
 def test_bad_quantization_is_refused():
@@ -196,7 +234,10 @@ def test_sampling_is_reproducible_with_a_seed(tiny_llava):
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
         ({"temperature": -1}, "temperature must be a number >= 0"),
         ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
-        ({"seed": "x"}, "seed must be an integer"),
+        ({"temperature": float("nan")}, "temperature must be a number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be a number >= 0"),
+        ({"seed": "x"}, "seed must be a 64-bit integer"),
+        ({"seed": 10**20}, "seed must be a 64-bit integer"),  # torch.manual_seed overflows
     ],
 )
 def test_bad_settings_are_refused_before_loading(setting, message):
@@ -297,7 +338,7 @@ def test_a_generation_nobody_reads_does_no_work(tiny_llava):
 
 
 def test_work_on_a_thread_of_its_own_returns_raises_and_outlasts_an_interrupt():
-    """A CPU load with bitsandbytes runs there, so its OpenMP pool ends with it."""
+    """Loads run there: an interrupt waits for them, and their OpenMP pool ends with them."""
     import signal
     import threading
 
@@ -319,10 +360,44 @@ def test_work_on_a_thread_of_its_own_returns_raises_and_outlasts_an_interrupt():
     assert done == [True]  # the interrupt came once the work had ended, not halfway
 
 
+INTERRUPTED_LOAD = """
+import signal, sys, threading
+import llava_nb as ln
+assert "torch" not in sys.modules
+main = threading.main_thread().ident
+threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()  # as Jupyter's stop
+model = ln.Model(sys.argv[1])
+try:
+    model.load()  # imports torch and transformers first
+except KeyboardInterrupt:
+    print("interrupted:", model.status()["state"])
+question = [{"role": "user", "content": [{"type": "text", "text": "Hello?"}]}]
+print("answered:", isinstance(model.generate(question, max_new_tokens=3).wait(), str))
+"""
+
+
+def test_an_interrupt_during_the_first_load_leaves_the_libraries_whole(tiny_llava, tmp_path):
+    """Stop pressed while torch is being imported: a half-imported torch could not be imported
+    again until the kernel restarted. The interrupt waits for the load; the next one works."""
+    import os
+    import subprocess
+
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPTED_LOAD)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), tiny_llava], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interrupted: unloaded" in done.stdout and "answered: True" in done.stdout
+    assert "llava_nb: stopping once loading ends (it cannot stop halfway)" in done.stderr
+
+
 @pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
 def test_unload_gives_the_memory_back(tmp_path_factory, quantization):
-    """Resident memory, measured: a load/unload cycle (after a first one that imports the
-    libraries) leaves the process no bigger than before."""
+    """Resident memory, measured: load/unload cycles (after a first one that imports the
+    libraries) leave the process no bigger. A leak would keep a footprint per cycle; one cycle
+    alone kept 0-60 MB by chance (heap fragmentation) on a busy 2-core machine."""
     import subprocess
 
     from llava_nb.testing import make_tiny_llava
@@ -334,18 +409,20 @@ def rss():
     status = open("/proc/self/status").read()
     return int(status.split("VmRSS:")[1].split()[0]) * 1024
 question = [{{"role": "user", "content": [{{"type": "text", "text": "hi"}}]}}]
-for cycle in range(2):
+for cycle in range(3):
     before = rss()
     model = Model({path!r}, quantization={quantization!r})
     model.generate(question, max_new_tokens=3).wait()
     footprint, loaded = model.status()["memory"], rss()
     model.unload()
-print(footprint, loaded - before, rss() - before, model.status()["memory"])
+    if cycle == 0:
+        start = rss()  # the libraries are imported: what cycles 2 and 3 keep is measured
+print(footprint, loaded - before, rss() - start, model.status()["memory"])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     footprint, grew, kept, reported = map(int, out.stdout.split()[-4:])
     assert footprint > 80e6 and grew > footprint / 3  # the weights really were in memory
-    assert kept < footprint / 4, f"{kept / 1e6:.0f} MB of {footprint / 1e6:.0f} MB still held"
+    assert kept < footprint, f"{kept / 1e6:.0f} MB kept by 2 cycles of {footprint / 1e6:.0f} MB"
     assert reported == 0
     assert "inputs will be cast" not in out.stderr
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_nb.errors import LlavaError
+from llava_nb.errors import LlavaError, first_line
 
 _REGISTRY = "_llava_nb_adapters"  # attribute on the loaded model: {key: adapter name}
 
@@ -68,10 +68,9 @@ def _inject(model, folder: Path, name: str) -> None:
         inject_adapter_in_model(config, model, adapter_name=name)
         result = set_peft_model_state_dict(model, state, adapter_name=name)
     except (ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise AdapterError(
-            f"adapter '{folder}' does not fit this model ({first}); it was built for another "
-            "base model"
+            f"adapter '{folder}' does not fit this model ({first_line(e)}); it was built for "
+            "another base model"
         ) from None
     if getattr(result, "unexpected_keys", None):
         raise AdapterError(
@@ -126,10 +125,21 @@ def merge_adapter(model: Any, adapter: str | os.PathLike, output_dir: str | os.P
     from transformers import AutoModelForImageTextToText
 
     from llava_nb.models import _pick_dtype, pick_device
-    from llava_nb.training.train import base_id, load_processor_and_config, quiet_loading
+    from llava_nb.training.train import (
+        base_id,
+        file_in_the_way,
+        load_processor_and_config,
+        quiet_loading,
+    )
 
     folder = check_adapter(adapter)
     out = Path(output_dir).expanduser()
+    blocked = file_in_the_way(out)
+    if blocked is not None:
+        raise AdapterError(
+            f"output folder '{output_dir}' cannot be made: '{blocked}' is a file; choose "
+            "another folder"
+        )
     if out.exists() and any(out.iterdir()):
         raise AdapterError(f"output folder '{output_dir}' is not empty; choose a new folder")
     model_id = base_id(model)
@@ -143,8 +153,9 @@ def merge_adapter(model: Any, adapter: str | os.PathLike, output_dir: str | os.P
         try:
             tuned = PeftModel.from_pretrained(base, str(folder))
         except (ValueError, RuntimeError, KeyError) as e:
-            first = str(e).strip().splitlines()[0][:200]
-            raise AdapterError(f"adapter '{adapter}' does not fit '{model_id}' ({first})") from None
+            raise AdapterError(
+                f"adapter '{adapter}' does not fit '{model_id}' ({first_line(e)})"
+            ) from None
         merged = tuned.merge_and_unload()
         out.mkdir(parents=True, exist_ok=True)
         merged.save_pretrained(out)

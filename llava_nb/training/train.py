@@ -226,8 +226,19 @@ def _write_run(output_dir: Path, record: dict[str, Any]) -> None:
     os.replace(temporary, output_dir / RUN_FILE)
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """A file at `folder` or at one of its parents: the folder can never be made there."""
+    return next((p for p in (folder, *folder.parents) if p.is_file()), None)
+
+
 def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The earlier record of this same run (to resume), None for a fresh folder; else an error."""
+    blocked = file_in_the_way(output_dir)
+    if blocked is not None:
+        raise FinetuneError(
+            f"output_dir '{output_dir}' cannot be a folder: '{blocked}' is a file; choose "
+            "another output_dir"
+        )
     record = _read_run(output_dir)
     if record is None:
         if output_dir.exists() and any(output_dir.iterdir()):
