@@ -261,8 +261,17 @@ def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), stage="pretrain")
     with pytest.raises(FinetuneError, match="unknown method"):
         ln.finetune(tiny_llava, squares(3), method="full")
-    with pytest.raises(FinetuneError, match="batch_size must be a number >= 1"):
-        ln.finetune(tiny_llava, squares(3), batch_size=0)
+    for name, value in (("batch_size", 0), ("batch_size", 1.5), ("max_steps", 1.5), ("r", 2.5)):
+        with pytest.raises(FinetuneError, match=f"{name} must be a whole number >= 1"):
+            ln.finetune(tiny_llava, squares(3), output_dir=tmp_path / "a", **{name: value})
+    with pytest.raises(FinetuneError, match="dropout must be a number in .0, 1."):
+        ln.finetune(tiny_llava, squares(3), dropout=1.5)
+    with pytest.raises(FinetuneError, match="lr must be a number > 0, got 'abc'"):
+        ln.finetune(tiny_llava, squares(3), lr="abc")
+    with pytest.raises(FinetuneError, match="seed must be a whole number, got 'abc'"):
+        ln.finetune(tiny_llava, squares(3), seed="abc")
+    with pytest.raises(FinetuneError, match="output_dir must be a folder path, got None"):
+        ln.finetune(tiny_llava, squares(3), output_dir=None)
     with pytest.raises(FinetuneError, match="group_by_length must be True or False, got 'no'"):
         ln.finetune(tiny_llava, squares(3), group_by_length="no")
     with pytest.raises(FinetuneError, match="no training data"):
@@ -486,6 +495,7 @@ def test_finetune_cell_magic(shell, tiny_llava, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
     for bad, message in (
+        ("data: $rows\nlr: 1e-3\nbatch_size: 1.5", "llava_nb: batch_size must be a whole numb"),
         ("data: [unclosed", "llava_nb: %%llava_finetune: the body is not valid YAML at line 1"),
         ("data: $nothing", "llava_nb: %%llava_finetune: no notebook variable named 'nothing'"),
         ("data: x.json\nsteps: 3", "llava_nb: %%llava_finetune: unknown key 'steps'"),
@@ -494,6 +504,19 @@ def test_finetune_cell_magic(shell, tiny_llava, tmp_path, capsys):
         assert shell.run_cell_magic("llava_finetune", "", bad) is None
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+def test_finetune_cell_uses_the_model_its_body_names(shell, tiny_llava, monkeypatch, capsys):
+    import llava_nb.models as models
+
+    monkeypatch.setattr(models, "_fallback_noticed", [])  # the demo notice would show again
+    monkeypatch.delenv("LLAVA_NB_MODEL", raising=False)
+    shell.run_line_magic("llava", "config model=''")  # no %llava model: the default's lookup
+    shell.user_ns["rows"] = squares(4)
+    body = f"model: {tiny_llava}\ndata: $rows\nbatch_size: 1.5"
+    shell.run_cell_magic("llava_finetune", "", body)
+    err = capsys.readouterr().err  # the bad setting, and no word of a default model
+    assert err.startswith("llava_nb: batch_size must be") and len(err.splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------- the example notebook

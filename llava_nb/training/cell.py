@@ -14,11 +14,13 @@ The model is the one `%llava` uses unless the body names one.
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from llava_nb.errors import LlavaError
 
 EXTRA_KEYS = ("image_folder",)
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3, 2.5E4: what YAML 1.1 misses
 
 
 def _parameters() -> list[str]:
@@ -42,6 +44,9 @@ def parse_body(cell: str) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise LlavaError("%%llava_finetune: the body must be key: value lines (YAML)")
+    for key in ("lr", "projector_lr", "dropout", "warmup", "epochs"):  # YAML 1.1 reads 1e-3
+        if isinstance(body.get(key), str) and _FLOAT.fullmatch(body[key]):  # (no dot) as text
+            body[key] = float(body[key])
     known = _parameters()
     for key in body:
         if key not in known:
@@ -75,7 +80,8 @@ def run_cell(magics, line: str, cell: str):
     for key in ("data", "eval_data"):
         if body.get(key) is not None:
             body[key] = load(body[key], image_folder)
-    body.setdefault("model", magics._current_model())
+    if "model" not in body:  # the %llava model, only when the body names none
+        body["model"] = magics._current_model()
     run = finetune(**body)
     if args.output:
         namespace[args.output] = run

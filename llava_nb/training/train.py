@@ -33,6 +33,7 @@ TARGETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 DEFAULT_LR = {"align": 1e-3, "instruct": 2e-4}
+COUNTS = ("r", "alpha", "max_steps", "batch_size", "grad_accum", "max_length")
 
 
 class FinetuneError(LlavaError):
@@ -316,15 +317,17 @@ def _check_settings(stage, method, target, numbers: dict[str, Any], flags: dict[
     if target not in TARGETS:
         raise FinetuneError(f"unknown target {target!r}; use {' or '.join(map(repr, TARGETS))}")
     for name, value in numbers.items():
-        low = 0 if name in ("dropout", "warmup") else 1
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= low
-        if name in ("lr", "projector_lr", "epochs"):
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-        if name in ("dropout", "warmup") and ok:
-            ok = value < 1
-        if not ok and value is not None:
-            limit = "> 0" if name in ("lr", "projector_lr", "epochs") else f">= {low}"
-            raise FinetuneError(f"{name} must be a number {limit}, got {value!r}")
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if name in COUNTS:  # sizes and step counts: a float would fail deep in torch or peft
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise FinetuneError(f"{name} must be a whole number >= 1, got {value!r}")
+        elif name in ("dropout", "warmup"):
+            if not (number and 0 <= value < 1):
+                raise FinetuneError(f"{name} must be a number in [0, 1), got {value!r}")
+        elif not (number and value > 0 and math.isfinite(value)):  # lr, projector_lr, epochs
+            raise FinetuneError(f"{name} must be a number > 0, got {value!r}")
     for name, value in flags.items():  # a YAML "no" or "false" string would read as true
         if not isinstance(value, bool):
             raise FinetuneError(f"{name} must be True or False, got {value!r}")
@@ -414,6 +417,10 @@ def finetune(
         },
         {"train_vision": train_vision, "group_by_length": group_by_length},
     )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FinetuneError(f"seed must be a whole number, got {seed!r}")
+    if not isinstance(output_dir, str | os.PathLike) or not str(output_dir).strip():
+        raise FinetuneError(f"output_dir must be a folder path, got {output_dir!r}")
     if model is None:
         from llava_nb.models import default_model_id
 
