@@ -147,6 +147,11 @@ class Dataset:
 
     def split(self, eval_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
         """A (train, eval) split, shuffled with `seed` (at least one row in each)."""
+        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
+            raise DataError(
+                f"eval_fraction must be a number, not {type(eval_fraction).__name__} "
+                f"{eval_fraction!r}; pass e.g. split(0.1)"
+            )
         if not 0 < eval_fraction < 1 or len(self) < 2:
             raise DataError(
                 f"cannot split {len(self)} rows with eval_fraction={eval_fraction}; "
@@ -285,11 +290,9 @@ def _read_file(path: Path) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")
         if suffix == ".json":
-            records = json.loads(text)
-            if isinstance(records, dict):  # {"data": [...]} or one row
-                records = records.get("data", [records])
+            records = _unwrap(json.loads(text))
         elif suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            records = _jsonl(text, path)
         elif suffix in (".csv", ".tsv"):
             records = list(
                 csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
@@ -300,6 +303,35 @@ def _read_file(path: Path) -> list[Any]:
         raise DataError(f"data file '{path}' cannot be read ({e}); check the file") from None
     if not isinstance(records, list):
         raise DataError(f"data file '{path}' holds no list of rows; see the LLaVA JSON format")
+    return records
+
+
+def _unwrap(records: Any) -> Any:
+    """A top-level object is one row, unless it wraps the rows: {"data": [...]} or a single key
+    holding a list (e.g. {"train": [...]}), which is what people export."""
+    if not isinstance(records, dict):
+        return records
+    if isinstance(records.get("data"), list):
+        return records["data"]
+    rows = next(iter(records.values())) if len(records) == 1 else None
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        return rows
+    return [records]
+
+
+def _jsonl(text: str, path: Path) -> list[Any]:
+    """Each line on its own, so that an error names the file's line, not column 1 of "line 1"."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"data file '{path}' line {number} is not valid JSON ({e.msg} at column "
+                f"{e.colno}); fix that line"
+            ) from None
     return records
 
 
@@ -340,20 +372,35 @@ def _images_of(record: dict, base: Path | None) -> list[Any]:
     return [_resolve(v, base) for v in values]
 
 
+def _string(value: Any, what: str) -> str:
+    """Text as given; numbers become text (counting questions have answers like 3)."""
+    if isinstance(value, float) and value != value:  # NaN: an empty cell of a DataFrame
+        return ""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise _RowError(f"{what} is a {type(value).__name__}, not text")
+
+
 def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
+    text = _string(value, what).strip()
+    if not text:
         raise _RowError(f"{what} is empty")
-    return value.strip()
+    return text
 
 
 def _flat(record: dict, base: Path | None, prompt: str) -> SampleTurn:
     images = _images_of(record, base)
     answer_key = next((k for k in _ANSWER_KEYS if k in record), None)
     if answer_key is None:
-        raise _RowError(f"no answer; give one of the columns {', '.join(_ANSWER_KEYS)}")
+        found = ", ".join(repr(str(k)) for k in list(record)[:10]) or "none"
+        raise _RowError(
+            f"no answer; give one of the columns {', '.join(_ANSWER_KEYS)} (found columns: {found})"
+        )
     answer = _text(record[answer_key], answer_key)
-    question = record.get("question") or record.get("prompt")
-    question = _text(question, "question") if question is not None else prompt
+    key = next((k for k in ("question", "prompt") if record.get(k) not in (None, "")), None)
+    question = _text(record[key], key) if key else prompt
     question = question.replace(IMAGE_TAG, "").strip() or prompt
     if not images:
         raise _RowError("no image; give an 'image' column")
@@ -378,8 +425,7 @@ def _conversation(record: dict, base: Path | None) -> list[SampleTurn]:
             )
         value = message["value"]
         if role == "user":
-            if not isinstance(value, str):
-                raise _RowError(f"turn {position} is not text")
+            value = _string(value, f"question in turn {position}")
             count = value.count(IMAGE_TAG)
             tags += count
             question = _text(value.replace(IMAGE_TAG, ""), f"question in turn {position}")

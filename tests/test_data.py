@@ -168,6 +168,61 @@ def test_bad_sources_give_one_line_errors(tmp_path):
     ]
 
 
+def test_a_bad_jsonl_line_is_named_by_its_line_in_the_file(tmp_path):
+    good = json.dumps({"image": "a.png", "answer": "a"})
+    (tmp_path / "bad.jsonl").write_text(f'{good}\n\n{good}\n{{"image": "a.png" "answer": "a"}}\n')
+    with pytest.raises(DataError, match="line 4 is not valid JSON .* at column 19"):
+        ln.data.load(tmp_path / "bad.jsonl")
+
+
+def test_numbers_are_text_and_other_values_are_named(images):
+    red = str(images / "red.png")
+    data = ln.data.load(
+        [
+            {"image": red, "question": "How many?", "answer": 3},
+            {"image": red, "question": 2.5, "answer": "Half."},
+            {"image": red, "answer": ["a", "b"]},
+            {"image": red, "answer": True},
+            {"image": red, "question": {"q": 1}, "answer": "x"},
+            {"image": red, "answer": float("nan")},  # an empty cell of a DataFrame
+            {
+                "image": red,
+                "conversations": [{"from": "human", "value": 7}, {"from": "gpt", "value": 8}],
+            },
+        ]
+    )
+    assert [(t.question, t.answer) for t in data[0].turns + data[1].turns] == [
+        ("How many?", "3"),
+        ("2.5", "Half."),
+    ]
+    assert [p.message for p in data.validate().problems] == [
+        "answer is a list, not text",
+        "answer is a bool, not text",
+        "question is a dict, not text",
+        "answer is empty",
+        'has an image but no "<image>" in its first question',
+    ]
+    assert data[6].problem and "not text" not in data[6].problem
+
+
+def test_a_row_with_no_usable_column_names_the_columns_found(tmp_path):
+    (tmp_path / "rows.csv").write_text("image;question;answer\na.png;Q?;A.\n")
+    report = ln.data.load(tmp_path / "rows.csv").validate()
+    assert "(found columns: 'image;question;answer')" in report.problems[0].message
+
+
+def test_a_json_object_holding_one_list_of_rows_is_read_as_those_rows(tmp_path):
+    rows = [{"image": "a.png", "answer": "A."}, {"image": "b.png", "answer": "B."}]
+    for wrapped in ({"train": rows}, {"data": rows}):
+        (tmp_path / "rows.json").write_text(json.dumps(wrapped))
+        assert [s.turns[0].answer for s in ln.data.load(tmp_path / "rows.json")] == ["A.", "B."]
+    (tmp_path / "row.json").write_text(json.dumps(rows[0]))  # one object: one row
+    assert len(ln.data.load(tmp_path / "row.json")) == 1
+    (tmp_path / "two.json").write_text(json.dumps({"train": rows, "test": rows}))
+    report = ln.data.load(tmp_path / "two.json").validate()
+    assert "found columns: 'train', 'test'" in report.problems[0].message
+
+
 def test_split_is_seeded_and_keeps_both_sides(images):
     rows = [{"image": str(images / "red.png"), "answer": f"Red {i}."} for i in range(10)]
     data = ln.data.load(rows)
@@ -177,6 +232,9 @@ def test_split_is_seeded_and_keeps_both_sides(images):
     assert data.fingerprint() != train.fingerprint()
     with pytest.raises(DataError, match="cannot split"):
         data.split(1.5)
+    for bad in ("0.1", None, True):
+        with pytest.raises(DataError, match=r"eval_fraction must be a number.*split\(0.1\)"):
+            data.split(bad)
 
 
 # ---------------------------------------------------------------- labels

@@ -216,6 +216,43 @@ def _thumbnail(image):
     return image
 
 
+_QUESTION_FORMS = 'a list of questions ("What is this?") or (question, image) pairs, or a dataset'
+
+
+def _compare_items(questions: Any) -> list[tuple[str, list, str | None]]:
+    """(question, images, expected) for each question; a clear error for any other shape,
+    since a string or a dict would otherwise be iterated into nonsense questions."""
+    from llava_nb.data import Dataset
+    from llava_nb.images import load_image
+
+    if isinstance(questions, Dataset):
+        turns = [s.turns[0] for s in questions if not s.problem and s.turns]
+        items = [(t.question, [load_image(i) for i in t.images], t.answer) for t in turns]
+        if not items:
+            raise AdapterError("nothing to compare: the dataset has no usable row; see validate()")
+        return items
+    if not isinstance(questions, list | tuple):
+        hint = " (for one question, wrap it in a list)" if isinstance(questions, str) else ""
+        raise AdapterError(
+            f"questions is a {type(questions).__name__}{hint}; pass {_QUESTION_FORMS}"
+        )
+    if not questions:
+        raise AdapterError(f"nothing to compare; pass {_QUESTION_FORMS}")
+    items = []
+    for position, entry in enumerate(questions):
+        question, image = entry, None
+        if isinstance(entry, list | tuple) and len(entry) == 2:
+            question, image = entry
+        if not isinstance(question, str) or not question.strip():
+            raise AdapterError(
+                f"questions[{position}] is {entry!r:.60}; give a question string or a "
+                "(question, image) pair"
+            )
+        images = image if isinstance(image, list | tuple) else [] if image is None else [image]
+        items.append((question, [load_image(i) for i in images], None))
+    return items
+
+
 def compare(
     model: Any,
     adapter: str | os.PathLike,
@@ -225,31 +262,17 @@ def compare(
 ) -> Comparison:
     """Ask the base model and the tuned one the same questions (greedy), side by side.
 
-    `questions`: a list of (question, image) pairs, or an `ln.data` dataset (the first turn of
-    each row, with its answer shown as expected). `model`: the `ln.Model`, id or folder.
+    `questions`: a list of question strings or (question, image) pairs, or an `ln.data` dataset
+    (the first turn of each row, with its answer shown as expected). `model`: the `ln.Model`,
+    id or folder.
     """
-    from llava_nb.data import Dataset
-    from llava_nb.images import load_image
     from llava_nb.models import get_model
 
+    items = _compare_items(questions)  # before loading anything: a mistake here is quick to see
     check_adapter(adapter)
     model = get_model(model)
     if not hasattr(model, "load"):
         raise AdapterError("compare needs a local model; adapters do not apply to a server")
-    items: list[tuple[str, list, str | None]] = []
-    if isinstance(questions, Dataset):
-        for sample in questions:
-            if sample.problem or not sample.turns:
-                continue
-            turn = sample.turns[0]
-            items.append((turn.question, [load_image(i) for i in turn.images], turn.answer))
-    else:
-        for entry in questions:
-            question, image = entry if isinstance(entry, tuple | list) else (entry, None)
-            images = image if isinstance(image, list | tuple) else [] if image is None else [image]
-            items.append((question, [load_image(i) for i in images], None))
-    if not items:
-        raise AdapterError("nothing to compare; pass (question, image) pairs or a dataset")
     rows = []
     for question, images, expected in items:
         content = [{"type": "image", "image": image} for image in images]
