@@ -11,6 +11,10 @@ class LlavaError(Exception):
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
-    """The first line of a library's error message (or its type), to quote in one of ours."""
-    text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
+    """The first line of a library's error message (or its type), to quote in one of ours; with
+    the next line when the first only introduces it ("Error(s) in loading state_dict for X:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return text[:limit]

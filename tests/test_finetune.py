@@ -174,6 +174,37 @@ def test_use_adapter_hot_swaps_and_the_chat_remembers(run, tiny_llava, tmp_path)
     assert tuned_chat.adapter == saved.adapter  # a failed swap keeps the adapter in use
 
 
+def test_an_adapter_that_does_not_fit_leaves_the_model_as_it_was(run, tiny_llava, tmp_path):
+    import shutil
+    import warnings
+
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain"  # a plain PEFT adapter (no run file) of another width
+    shutil.copytree(run.adapter_path, plain)
+    (plain / "llava_nb_run.json").unlink()
+    weights = load_file(plain / "adapter_model.safetensors")
+    name = next(k for k in weights if "lora_A" in k)
+    weights[name] = torch.zeros(weights[name].shape[0], weights[name].shape[1] * 2)
+    save_file(weights, plain / "adapter_model.safetensors")
+
+    chat = ln.Chat(ln.Model(tiny_llava), max_new_tokens=8)
+    with pytest.raises(AdapterError, match="does not fit this model .*size mismatch for"):
+        chat.use_adapter(plain)
+        chat.ask(QUESTION, square("red"))
+    model = chat.model.model
+    assert not hasattr(model, "peft_config")
+    assert not any("lora_" in n or "modules_to_save" in n for n, _ in model.named_parameters())
+    chat.reset()
+    chat.use_adapter(run.adapter_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft's "Already found a peft_config attribute"
+        answer = chat.ask(QUESTION, square("red"))
+    clean = ln.Chat(ln.Model(tiny_llava), max_new_tokens=8)
+    clean.use_adapter(run.adapter_path)
+    assert answer == clean.ask(QUESTION, square("red"))
+
+
 def test_an_adapter_for_another_base_is_refused(run, tiny_llava_next):
     chat = ln.Chat(tiny_llava_next)
     with pytest.raises(AdapterError, match="built for another base model"):

@@ -67,17 +67,33 @@ def _inject(model, folder: Path, name: str) -> None:
     try:
         inject_adapter_in_model(config, model, adapter_name=name)
         result = set_peft_model_state_dict(model, state, adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"unexpected weights such as {result.unexpected_keys[0]}")
     except (ValueError, RuntimeError, KeyError) as e:
+        _remove(model, name)
         raise AdapterError(
             f"adapter '{folder}' does not fit this model ({first_line(e)}); it was built for "
             "another base model"
         ) from None
-    if getattr(result, "unexpected_keys", None):
-        raise AdapterError(
-            f"adapter '{folder}' does not fit this model (unexpected weights such as "
-            f"{result.unexpected_keys[0]}); it was built for another base model"
-        )
     model.eval()
+
+
+def _remove(model, name: str) -> None:
+    """Take a half-injected adapter out again: the model stays as it was, and the next
+    adapter does not find this one's layers and config."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.delete_adapter(name)
+        elif isinstance(module, AuxiliaryTrainingWrapper) and name in module._adapters:
+            module.delete_adapter(name, new_active_adapters=[])
+    configs = getattr(model, "peft_config", None)
+    if configs is not None:
+        configs.pop(name, None)
+        if not configs:  # as before the first adapter
+            del model.peft_config
 
 
 def activate(model, path: str | os.PathLike | None) -> None:
