@@ -3,7 +3,8 @@
     data = ln.data.load("train.json", image_folder="images/")
     data.validate()          # a report: rows that cannot be trained on, and why (not fatal)
 
-Formats: LLaVA JSON (the `conversations` format of LLaVA's custom-data docs) or JSONL, a CSV of
+Formats: LLaVA JSON (the `conversations` format of LLaVA's custom-data docs) or JSONL, rows of
+chat `messages` with image parts and an `images` column (Hugging Face / TRL), a CSV of
 image,question,answer (or image,caption), a pandas DataFrame or a list of dicts in either shape,
 or a folder of images with a captions file (captions.csv/.jsonl/.json or metadata.jsonl/.csv).
 Loading never fails on a bad row: the row is kept with its problem, and `validate()` lists it.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -30,7 +32,7 @@ CAPTION_PROMPT = "Describe the image briefly."
 CAPTION_FILES = ("captions", "metadata")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_IMAGE_KEYS = ("image", "image_path", "file_name", "filename", "path")
+_IMAGE_KEYS = ("image", "images", "image_path", "file_name", "filename", "path")
 _ANSWER_KEYS = ("answer", "caption", "text", "response")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -340,6 +342,8 @@ def _sample(record: Any, index: int, base: Path | None, prompt: str) -> Sample:
         return Sample(str(index), [], f"row is a {type(record).__name__}, not a dict")
     ident = str(record.get("id", index))
     try:
+        if "messages" in record and "conversations" not in record:
+            record = {**record, "conversations": _as_conversations(record["messages"])}
         if "conversations" in record:
             return Sample(ident, _conversation(record, base))
         return Sample(ident, [_flat(record, base, prompt)])
@@ -352,6 +356,13 @@ class _RowError(Exception):
 
 
 def _resolve(image: Any, base: Path | None) -> Any:
+    if isinstance(image, dict) and image.get("bytes"):  # a datasets Image: {"bytes", "path"}
+        try:
+            return Image.open(io.BytesIO(image["bytes"]))
+        except OSError:
+            raise _RowError("the image's bytes are not a readable image") from None
+    if isinstance(image, dict):
+        image = image.get("path")
     if isinstance(image, Image.Image):
         return image
     if not isinstance(image, str | os.PathLike) or not str(image).strip():
@@ -405,6 +416,26 @@ def _flat(record: dict, base: Path | None, prompt: str) -> SampleTurn:
     if not images:
         raise _RowError("no image; give an 'image' column")
     return SampleTurn(question, images, answer)
+
+
+def _as_conversations(messages: Any) -> Any:
+    """Chat messages ({"role", "content"}, content text or parts, {"type": "image"} parts
+    standing for the row's images in order) as LLaVA's conversations, an <image> tag per image."""
+    if not isinstance(messages, list):
+        return messages  # reported by _conversation
+    turns = []
+    for message in messages:
+        if not isinstance(message, dict) or "content" not in message:
+            raise _RowError("a message is malformed; use {'role': ..., 'content': ...}")
+        content = message["content"]
+        if isinstance(content, list):
+            content = "\n".join(
+                IMAGE_TAG if part.get("type") == "image" else str(part.get("text") or "")
+                for part in content
+                if isinstance(part, dict) and part.get("type") in ("image", "text")
+            )
+        turns.append({"from": message.get("role"), "value": content})
+    return turns
 
 
 def _conversation(record: dict, base: Path | None) -> list[SampleTurn]:

@@ -105,6 +105,44 @@ def test_llava_json_loads_and_validate_lists_each_problem(images, tmp_path):
     assert "| missing |" in report._repr_markdown_()
 
 
+def test_chat_messages_rows_load_as_conversations(images):
+    import io
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "green").save(png, format="PNG")
+    rows = [
+        {  # Hugging Face / TRL: messages with image parts, the images in their own column
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hue?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                {"role": "user", "content": "And now?"},
+                {"role": "assistant", "content": "Still red."},
+            ],
+            "images": [str(images / "red.png")],
+        },
+        {  # a datasets Image feature
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hue?"}]},
+                {"role": "assistant", "content": "Green."},
+            ],
+            "images": [{"bytes": png.getvalue(), "path": None}],
+        },
+        {"messages": [{"role": "user", "content": "Hi"}, "nonsense"], "images": []},
+        {"image": {"bytes": b"not a picture", "path": None}, "question": "Hue?", "answer": "?"},
+    ]
+    data = ln.data.load(rows)
+    assert [(t.question, t.answer) for t in data[0].turns] == [
+        ("Hue?", "Red."),
+        ("And now?", "Still red."),
+    ]
+    assert data[0].turns[0].images == [str(images / "red.png")]
+    assert data[1].turns[0].images[0].getpixel((0, 0)) == (0, 128, 0)
+    report = data.validate()
+    assert [p.row for p in report.problems] == [2, 3]
+    assert "malformed" in report.problems[0].message
+    assert "not a readable image" in report.problems[1].message
+
+
 def test_validate_with_a_model_finds_rows_too_long(images, tiny_llava):
     rows = [
         {"image": str(images / "red.png"), "question": "Color?", "answer": "Red."},
