@@ -316,6 +316,8 @@ def _unwrap(records: Any) -> Any:
     if isinstance(records.get("data"), list):
         return records["data"]
     rows = next(iter(records.values())) if len(records) == 1 else None
+    if "conversations" in records or "messages" in records:  # itself a row, of turns
+        rows = None
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
         return rows
     return [records]

@@ -256,6 +256,9 @@ def test_a_json_object_holding_one_list_of_rows_is_read_as_those_rows(tmp_path):
         assert [s.turns[0].answer for s in ln.data.load(tmp_path / "rows.json")] == ["A.", "B."]
     (tmp_path / "row.json").write_text(json.dumps(rows[0]))  # one object: one row
     assert len(ln.data.load(tmp_path / "row.json")) == 1
+    turns = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    (tmp_path / "row.json").write_text(json.dumps({"conversations": turns}))  # a row, of turns
+    assert [t.answer for t in ln.data.load(tmp_path / "row.json")[0].turns] == ["Hello."]
     (tmp_path / "two.json").write_text(json.dumps({"train": rows, "test": rows}))
     report = ln.data.load(tmp_path / "two.json").validate()
     assert "found columns: 'train', 'test'" in report.problems[0].message
