@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -364,13 +365,19 @@ def _chat_path(path: Any) -> Path:
     return Path(path).expanduser()
 
 
+_SAVED_HEAD = re.compile(rb'\s*\{\s*"format"\s*:\s*"' + re.escape(FILE_FORMAT.encode()) + rb'"')
+
+
 def _is_chat_file(path: Path) -> bool:
     """Whether `path` is a file `Chat.save` wrote (its "format" marker): saving may replace it."""
     if not path.is_file():
         return False
     try:
         with path.open("rb") as f:
-            if f.read(64).lstrip()[:1] != b"{":  # not a JSON object: no need to read it all
+            head = f.read(256)
+            if _SAVED_HEAD.match(head):  # as `save` writes it: its images need not be read
+                return True
+            if head.lstrip()[:1] != b"{":  # not a JSON object: no need to read it all
                 return False
             f.seek(0)
             data = json.load(f)
