@@ -373,7 +373,6 @@ class ChatSession:
                 raise
             except Exception as e:  # a bug, not bad input: say so, and keep the conversation
                 self._fail(f"unexpected error ({type(e).__name__}: {e}); please report it")
-        _join_generation_threads()
         return 1 if self.failed and not self.interactive else 0
 
     def _setup_readline(self) -> None:
@@ -586,16 +585,6 @@ class ChatSession:
             old.unload()  # one model in memory at a time
         turns = _count(len(self.chat.history), "turn")
         self._info(f"now using {new.model_id}; the conversation ({turns}) continues")
-
-
-def _join_generation_threads(timeout: float = 5.0) -> None:
-    """Let a generation thread that is still winding down end before the interpreter does:
-    torch can abort the process ("terminate called without an active exception") otherwise."""
-    import threading
-
-    for thread in threading.enumerate():
-        if thread.name == "llava_nb-generate" and thread is not threading.current_thread():
-            thread.join(timeout)
 
 
 def _saved_model(path: str) -> str | None:

@@ -2,6 +2,7 @@
 
 import gc
 import sys
+import threading
 import time
 import weakref
 
@@ -331,7 +332,7 @@ def test_unusable_devices_are_refused_in_one_line(tiny_llava, device, message):
 def test_a_generation_nobody_reads_does_no_work(tiny_llava):
     model = Model(tiny_llava)
     generation = model.generate(_question(), max_new_tokens=900)
-    assert not generation._worker.is_alive() and generation.token_ids == []
+    assert generation._running is None and generation.token_ids == []
     assert model.generate(_question(), max_new_tokens=2).wait() is not None
     finished = model.generate(_question(), max_new_tokens=2)
     assert finished.wait() == finished.wait()  # reading it again gives the same answer
@@ -440,11 +441,32 @@ def test_finish_reason(tiny_llava):
     assert long.finish_reason == "interrupted"
 
 
+def test_answers_run_on_one_thread_kept_until_unload(tiny_llava):
+    model = Model(tiny_llava).load()
+    ran_on = []
+    generate = model.model.generate
+
+    def recorded(*args, **kwargs):
+        ran_on.append(threading.current_thread())
+        return generate(*args, **kwargs)
+
+    model.model.generate = recorded
+    for _ in range(3):
+        assert model.generate(_question(), max_new_tokens=2).wait() is not None
+    thread = ran_on[0]
+    assert ran_on == [thread] * 3 and thread is not threading.current_thread()
+    assert thread.name.startswith("llava_nb-generate") and thread.is_alive()
+    model.unload()
+    thread.join(5)
+    assert not thread.is_alive()  # unloading ends it
+    assert model.generate(_question(), max_new_tokens=2).wait() is not None  # on a new one
+
+
 def test_stop_from_another_thread_marks_the_answer_interrupted(tiny_llava):
     generation = Model(tiny_llava).generate(_question(), max_new_tokens=900)
     for _ in generation:
         if len(generation.token_ids) >= 3:
             generation.stop()  # as a Stop button or a server's disconnect would
     assert generation.stopped and generation.finish_reason == "interrupted"
-    assert not generation._worker.is_alive()
+    assert generation._running.done()
     assert len(generation.token_ids) < 900
