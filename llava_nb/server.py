@@ -13,7 +13,8 @@ Endpoints:
   for greedy answers) and ``max_tokens`` to the rest of the context. The ``model`` field may be
   left out; a name other than the served one gets 404. What it cannot honour is refused with
   400 rather than ignored: ``tools``, a ``response_format`` other than text, ``logprobs``,
-  ``logit_bias`` (their empty defaults, which SDKs may send, pass).
+  ``logit_bias``, ``presence_penalty`` / ``frequency_penalty``, ``modalities`` other than text,
+  ``audio`` (their empty or zero defaults, which SDKs may send, pass).
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served.
 - ``GET /health``: 200 once the model is loaded, 503 (with Retry-After) while it loads.
 - ``GET /``: a small chat page (``llava_nb/web/index.html``).
@@ -955,6 +956,10 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "logprobs": ((None, False), "this server does not return log probabilities"),
     "top_logprobs": ((None, 0), "this server does not return log probabilities"),
     "logit_bias": ((None, {}), "this server does not bias tokens"),
+    "presence_penalty": ((None, 0), "this server does not penalize repeated tokens"),
+    "frequency_penalty": ((None, 0), "this server does not penalize repeated tokens"),
+    "modalities": ((None, ["text"]), "answers are text only"),
+    "audio": ((None,), "answers are text only"),
 }
 
 

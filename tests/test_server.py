@@ -599,6 +599,10 @@ def test_fields_the_server_cannot_honour_are_refused(client):
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ]
     for extra, field in refused:
         with pytest.raises(openai.BadRequestError) as error:
@@ -612,6 +616,9 @@ def test_fields_the_server_cannot_honour_are_refused(client):
         "response_format": {"type": "text"},
         "logit_bias": {},
         "top_logprobs": None,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "modalities": ["text"],
     }
     assert ask(client, [user("hi")], max_tokens=2, extra_body=harmless).choices
     assert ask(client, [user("hi")], max_tokens=2, extra_body={"tool_choice": "auto"}).choices
