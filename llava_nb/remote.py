@@ -14,6 +14,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
+from llava_nb.errors import first_line
 from llava_nb.images import image_to_data_uri
 from llava_nb.models import GenerationError, ModelError, check_settings
 
@@ -31,7 +32,7 @@ def _message_error(error: Exception) -> str:
         body = body.get("error", body)
         if isinstance(body, dict) and body.get("message"):
             return str(body["message"])
-    return str(getattr(error, "message", None) or error).splitlines()[0]
+    return first_line(error)  # an openai error's str() is its message
 
 
 class RemoteModel:
