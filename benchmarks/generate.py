@@ -205,9 +205,12 @@ PATHS = {  # --paths name -> $LLAVA_NB_STATIC_DECODE for it (per device kind)
 }
 
 
-def run_llava_nb(path: str, quant: str, image, new_tokens: int, mode: str, check: int) -> dict:
+def run_llava_nb(
+    path: str, quant: str, image, new_tokens: int, mode: str, check: int, profile: bool = False
+) -> dict:
     """llava_nb: `Model.generate`, the path every front end (Chat, cell, panel, server) takes;
-    `mode`: the decoding path ($LLAVA_NB_STATIC_DECODE). With `check`, the logit check too."""
+    `mode`: the decoding path ($LLAVA_NB_STATIC_DECODE). With `check`, the logit check too;
+    with `profile`, where one step's time goes."""
     import llava_nb as ln
     from llava_nb import decoding
 
@@ -236,6 +239,8 @@ def run_llava_nb(path: str, quant: str, image, new_tokens: int, mode: str, check
     result = {"turns": turns, "peak_gb": _peak_gb(), "warm_up_s": warm_up_s}
     result["captures"] = model._decoder.captures if model._decoder is not None else 0
     result["step_ms"] = step_alone_ms(model._decoder) if model._decoder is not None else None
+    if profile and model._decoder is not None:
+        result["profile"] = step_profile(model._decoder)
     if check:
         model.model.generation_config.min_new_tokens = None
         result["check"] = logit_check(model, image, check)
@@ -261,6 +266,55 @@ def step_alone_ms(decoder, repeats: int = 32) -> float:
             decoder.step(token, position)
         _sync()
     return (time.perf_counter() - start) / repeats * 1e3
+
+
+KINDS = {  # a kernel's (or on a CPU, an operator's) kind, from words in its name, in order
+    "attention": ("attention", "fmha", "flash", "sdpa", "softmax"),
+    "matmul": ("gemm", "gemv", "mm", "matmul", "linear", "cutlass", "xmma", "sm90", "dequant"),
+}
+
+
+def step_profile(decoder, repeats: int = 8) -> dict:
+    """Where one decoding step's time goes, by kind of work: on a GPU its kernels (device
+    time), on a CPU its operators (self time). With `step_ms`, it tells the kernels' own time
+    from the gaps between them."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from llava_nb.decoding import cache_length
+
+    position = min(cache_length(decoder.cache), decoder.capacity - 1)
+    token = torch.zeros(1, dtype=torch.long, device=decoder._token.device)
+    cuda = token.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode():
+        decoder.step(token, position)
+        _sync()
+        with profile(activities=activities) as recorded:
+            for _ in range(repeats):
+                decoder.step(token, position)
+            _sync()
+    rows = []
+    for event in recorded.key_averages():
+        on_device = event.device_type == DeviceType.CUDA
+        seconds = event.self_device_time_total if on_device else event.self_cpu_time_total
+        if on_device == cuda and seconds > 0 and not event.key.startswith(("cuda", "Memcpy")):
+            rows.append((seconds / 1e3 / repeats, event.count / repeats, event.key))
+    kinds = {kind: [0.0, 0.0] for kind in [*KINDS, "other"]}
+    for ms, count, name in rows:
+        lowered = name.lower()
+        kind = next((k for k, words in KINDS.items() if any(w in lowered for w in words)), "other")
+        kinds[kind][0] += ms
+        kinds[kind][1] += count
+    rows.sort(reverse=True)
+    return {
+        "on": "GPU kernels" if cuda else "CPU operators",
+        "ms": sum(ms for ms, _, _ in rows),
+        "count": sum(count for _, count, _ in rows),
+        "kinds": kinds,
+        "slowest": [(ms, count, name[:70]) for ms, count, name in rows[:5]],
+    }
 
 
 def logit_check(model, image, steps: int) -> dict:
@@ -336,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=3, help="processes per contender; medians are printed"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one step of each llava_nb path"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: "plain" or one llava_nb path
     args = parser.parse_args(argv)
     paths = args.paths.split(",")
@@ -385,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 for i, name in enumerate(runs):
                     checked = repeat == 0 and (i == 1 or name == "compiled")
                     check = args.check_steps if checked else 0
-                    result = _child(args, path, quant, name, check)
+                    profiled = args.profile and repeat == 0 and name != "plain"
+                    result = _child(args, path, quant, name, check, profiled)
                     runs[name] += [result] if result is not None else []
             if not runs["plain"]:
                 print(f"# {quant}: plain transformers failed (its error is above): no rows")
@@ -406,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# {quant}, compiled: the warm-up answer (compiling) took {warm_ups} s")
                 if "check" in ours:
                     checks.append((quant, ours["check"]))
+                if "profile" in ours:
+                    _profile_lines(f"{quant}, {name}", ours["profile"], ours["step_ms"])
         for quant, check in checks:
             print(
                 f"# logit check, {quant}, {check['dtype']}, {check['path']} step vs plain "
@@ -417,12 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _child(args, path: str, quant: str, contender: str, check: int) -> dict | None:
+def _child(
+    args, path: str, quant: str, contender: str, check: int, profile: bool = False
+) -> dict | None:
     """Measure one contender in a fresh Python process; its result is its last stdout line
     (None if it failed: the others still run)."""
     command = [sys.executable, os.path.abspath(__file__), "--one", contender, "--quant", quant,
                "--checkpoint", path, "--new-tokens", str(args.new_tokens),
-               "--check-steps", str(check)]  # fmt: skip
+               "--check-steps", str(check)] + ["--profile"] * profile  # fmt: skip
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         why = f"exit status {done.returncode}"
@@ -462,7 +524,9 @@ def measure_one(args) -> dict:
     from llava_nb.models import pick_device
 
     mode = PATHS[args.one]["cuda" if pick_device() == "cuda" else "cpu"]
-    return run_llava_nb(args.checkpoint, args.quant, image, args.new_tokens, mode, args.check_steps)
+    return run_llava_nb(
+        args.checkpoint, args.quant, image, args.new_tokens, mode, args.check_steps, args.profile
+    )
 
 
 def _row(quant: str, name: str, result: dict, plain: dict) -> None:
@@ -479,6 +543,20 @@ def _row(quant: str, name: str, result: dict, plain: dict) -> None:
         f"{base[-1]['ttft_ms'] / turns[-1]['ttft_ms']:.2f}x faster |",
         flush=True,
     )
+
+
+def _profile_lines(what: str, profile: dict, step_ms: float | None) -> None:
+    """The step profile, as comment lines under the table."""
+    kinds = ", ".join(
+        f"{kind} {ms:.3f} ms in {count:.0f}" for kind, (ms, count) in profile["kinds"].items()
+    )
+    alone = f" (the step alone: {step_ms:.3f} ms)" if step_ms is not None else ""
+    print(
+        f"# step profile, {what}: {profile['count']:.0f} {profile['on']} a step, "
+        f"{profile['ms']:.3f} ms of their time{alone}: {kinds}"
+    )
+    for ms, count, name in profile["slowest"]:
+        print(f"#   {ms:.3f} ms in {count:.0f}: {name}")
 
 
 def _version(package: str) -> str:
