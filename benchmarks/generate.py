@@ -32,6 +32,10 @@ first llava_nb path and of "compiled", with that process's own decoder; the same
 printed: the largest logit difference at any step, the logits' scale, and how many steps pick
 the same argmax (random weights make argmax ties fragile: the difference is what counts).
 
+With --profile, one step of each llava_nb path is profiled: its GPU kernels (on a CPU, its
+operators) by kind (matmul, attention, other), their time and count per step, the slowest five;
+against "one step alone", the kernels' own time tells how much of a step is gaps between them.
+
 On a lent GPU machine: `benchmarks/gpu.sh` runs this with the other GPU checks in one call (its
 header says which wheels to carry). Its figures on an H200 are in the README.
 """

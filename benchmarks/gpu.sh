@@ -3,7 +3,8 @@
 # and 15 a session, so run it once, then give it back):
 #
 #   speed (generate.py):   bf16 and NF4 decode, prefill, turn-1 vs turn-5 TTFT, vs plain generate,
-#                          the CUDA-graph path and the compiled one (at most 9 minutes)
+#                          the CUDA-graph path and the compiled one, and (bf16) where a step's
+#                          time goes, kernel by kind (at most 9 minutes)
 # and with `rest` (about 5 minutes, a call of its own) the figures already in the README:
 #   finetune.py:           QLoRA on the LLaVA-1.5-7B shape, batch 1, ~1k tokens: peak memory
 #   attention.py:          attention=True vs plain on LLaVA-1.5-7B and NeXT-7B shapes
@@ -36,7 +37,7 @@ run() {  # run LIMIT_SECONDS SCRIPT ARGS...: one benchmark, cut off at its limit
 # (torch.compile, then the graph; compiling the 7B step takes a while, in its warm-up answer)
 if [ "${1:-}" != rest ]; then  # bf16 first: its goal is the open one
   run 330 benchmarks/generate.py --shape llava-1.5-7b --quant none --paths default,compiled \
-      --repeat 1 --checkpoint /tmp/bench/llava-1.5-7b-random
+      --repeat 1 --checkpoint /tmp/bench/llava-1.5-7b-random --profile
   run 200 benchmarks/generate.py --shape llava-1.5-7b --quant 4bit --paths default,compiled \
       --repeat 1 --checkpoint /tmp/bench/llava-1.5-7b-random --check-steps 0
   exit
