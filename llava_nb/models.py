@@ -33,6 +33,11 @@ DEMO_MODEL = "demo"  # the offline demo model (llava_nb.demo), built on first us
 FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}
 QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
 _generator_made = threading.Lock()  # guards making and dropping a model's generation thread
+# Set when the interpreter starts to exit, before it joins threads (ours among them): an answer
+# the main thread left half-read then stops, instead of holding the exit until it is whole.
+_exiting = threading.Event()
+if hasattr(threading, "_register_atexit"):  # CPython's hook, as concurrent.futures' own
+    threading._register_atexit(_exiting.set)  # registered after it, so it runs before it
 
 
 class ModelError(LlavaError):
@@ -536,6 +541,7 @@ class Generation:
         self.done = False
         self._job: tuple | None = (inputs, options, seed)  # run by the first iteration: a
         self._running: Any = None  # generation nobody reads costs nothing; its Future
+        self._reader: threading.Thread | None = None  # the thread that started reading it
 
     @property
     def finish_reason(self) -> str | None:
@@ -563,7 +569,7 @@ class Generation:
                 conversation = self._model._conversation
                 weights = (self.adapter, self._model._weights_version)
                 streamer = _QueueStreamer(self._queue)
-                stopping = StoppingCriteriaList([_StopOnEvent(self._stop)])
+                stopping = StoppingCriteriaList([_StopOnEvent(self._stop, self._reader)])
                 # the static-cache decoder (CUDA graphs) where it applies, else plain generate
                 decoder = static_decoder(self._model, inputs["input_ids"], options, stopping)
                 cache = None
@@ -602,6 +608,7 @@ class Generation:
         emitted = ""
         self.started_at = time.perf_counter()
         job, self._job = self._job, None
+        self._reader = threading.current_thread()
         self._running = self._model._generation_thread().submit(self._run, *job)
         try:
             while True:
@@ -702,15 +709,21 @@ class _QueueStreamer:
 
 
 class _StopOnEvent:
-    """A stopping criterion that ends generation once the event is set."""
+    """A stopping criterion that ends generation once the event is set, or once nobody will
+    read the rest: the reading thread has ended, or it is the main thread and the interpreter
+    is exiting (an answer left half-read, its generator kept suspended)."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, event: threading.Event, reader: threading.Thread | None = None) -> None:
+        self.event, self.reader = event, reader
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        stop = self.event.is_set()
+        reader = self.reader
+        gone = reader is not None and (
+            not reader.is_alive() or (_exiting.is_set() and reader is threading.main_thread())
+        )
+        stop = self.event.is_set() or gone
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
