@@ -710,8 +710,9 @@ class _QueueStreamer:
 
 class _StopOnEvent:
     """A stopping criterion that ends generation once the event is set, or once nobody will
-    read the rest: the reading thread has ended, or it is the main thread and the interpreter
-    is exiting (an answer left half-read, its generator kept suspended)."""
+    read the rest: the reading thread has ended, or the interpreter is exiting and the reader is
+    the main thread (an answer left half-read, its generator kept suspended) or a daemon thread
+    (a panel's: the exit does not wait for it)."""
 
     def __init__(self, event: threading.Event, reader: threading.Thread | None = None) -> None:
         self.event, self.reader = event, reader
@@ -721,7 +722,8 @@ class _StopOnEvent:
 
         reader = self.reader
         gone = reader is not None and (
-            not reader.is_alive() or (_exiting.is_set() and reader is threading.main_thread())
+            not reader.is_alive()
+            or (_exiting.is_set() and (reader.daemon or reader is threading.main_thread()))
         )
         stop = self.event.is_set() or gone
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

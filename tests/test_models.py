@@ -463,26 +463,36 @@ def test_answers_run_on_one_thread_kept_until_unload(tiny_llava):
 
 
 HALF_READ_AT_EXIT = """
-import atexit, sys
+import atexit, sys, threading
 import llava_nb as ln
 model = ln.Model(sys.argv[1]).load()
 model.model.generation_config.min_new_tokens = 900
 answer = model.generate([{"role": "user", "content": "Hello?"}], max_new_tokens=900)
-pieces = iter(answer)
-next(pieces)  # one piece read; the generator stays suspended until the interpreter exits
+pieces = iter(answer)  # read one piece; the generator stays suspended until the exit
+if sys.argv[2] == "main":
+    next(pieces)
+else:  # a daemon thread reads it, then waits for good
+    read_one = threading.Event()
+    threading.Thread(target=lambda: (next(pieces), read_one.set(), threading.Event().wait()),
+                     daemon=True).start()
+    read_one.wait()
 atexit.register(lambda: print("tokens made:", answer._queue.qsize(), flush=True))
 """
 
 
-def test_an_answer_left_half_read_stops_when_the_program_exits(tiny_llava, tmp_path):
-    """Nothing reads the rest, so the exit does not wait for it (a thread per answer, killed at
-    exit, could abort the process instead: SIGABRT)."""
+@pytest.mark.parametrize("reader", ["main", "daemon"])
+def test_an_answer_left_half_read_stops_when_the_program_exits(tiny_llava, tmp_path, reader):
+    """Nothing will read the rest, so the exit does not wait for it (a thread per answer,
+    killed at exit, could abort the process instead: SIGABRT)."""
     import subprocess
 
     script = tmp_path / "half_read.py"
     script.write_text(HALF_READ_AT_EXIT)
     done = subprocess.run(
-        [sys.executable, str(script), tiny_llava], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), tiny_llava, reader],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     made = int(done.stdout.split("tokens made:")[1])
