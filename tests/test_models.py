@@ -471,6 +471,11 @@ answer = model.generate([{"role": "user", "content": "Hello?"}], max_new_tokens=
 pieces = iter(answer)  # read one piece; the generator stays suspended until the exit
 if sys.argv[2] == "main":
     next(pieces)
+elif sys.argv[2] == "ended":  # a thread reads it and ends; the answer stops before any exit
+    reader = threading.Thread(target=lambda: next(pieces))
+    reader.start()
+    reader.join()
+    answer._running.result(timeout=60)
 else:  # a daemon thread reads it, then waits for good
     read_one = threading.Event()
     threading.Thread(target=lambda: (next(pieces), read_one.set(), threading.Event().wait()),
@@ -480,7 +485,7 @@ atexit.register(lambda: print("tokens made:", answer._queue.qsize(), flush=True)
 """
 
 
-@pytest.mark.parametrize("reader", ["main", "daemon"])
+@pytest.mark.parametrize("reader", ["main", "daemon", "ended"])
 def test_an_answer_left_half_read_stops_when_the_program_exits(tiny_llava, tmp_path, reader):
     """Nothing will read the rest, so the exit does not wait for it (a thread per answer,
     killed at exit, could abort the process instead: SIGABRT)."""
