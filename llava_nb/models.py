@@ -298,7 +298,8 @@ class Model:
     def _generation_thread(self) -> ThreadPoolExecutor:
         """The one thread this model's answers run on, kept until it is unloaded. A thread per
         answer paid for a fresh start each time (its own OpenMP team among them): on 2 CPU
-        cores the first token of a small model came ~15% later than on a thread kept warm."""
+        cores a small model's first token came 9-19% later than plain `generate`'s, 0-3% on
+        a thread kept (benchmarks/generate.py)."""
         with _generator_made:  # not the model's lock: a running answer holds that
             if self._generator is None:
                 self._generator = ThreadPoolExecutor(1, thread_name_prefix="llava_nb-generate")
@@ -539,8 +540,9 @@ class Generation:
         self.text = ""
         self.stopped = False  # ended by stop(), an interrupt, or leaving the loop early
         self.done = False
-        self._job: tuple | None = (inputs, options, seed)  # run by the first iteration: a
-        self._running: Any = None  # generation nobody reads costs nothing; its Future
+        # run by the first iteration (a generation nobody reads costs nothing); then its Future
+        self._job: tuple | None = (inputs, options, seed)
+        self._running: Any = None
         self._reader: threading.Thread | None = None  # the thread that started reading it
 
     @property
