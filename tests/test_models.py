@@ -271,7 +271,11 @@ def test_llava_error_is_the_base_of_model_errors():
 
 
 def test_out_of_memory_while_loading_suggests_4bit(tmp_path):
-    """A real allocation failure: the loading process gets too little address space."""
+    """A real allocation failure: the loading process gets too little address space. One
+    OpenMP thread, as an OpenMP pool thread that cannot get its stack ends the process
+    (libgomp) instead of failing the load. (A CI run once saw the child print nothing; its
+    lines are now flushed, and a failure shows its exit status and stderr.)"""
+    import os
     import subprocess
 
     from llava_nb.testing import make_tiny_llava
@@ -287,11 +291,15 @@ resource.setrlimit(resource.RLIMIT_AS, (vm + 80_000_000, vm + 80_000_000))
 try:
     model.load()
 except Exception as e:
-    print(type(e).__name__, e)
-print(model.status()["state"])
+    print(type(e).__name__, e, flush=True)
+print(model.status()["state"], flush=True)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     lines = out.stdout.strip().splitlines()
+    assert len(lines) >= 2, f"exit status {out.returncode}: {out.stderr[-2000:]}"
     assert (
         lines[-2]
         == f"ModelError out of memory loading {path} on cpu; try --4bit (quantization='4bit')"
