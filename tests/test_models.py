@@ -470,6 +470,17 @@ def test_answers_run_on_one_thread_kept_until_unload(tiny_llava):
     assert model.generate(_question(), max_new_tokens=2).wait() is not None  # on a new one
 
 
+def test_a_model_dropped_without_unload_leaves_no_thread_behind(tiny_llava):
+    model = Model(tiny_llava)
+    model.generate(_question(), max_new_tokens=2).wait()
+    (thread,) = model._generator._threads
+    weights = weakref.ref(model.model)
+    del model
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive() and weights() is None
+
+
 HALF_READ_AT_EXIT = """
 import atexit, sys, threading
 import llava_nb as ln
