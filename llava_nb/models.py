@@ -543,7 +543,6 @@ class Generation:
         # run by the first iteration (a generation nobody reads costs nothing); then its Future
         self._job: tuple | None = (inputs, options, seed)
         self._running: Any = None
-        self._reader: threading.Thread | None = None  # the thread that started reading it
 
     @property
     def finish_reason(self) -> str | None:
@@ -558,7 +557,10 @@ class Generation:
         """Ask the worker to stop after the current token."""
         self._stop.set()
 
-    def _run(self, inputs, options: dict[str, Any], seed: int | None) -> None:
+    def _run(
+        self, inputs, options: dict[str, Any], seed: int | None, reader: threading.Thread
+    ) -> None:
+        """The generation itself, on the model's thread; `reader`: the thread reading it."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -571,7 +573,7 @@ class Generation:
                 conversation = self._model._conversation
                 weights = (self.adapter, self._model._weights_version)
                 streamer = _QueueStreamer(self._queue)
-                stopping = StoppingCriteriaList([_StopOnEvent(self._stop, self._reader)])
+                stopping = StoppingCriteriaList([_StopOnEvent(self._stop, reader)])
                 # the static-cache decoder (CUDA graphs) where it applies, else plain generate
                 decoder = static_decoder(self._model, inputs["input_ids"], options, stopping)
                 cache = None
@@ -610,8 +612,8 @@ class Generation:
         emitted = ""
         self.started_at = time.perf_counter()
         job, self._job = self._job, None
-        self._reader = threading.current_thread()
-        self._running = self._model._generation_thread().submit(self._run, *job)
+        reader = threading.current_thread()
+        self._running = self._model._generation_thread().submit(self._run, *job, reader)
         try:
             while True:
                 kind, value = self._queue.get()
@@ -716,16 +718,15 @@ class _StopOnEvent:
     the main thread (an answer left half-read, its generator kept suspended) or a daemon thread
     (a panel's: the exit does not wait for it)."""
 
-    def __init__(self, event: threading.Event, reader: threading.Thread | None = None) -> None:
+    def __init__(self, event: threading.Event, reader: threading.Thread) -> None:
         self.event, self.reader = event, reader
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         reader = self.reader
-        gone = reader is not None and (
-            not reader.is_alive()
-            or (_exiting.is_set() and (reader.daemon or reader is threading.main_thread()))
+        gone = not reader.is_alive() or (
+            _exiting.is_set() and (reader.daemon or reader is threading.main_thread())
         )
         stop = self.event.is_set() or gone
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
