@@ -77,7 +77,7 @@ def record(panel: ChatPanel, name: str) -> list:
 
 
 def test_ask_with_an_image_streams_off_the_main_thread(tiny_llava, photo_bytes):
-    chat = ln.Chat(tiny_llava, max_new_tokens=12)
+    chat = ln.Chat(ln.Model(tiny_llava), max_new_tokens=12)  # not the shared one: unloaded
     panel = ChatPanel(chat)
     assert panel.turns == [] and not panel.busy
     assert "not loaded yet" in panel.status and "llava" in panel.status
