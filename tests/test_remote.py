@@ -154,3 +154,10 @@ def test_a_server_id_that_is_not_a_url_is_refused():
     for bad in ("openai:not-a-url", "openai:ftp://host/v1", "http://"):
         with pytest.raises(ModelError, match="is not a server URL; use openai:http://host:port/v1"):
             RemoteModel(bad)
+
+
+def test_a_server_error_is_quoted_by_its_first_line_or_its_type():
+    from llava_nb.remote import _message_error
+
+    assert _message_error(RuntimeError("model is busy\nTraceback ...")) == "model is busy"
+    assert _message_error(RuntimeError("")) == "RuntimeError"  # not an IndexError
