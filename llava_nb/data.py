@@ -175,8 +175,9 @@ class Dataset:
             for turn in sample.turns:
                 digest.update(f"{sample.id}\0{turn.question}\0{turn.answer}\0".encode())
                 for image in turn.images:
-                    if isinstance(image, Image.Image):
-                        digest.update(image.tobytes()[:4096])
+                    if isinstance(image, Image.Image):  # every pixel: training reads them all
+                        digest.update(f"{image.mode}{image.size}".encode())
+                        digest.update(image.tobytes())
                     else:
                         digest.update(str(image).encode())
         return digest.hexdigest()[:16]

@@ -174,6 +174,13 @@ def test_csv_jsonl_list_and_caption_folder(images, tmp_path):
     picture = Image.new("RGB", (8, 8), "green")
     data = ln.data.load([{"image": picture, "question": "Q?", "answer": "A."}])
     assert data[0].messages()[0]["content"][0]["image"].size == (8, 8)
+    top, bottom = Image.new("RGB", (224, 224), "green"), Image.new("RGB", (224, 224), "green")
+    bottom.paste("red", (0, 200, 224, 224))  # differs only far below the first rows
+    fingerprints = {
+        ln.data.load([{"image": p, "question": "Q?", "answer": "A."}]).fingerprint()
+        for p in (top, bottom)
+    }
+    assert len(fingerprints) == 2  # in-memory images are told apart by every pixel
 
     with pytest.raises(DataError, match="images but no captions file"):
         ln.data.load(images)

@@ -205,6 +205,37 @@ def test_an_adapter_that_does_not_fit_leaves_the_model_as_it_was(run, tiny_llava
     assert answer == clean.ask(QUESTION, square("red"))
 
 
+def test_a_damaged_adapter_folder_gets_one_line(run, tiny_llava, tmp_path):
+    import shutil
+
+    def damaged(name: str, file: str, text: str | None) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(run.adapter_path, folder)
+        if text is None:
+            (folder / file).unlink()
+        else:
+            (folder / file).write_text(text)
+        return folder
+
+    cases = [
+        (damaged("config", "adapter_config.json", "{not json"), "adapter_config.json' is damaged"),
+        (damaged("none", "adapter_model.safetensors", None), "holds no adapter weights"),
+        (damaged("cut", "adapter_model.safetensors", "x" * 20), "safetensors' is damaged"),
+        (damaged("run", "llava_nb_run.json", "{"), "json' is damaged; delete it to use the"),
+    ]
+    chat = ln.Chat(ln.Model(tiny_llava), max_new_tokens=4)
+    for folder, message in cases:
+        with pytest.raises(AdapterError, match=message):
+            chat.use_adapter(folder)
+        assert chat.adapter is None
+    with pytest.raises(AdapterError, match="an adapter is a folder path .* got 5"):
+        chat.use_adapter(5)
+    assert not hasattr(chat.model.model, "peft_config")  # nothing half-loaded
+    with pytest.raises(AdapterError, match="safetensors' is damaged"):
+        ln.merge_adapter(tiny_llava, cases[2][0], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_an_adapter_for_another_base_is_refused(run, tiny_llava_next):
     chat = ln.Chat(tiny_llava_next)
     with pytest.raises(AdapterError, match="built for another base model"):
@@ -240,7 +271,9 @@ def test_merge_and_compare(run, tiny_llava, tmp_path):
 # ---------------------------------------------------------------- resume
 
 
-def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_llava, tmp_path, capsys):
+def test_interrupt_then_resume_matches_an_uninterrupted_run(
+    tiny_llava, tmp_path, capsys, monkeypatch
+):
     from transformers import TrainerCallback
 
     settings = dict(max_steps=6, output_dir=None, dropout=0.1, **{**SETTINGS, "batch_size": 2})
@@ -252,24 +285,64 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_llava, tmp_path
             if state.global_step == 2:
                 signal.raise_signal(signal.SIGINT)  # what a kernel interrupt does
 
+    save = torch.save
+
+    def interrupted_again(obj, f, *args, **kwargs):  # Stop pressed again while it saves
+        if str(f).endswith("optimizer.pt"):
+            signal.raise_signal(signal.SIGINT)
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", interrupted_again)
     parts = {**settings, "output_dir": tmp_path / "parts", "progress": True}
     first = ln.finetune(tiny_llava, data, callbacks=[InterruptAfterStep2()], **parts)
+    monkeypatch.undo()
     assert first.status == "interrupted" and first.step == 3
-    assert "stopped at step 3/6" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "writing the checkpoint; stopping as soon as it is written" in err
+    assert "stopped at step 3/6; adapter saved in" in err
+    assert "again with the same output_dir to resume" in err
     assert (tmp_path / "parts" / "checkpoint-3").is_dir()
     assert (tmp_path / "parts" / "adapter_model.safetensors").is_file()
 
-    second = ln.finetune(tiny_llava, data, **parts)
+    import shutil
+
+    run_file = tmp_path / "parts" / "llava_nb_run.json"
+    recorded = run_file.read_text()
+    for changed, message in (
+        ({"projector_lr": 0.1}, r"projector_lr was None, now 0.1\); pass projector_lr=None to"),
+        ({"group_by_length": True}, "group_by_length was False, now True"),
+        ({"lr": 1e-3}, r"lr was 0.005, now 0.001\); pass lr=0.005 to resume it"),
+    ):
+        with pytest.raises(FinetuneError, match=message):
+            ln.finetune(tiny_llava, data, **{**parts, **changed})
+    assert run_file.read_text() == recorded  # a refused call leaves the run as it was
+
+    damaged = tmp_path / "damaged"  # a checkpoint cut short in the middle of a file
+    shutil.copytree(tmp_path / "parts", damaged)
+    (damaged / "checkpoint-3" / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(FinetuneError, match="checkpoint-3' cannot be resumed .*delete that folder"):
+        ln.finetune(tiny_llava, data, **{**parts, "output_dir": damaged})
+    assert (damaged / "llava_nb_run.json").read_text() == recorded
+    shutil.rmtree(damaged / "checkpoint-3")  # no checkpoint left: the adapter is not trained over
+    with pytest.raises(FinetuneError, match="adapter trained to step 3 and no checkpoint"):
+        ln.finetune(tiny_llava, data, **{**parts, "output_dir": damaged})
+
+    incomplete = tmp_path / "parts" / "checkpoint-5"  # a save that a second interrupt cut short
+    shutil.copytree(tmp_path / "parts" / "checkpoint-3", incomplete)
+    (incomplete / "trainer_state.json").unlink()
+    second = ln.finetune(f"{tiny_llava}/", data, **parts)  # the same base, written another way
+    assert "checkpoint-5 in" in capsys.readouterr().err
     assert second.status == "finished" and second.step == 6
     assert [h["step"] for h in second.history] == [h["step"] for h in whole.history]
+    # the loss of the whole run, not of the steps after the resume only
+    assert second.metrics["train_loss"] == pytest.approx(whole.metrics["train_loss"], rel=1e-4)
+    assert second.metrics["runtime_s"] > first.metrics["runtime_s"]
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     b = load_file(tmp_path / "parts" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
-    with pytest.raises(FinetuneError, match="holds a different run .lr was 0.005, now 0.001"):
-        ln.finetune(tiny_llava, data, **{**parts, "lr": 1e-3})
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FinetuneError, match="not empty and holds no llava_nb run"):
@@ -292,7 +365,8 @@ def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), stage="pretrain")
     with pytest.raises(FinetuneError, match="unknown method"):
         ln.finetune(tiny_llava, squares(3), method="full")
-    for name, value in (("batch_size", 0), ("batch_size", 1.5), ("max_steps", 1.5), ("r", 2.5)):
+    for name, value in (("batch_size", 0), ("batch_size", 1.5), ("max_steps", 1.5), ("r", 2.5),
+                        ("save_every", 1.5), ("eval_every", "x"), ("eval_every", 0)):  # fmt: skip
         with pytest.raises(FinetuneError, match=f"{name} must be a whole number >= 1"):
             ln.finetune(tiny_llava, squares(3), output_dir=tmp_path / "a", **{name: value})
     with pytest.raises(FinetuneError, match="dropout must be a number in .0, 1."):
@@ -305,8 +379,12 @@ def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), output_dir=None)
     with pytest.raises(FinetuneError, match="group_by_length must be True or False, got 'no'"):
         ln.finetune(tiny_llava, squares(3), group_by_length="no")
+    with pytest.raises(FinetuneError, match="progress must be True or False, got 'no'"):
+        ln.finetune(tiny_llava, squares(3), progress="no")
     with pytest.raises(FinetuneError, match="no training data"):
         ln.finetune(tiny_llava)
+    with pytest.raises(FinetuneError, match="fine-tuning needs local weights, not a server"):
+        ln.finetune("openai:http://127.0.0.1:9/v1", squares(3))
     assert not (tmp_path / "a").exists()
 
 

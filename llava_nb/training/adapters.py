@@ -24,14 +24,45 @@ class AdapterError(LlavaError):
 
 def check_adapter(path: str | os.PathLike) -> Path:
     """The adapter folder, if it holds a PEFT adapter; else a clear error."""
+    if not isinstance(path, str | os.PathLike) or not str(path).strip():
+        raise AdapterError(f"an adapter is a folder path (a finetune output_dir), got {path!r}")
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise AdapterError(f"adapter folder '{path}' not found; check the path (a finetune run)")
+        raise AdapterError(
+            f"adapter folder '{path}' not found; check the path (a finetune output_dir), or "
+            "use_adapter(None) to answer with the base model"
+        )
     if not (folder / "adapter_config.json").is_file():
         raise AdapterError(
             f"'{path}' holds no adapter (no adapter_config.json); point at a finetune output_dir"
         )
     return folder.resolve()
+
+
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _check_readable(folder: Path) -> None:
+    """Before PEFT reads the folder: its config parses and its weights are complete (PEFT would
+    look a missing file up on the hub, and a cut-off one fails deep in safetensors)."""
+    from safetensors import safe_open
+
+    damaged = "; train it again, or point at another adapter"
+    try:
+        json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(
+            f"'{folder / 'adapter_config.json'}' is damaged ({first_line(e)}){damaged}"
+        ) from None
+    weights = next((folder / n for n in WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        raise AdapterError(f"'{folder}' holds no adapter weights ({WEIGHTS[0]}){damaged}")
+    if weights.suffix == ".safetensors":
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as e:  # safetensors' own error type, or OSError
+            raise AdapterError(f"'{weights}' is damaged ({first_line(e)}){damaged}") from None
 
 
 def _check_base(folder: Path, config) -> None:
@@ -40,7 +71,12 @@ def _check_base(folder: Path, config) -> None:
     run = folder / RUN_FILE
     if not run.is_file():
         return  # a plain PEFT adapter from elsewhere: shapes are checked when loading
-    record = json.loads(run.read_text())
+    try:
+        record = json.loads(run.read_text())
+    except (OSError, ValueError):
+        raise AdapterError(
+            f"'{run}' is damaged; delete it to use the folder as a plain PEFT adapter"
+        ) from None
     shape = record.get("config", {}).get("base_shape")
     if shape and shape != fingerprint(config):
         base = record["config"].get("base")
@@ -51,7 +87,7 @@ def _check_base(folder: Path, config) -> None:
 
 
 def _key(folder: Path) -> str:
-    weights = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin")]
+    weights = [folder / n for n in WEIGHTS]
     stamp = max((w.stat().st_mtime_ns for w in weights if w.exists()), default=0)
     return f"{folder}@{stamp}"  # an adapter trained again in the same folder loads afresh
 
@@ -109,6 +145,7 @@ def activate(model, path: str | os.PathLike | None) -> None:
         folder = check_adapter(path)
         key = _key(folder)
         if key not in adapters:
+            _check_readable(folder)
             _check_base(folder, model.config)
             name = f"llava_nb_{len(adapters)}"
             with torch.inference_mode(False):
@@ -160,6 +197,7 @@ def merge_adapter(model: Any, adapter: str | os.PathLike, output_dir: str | os.P
         raise AdapterError(f"output folder '{output_dir}' is not empty; choose a new folder")
     model_id = base_id(model)
     processor, config = load_processor_and_config(model_id)
+    _check_readable(folder)
     _check_base(folder, config)
     device = pick_device()
     with quiet_loading():

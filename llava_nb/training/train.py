@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_nb.data import Dataset, load
-from llava_nb.errors import LlavaError
+from llava_nb.errors import LlavaError, first_line
 
 RUN_FILE = "llava_nb_run.json"
 STAGES = ("align", "instruct")
@@ -33,7 +33,13 @@ TARGETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 DEFAULT_LR = {"align": 1e-3, "instruct": 2e-4}
-COUNTS = ("r", "alpha", "max_steps", "batch_size", "grad_accum", "max_length")
+COUNTS = ("r", "alpha", "max_steps", "batch_size", "grad_accum", "max_length", "save_every",
+          "eval_every")  # fmt: skip
+# settings a run records only when they differ from these defaults (runs recorded before the
+# settings existed still resume); compared with the defaults filled in
+OPTIONAL = {"projector_lr": None, "group_by_length": False}
+# recorded settings that are not finetune arguments as written: no "pass ..." hint for them
+DERIVED = ("base", "base_shape", "data", "eval_data")
 
 
 class FinetuneError(LlavaError):
@@ -72,13 +78,14 @@ class FinetuneRun:
 def base_id(model: Any) -> str:
     """The checkpoint id or folder behind a `Model`, an id or a path."""
     from llava_nb.models import _source  # "demo" names a folder built on first use
+    from llava_nb.remote import is_remote
 
-    if isinstance(model, str | os.PathLike):
-        return _source(str(model))
-    if hasattr(model, "model_id") and not hasattr(model, "remote_model"):
-        return _source(str(model.model_id))
-    if hasattr(model, "remote_model"):
+    if hasattr(model, "remote_model") or is_remote(model):
         raise FinetuneError("fine-tuning needs local weights, not a server; pass a checkpoint")
+    if isinstance(model, str | os.PathLike):  # "folder/" and "folder" are one base
+        return _source(os.path.normpath(model))
+    if hasattr(model, "model_id"):
+        return _source(os.path.normpath(model.model_id))
     raise FinetuneError(
         f"model must be an ln.Model, a checkpoint id or a folder, not {type(model).__name__}"
     )
@@ -248,13 +255,14 @@ def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any
                 "choose a new output_dir"
             )
         return None
-    previous = record.get("config", {})
-    for key in config:
-        if previous.get(key) != config[key]:
+    previous = {**OPTIONAL, **record.get("config", {})}
+    for key in {**OPTIONAL, **config}:
+        was, now = previous.get(key), config.get(key, OPTIONAL.get(key))
+        if was != now:
+            resume = "" if key in DERIVED else f"pass {key}={was!r} to resume it, "
             raise FinetuneError(
-                f"output_dir '{output_dir}' holds a different run ({key} was "
-                f"{previous.get(key)!r}, now {config[key]!r}); choose a new output_dir, "
-                "or delete that folder to start over"
+                f"output_dir '{output_dir}' holds a different run ({key} was {was!r}, now "
+                f"{now!r}); {resume}choose a new output_dir, or delete that folder to start over"
             )
     return record
 
@@ -263,10 +271,13 @@ def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any
 
 
 class _Stop:
-    """Turns the first interrupt (kernel interrupt, Ctrl-C) into "save and stop after this step"."""
+    """Turns the first interrupt (kernel interrupt, Ctrl-C) into "save and stop after this step";
+    a second one stops at once, except while a checkpoint is being written (cut short, it could
+    not be resumed from): training stops right after that anyway."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.saving = False
 
     def callback(self):
         from transformers import TrainerCallback
@@ -289,6 +300,10 @@ class _Stop:
         previous = signal.getsignal(signal.SIGINT)
 
         def handler(signum, frame):
+            if self.requested and self.saving:
+                print("llava_nb: writing the checkpoint; stopping as soon as it is written",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                return
             if self.requested:  # a second interrupt stops at once
                 raise KeyboardInterrupt
             self.requested = True
@@ -414,8 +429,10 @@ def finetune(
             "grad_accum": grad_accum,
             "warmup": warmup,
             "max_length": max_length,
+            "save_every": save_every,
+            "eval_every": eval_every,
         },
-        {"train_vision": train_vision, "group_by_length": group_by_length},
+        {"train_vision": train_vision, "group_by_length": group_by_length, "progress": progress},
     )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FinetuneError(f"seed must be a whole number, got {seed!r}")
@@ -470,12 +487,61 @@ def finetune(
         if main and progress:
             print(f"llava_nb: {out} already holds this finished run; delete it to train again")
         return _run_from(out, record)
+    checkpoint = _resumable(out, record, say=main and progress) if record is not None else None
     return _train(
         model_id, getattr(model, "device", None), processor, data, rows, eval_data, eval_rows,
-        config, out, record,
+        config, out, record, checkpoint,
         eval_every=eval_every, save_every=save_every, progress=progress,
         callbacks=list(callbacks or []),
     )  # fmt: skip
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) of the Trainer checkpoints in `out`, newest first. Trainer
+    writes trainer_state.json last, so a save cut short (a second interrupt) lacks it."""
+    found = []
+    for folder in out.glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if step.isdigit() and folder.is_dir():
+            found.append((int(step), folder, (folder / "trainer_state.json").is_file()))
+    return sorted(found, reverse=True)
+
+
+def _resumable(out: Path, record: dict[str, Any], say: bool) -> Path | None:
+    """The newest complete checkpoint to resume the recorded run from (None: start afresh).
+    An incomplete one (its saving interrupted) is passed over, saying so; an adapter with no
+    checkpoint behind it is never trained over."""
+    checkpoints = _checkpoints(out)
+    complete = next((folder for _, folder, ok in checkpoints if ok), None)
+    for _, folder, _ in checkpoints:
+        if folder == complete:
+            break
+        if say:
+            then = f"resuming from {complete.name}" if complete else "no complete one is left"
+            print(
+                f"llava_nb: {folder.name} in {out} is incomplete (its saving was interrupted); "
+                f"{then}",
+                file=sys.stderr,
+            )
+    if complete is None and record.get("step") and (out / "adapter_model.safetensors").exists():
+        raise FinetuneError(
+            f"output_dir '{out}' holds an adapter trained to step {record['step']} and no "
+            "checkpoint to resume from; choose a new output_dir, or delete that folder to start "
+            "over"
+        )
+    return complete
+
+
+def _whole_run_loss(earlier: list[dict[str, Any]], resumed: int, loss: float, end: int) -> float:
+    """The mean training loss of a resumed run from its first step: the losses logged up to
+    the checkpoint (each the mean since the log before) with this call's mean (Trainer's
+    `train_loss` after a resume covers only the steps run since)."""
+    total, covered, last = 0.0, 0, 0
+    for entry in earlier:
+        if "loss" in entry and last < entry["step"] <= resumed:
+            total += entry["loss"] * (entry["step"] - last)
+            covered, last = covered + entry["step"] - last, entry["step"]
+    return (total + loss * (end - resumed)) / max(covered + end - resumed, 1)
 
 
 def _run_from(out: Path, record: dict[str, Any]) -> FinetuneRun:
@@ -547,12 +613,11 @@ def _labelled_logits_only(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train(
-    model_id, device, processor, data, rows, eval_data, eval_rows, config, out, record, *,
-    eval_every, save_every, progress, callbacks,
+    model_id, device, processor, data, rows, eval_data, eval_rows, config, out, record,
+    checkpoint, *, eval_every, save_every, progress, callbacks,
 ) -> FinetuneRun:  # fmt: skip
     import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from llava_nb.training.collate import Collator, TrainingSet
     from llava_nb.training.progress import Progress, Recorder
@@ -605,15 +670,16 @@ def _train(
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
-    history = [h for h in (record or {}).get("history", [])]
-    checkpoint = get_last_checkpoint(str(out)) if record is not None else None
-    if checkpoint is not None:
-        step = int(Path(checkpoint).name.rsplit("-", 1)[1])
-        history = [h for h in history if h["step"] <= step]
-    else:
-        history = []
-    recorder = Recorder(history)
+    resumed = int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
+    earlier = [h for h in (record or {}).get("history", []) if h["step"] <= resumed]
+    recorder = Recorder(earlier)
     stop = _Stop()
+
+    class Began(TrainerCallback):  # a failure before the first step: the checkpoint's loading
+        stepped = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            Began.stepped = True
 
     class LlavaTrainer(Trainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -626,6 +692,13 @@ def _train(
                 _projector_groups(optimizer, self.model, config["projector_lr"])
             return optimizer
 
+        def _save_checkpoint(self, *args, **kwargs):
+            stop.saving = True
+            try:
+                return super()._save_checkpoint(*args, **kwargs)
+            finally:
+                stop.saving = False
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             grouped = self.args.train_sampling_strategy == "group_by_length"
@@ -637,15 +710,15 @@ def _train(
         train_dataset=TrainingSet(processor, data, rows),
         eval_dataset=TrainingSet(processor, eval_data, eval_rows) if eval_data else None,
         data_collator=Collator(processor.tokenizer.pad_token_id),
-        callbacks=[recorder, stop.callback(), *callbacks],
+        callbacks=[recorder, stop.callback(), Began(), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.add_callback(Progress(recorder))
     main = trainer.is_world_process_zero()
     if main:
-        _write_run(out, {"config": config, "status": "running", "step": 0, "max_steps": total,
-                         "history": history, "metrics": {}})  # fmt: skip
+        _write_run(out, {"config": config, "status": "running", "step": resumed,
+                         "max_steps": total, "history": earlier, "metrics": {}})  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     status = "finished"
@@ -655,14 +728,28 @@ def _train(
         with stop.installed(world == 1):
             if eval_data is not None and checkpoint is None:
                 trainer.evaluate()  # the curve starts at the base model's eval loss
-            result = trainer.train(resume_from_checkpoint=checkpoint)
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:  # a second interrupt: keep the adapter so far, no checkpoint
         status = "interrupted"
+    except Exception as e:
+        if main and record is not None:
+            _write_run(out, record)  # as it was, so the run still resumes
+        if checkpoint is not None and not Began.stepped:
+            raise FinetuneError(
+                f"'{checkpoint}' cannot be resumed ({first_line(e)}); delete that folder to "
+                "resume from an earlier checkpoint, or choose a new output_dir"
+            ) from None
+        raise
     if stop.requested:
         status = "interrupted"
     state = trainer.state
     metrics: dict[str, Any] = dict(result.metrics) if result is not None else {}
-    metrics["runtime_s"] = round(time.perf_counter() - start, 2)
+    if resumed and "train_loss" in metrics:
+        metrics["train_loss"] = _whole_run_loss(
+            earlier, resumed, metrics["train_loss"], state.global_step
+        )
+    before = (record or {}).get("metrics", {}).get("runtime_s", 0) if resumed else 0
+    metrics["runtime_s"] = round(before + time.perf_counter() - start, 2)  # all calls together
     evals = [h["eval_loss"] for h in recorder.history if "eval_loss" in h]
     if evals:
         metrics["eval_loss"] = evals[-1]
@@ -677,9 +764,16 @@ def _train(
                          "max_steps": state.max_steps, "history": recorder.history,
                          "metrics": metrics})  # fmt: skip
         if status == "interrupted" and progress:
+            saved = next((step for step, _, ok in _checkpoints(out) if ok), 0)
+            if saved == state.global_step:
+                then = "run ln.finetune again with the same output_dir to resume"
+            elif saved:
+                then = f"run ln.finetune again with the same output_dir to resume from step {saved}"
+            else:
+                then = "no checkpoint was saved, so it cannot be resumed"
             print(
                 f"llava_nb: stopped at step {state.global_step}/{state.max_steps}; adapter saved "
-                f"in {out}; run ln.finetune again with the same output_dir to resume",
+                f"in {out}; {then}",
                 file=sys.stderr,
             )
     if world > 1:
