@@ -478,14 +478,15 @@ class Model:
         context = self.model.config.text_config.max_position_embeddings
         if prompt_tokens >= context:
             raise GenerationError(
-                f"the conversation is {prompt_tokens} tokens, more than the model's context of "
-                f"{context}; ask a shorter question, with fewer images, or in a new chat"
+                f"the conversation is {prompt_tokens} tokens, which leaves no room for an "
+                f"answer in the model's context of {context}; ask a shorter question, with "
+                "fewer images, or in a new chat"
             )
         options = {
             "max_new_tokens": min(max_new_tokens, context - prompt_tokens),
             "do_sample": False,
         }
-        if temperature > 0:
+        if temperature >= GREEDY_BELOW:
             options.update(do_sample=True, temperature=temperature, top_p=top_p)
         recorder = None
         if attention:
@@ -496,6 +497,11 @@ class Model:
         generation.adapter = adapter
         generation._fingerprints = fingerprints
         return generation
+
+
+# Temperatures under this answer greedily, as in vLLM: logits divided by a smaller one can
+# overflow to inf (1e-300 is 0 in float32), and sampling then fails.
+GREEDY_BELOW = 1e-5
 
 
 def check_settings(*, max_new_tokens: int, temperature: float, top_p: float, seed: int | None):

@@ -19,6 +19,8 @@ from llava_nb.images import image_to_data_uri
 from llava_nb.models import GenerationError, ModelError, check_settings
 
 PREFIX = "openai:"
+LIST_TIMEOUT_S = 30.0  # listing models is instant on a live server: longer means none answers
+NOT_A_SERVER = "check the URL: an OpenAI-compatible server's, which usually ends in /v1"
 
 
 def is_remote(model_id: object) -> bool:
@@ -106,18 +108,27 @@ class RemoteModel:
             base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0
         )
         try:
-            served = [m.id for m in client.models.list()]
+            served = [str(m.id) for m in client.models.list(timeout=LIST_TIMEOUT_S)]
         except openai.AuthenticationError:
             raise ModelError(
                 f"{self.base_url} refused the API key; pass api_key= (llava-nb chat: --api-key) "
                 "or set OPENAI_API_KEY"
+            ) from None
+        except openai.APITimeoutError:
+            raise ModelError(
+                f"{self.base_url} did not answer within {LIST_TIMEOUT_S:.0f} s; check the URL "
+                "and that the server is running"
             ) from None
         except openai.APIConnectionError:
             raise ModelError(
                 f"cannot reach {self.base_url}; check the URL and that the server is running"
             ) from None
         except openai.APIError as e:
-            raise ModelError(f"{self.base_url} answered: {_message_error(e)}") from None
+            why = f"answered: {_message_error(e)}"
+            raise ModelError(f"{self.base_url} {why}; {NOT_A_SERVER}") from None
+        except (ValueError, TypeError, AttributeError):  # a web page, or JSON of another shape
+            why = "does not answer as a model server"
+            raise ModelError(f"{self.base_url} {why}; {NOT_A_SERVER}") from None
         if self.remote_model is None and served:
             self.remote_model = served[0]
         if self.remote_model is None:
@@ -222,26 +233,35 @@ class RemoteGeneration:
                 choice = chunk.choices[0]
                 piece = choice.delta.content if choice.delta else None
                 if piece:
-                    self.text += piece
-                    yield piece
+                    self.text += str(piece)
+                    yield str(piece)
                 self.finish_reason = choice.finish_reason or self.finish_reason
             self.done = True
+            if not self.text and self.finish_reason is None:  # no event was an answer's
+                raise self._failed(f"sent no streamed answer; {NOT_A_SERVER}")
         except openai.APIConnectionError:
             self.done = True
             raise GenerationError(
                 f"lost the connection to {self._model.base_url}; check that the server runs"
             ) from None
         except openai.APIStatusError as e:
-            self.done = True
-            raise GenerationError(
-                f"{self._model.base_url} refused the question (HTTP {e.status_code}): "
-                f"{_message_error(e)}"
-            ) from None
+            why = f"refused the question (HTTP {e.status_code}): {_message_error(e)}"
+            raise self._failed(why) from None
+        except openai.APIError as e:  # an error event in the middle of the stream
+            raise self._failed(f"failed while answering: {_message_error(e)}") from None
+        except (ValueError, TypeError, AttributeError):  # an event that is not a chunk
+            why = f"sent a reply that is not a chat-completions stream; {NOT_A_SERVER}"
+            raise self._failed(why) from None
         finally:
             if stream is not None:
                 stream.close()  # the server sees the disconnect and stops generating
             if not self.done:  # stopped, interrupted or abandoned: keep the partial answer
                 self.stopped, self.done, self.finish_reason = True, True, "interrupted"
+
+    def _failed(self, why: str) -> GenerationError:
+        """The error for an answer the server spoiled; what came before it is kept."""
+        self.done = True
+        return GenerationError(f"{self._model.base_url} {why}")
 
     def _open(self):
         """Send the request; while the server answers 503 with Retry-After (its model is still

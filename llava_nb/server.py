@@ -57,6 +57,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llava_nb.errors import LlavaError
 from llava_nb.images import (
@@ -1293,7 +1294,10 @@ def create_app(
                 "send the request as JSON, with the header 'Content-Type: application/json'",
                 code="unsupported_media_type",
             )
-        body = await _read_body(request, service.max_request_bytes)
+        try:
+            body = await _read_body(request, service.max_request_bytes)
+        except ClientDisconnect:  # gone before it finished sending the question
+            return Response(status_code=499)
         service.check_ready()
         parsed = await anyio.to_thread.run_sync(service.parse, body)
         try:

@@ -127,7 +127,7 @@ def test_bad_input_leaves_the_chat_unchanged(tiny_llava, tmp_path):
         ("", None, "the question is empty"),
         ("What?", str(tmp_path / "missing.png"), "not found"),
         ("What?", str(broken), "not a readable image"),
-        ("why " * 1200, None, "more than the model's context"),
+        ("why " * 1200, None, "no room for an answer in the model's context"),
     ]:
         with pytest.raises(LlavaError, match=error):
             chat.ask(question, image=image)

@@ -409,6 +409,23 @@ def test_client_disconnect_stops_generation(server, client, model):
     assert time.monotonic() - start < 10
 
 
+def test_a_client_gone_halfway_through_its_question_is_no_error(server, client, caplog):
+    import socket
+
+    url, _service = server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:  # promises 1000 bytes, sends 12
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"messages":'
+        )
+        time.sleep(0.2)
+    time.sleep(1)  # the server has seen the disconnect
+    assert ask(client, [user("hi")], max_tokens=2)
+    assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+
+
 def test_full_queue_answers_429(strict, strict_client):
     url, service = strict
     model = service.model
