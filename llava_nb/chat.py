@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import re
-import tempfile
+import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -69,16 +70,10 @@ class Chat:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        check_settings(
+        self.settings: dict[str, Any] = check_settings(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
         self.model = get_model(model)
-        self.settings: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
-        }
         self._turns: list[Turn] = []
         self.adapter: str | None = None  # a fine-tuned adapter folder (use_adapter), or the base
         self._attention: Any = None  # the AttentionMap of the last answer asked with attention
@@ -253,11 +248,12 @@ class Chat:
         temporary = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(
-                "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-            ) as f:
-                temporary = f.name
+            temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+            # mode 0o666 less the umask, as for any new file (tempfile's are private: 0o600)
+            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
                 json.dump(data, f)
+            if path.exists():
+                shutil.copymode(path, temporary)  # a replaced chat keeps its permissions
             os.replace(temporary, path)
         except OSError as e:
             if temporary and os.path.exists(temporary):
@@ -280,8 +276,21 @@ class Chat:
             ) from None
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
             raise ChatFileError(f"'{path}' is not a llava_nb chat file; save one with chat.save()")
+        version = data.get("version", FILE_VERSION)
+        if not isinstance(version, int) or version > FILE_VERSION:
+            raise ChatFileError(
+                f"'{path}' is a chat file of version {version!r}, newer than this llava_nb "
+                f"reads ({FILE_VERSION}); upgrade llava_nb to open it"
+            )
         try:
             _check_fields(data, _FILE_FIELDS, "")
+            if not data["model"].strip():
+                raise ChatFileError("field 'model' is empty")
+            unknown = sorted(set(data["settings"]) - set(SETTINGS))
+            if unknown:
+                raise ChatFileError(
+                    f"field 'settings' has {unknown[0]!r}, not one of {', '.join(SETTINGS)}"
+                )
             turns = [_read_turn(t, n) for n, t in enumerate(data["turns"], 1)]
             model = model or get_model(data["model"], remote_model=data.get("remote_model"))
             chat = cls(model, **data["settings"])

@@ -7,8 +7,10 @@ bad input of any kind prints one line (`llava_nb: ...`) and leaves chats and mod
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
+import string
 import sys
 import time
 from contextlib import closing
@@ -16,8 +18,8 @@ from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.display import Markdown, display
-from IPython.utils.text import FullEvalFormatter
 from traitlets import Enum, Float, Integer, TraitError, Unicode, observe, validate
+from traitlets.config import Config
 
 from llava_nb.chat import Answer
 from llava_nb.errors import LlavaError
@@ -120,21 +122,55 @@ def parse_command(line: str) -> argparse.Namespace:
     return _command_parser().parse_args(args)
 
 
-def interpolate(text: str, namespace: dict[str, Any]) -> str:
-    """Fill `{expression}` fields from the notebook namespace; leave the text as is if one fails.
+def interpolate(text: str, namespace: dict[str, Any]) -> tuple[str, list[str]]:
+    """Fill `{expression}` fields (with `!r` and `:spec` as in f-strings, `{a[1:2]}` a slice)
+    from the notebook namespace; a field that does not evaluate stays as typed. Returns the
+    text and, for each field left that looks meant as code (no syntax error), why.
 
     Only the user's namespace is used (never the locals of IPython's own frames), and `$` is
     left alone, so "Is this worth $5?" stays as typed.
     """
     try:
-        return FullEvalFormatter().vformat(text, (), namespace)
-    except Exception:
-        return text
+        fields = list(string.Formatter().parse(text))
+    except ValueError:  # an unpaired brace: not a template
+        return text, []
+    pieces, unfilled = [], []
+    for literal, field, spec, conversion in fields:
+        pieces.append(literal)
+        if field is None:
+            continue
+        typed = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+        try:
+            pieces.append(_field(field, spec, conversion, namespace))
+        except SyntaxError:  # prose in braces, as in JSON
+            pieces.append(typed)
+        except Exception as e:
+            pieces.append(typed)
+            unfilled.append(f"{typed} ({type(e).__name__}: {e})")
+    return "".join(pieces), unfilled
+
+
+def _field(expression: str, spec: str, conversion: str | None, namespace) -> str:
+    if spec and not conversion:  # {a[1:2]}: the colon may be a slice's
+        try:
+            return str(eval(f"{expression}:{spec}", namespace))
+        except SyntaxError:
+            pass
+    value = eval(expression, namespace)
+    value = {"r": repr, "s": str, "a": ascii}[conversion](value) if conversion else value
+    try:
+        return format(value, spec)
+    except (ValueError, TypeError):  # {"a": 1}: prose, not a format spec
+        raise SyntaxError(f"not a format spec: {spec!r}") from None
 
 
 def _split(line: str) -> list[str]:
+    """Words as a shell splits them, quotes included, but a backslash is a character (Windows
+    paths: C:\\Users\\me\\cat.jpg), not an escape."""
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split, lexer.escape, lexer.commenters = True, "", ""
     try:
-        return shlex.split(line)
+        return list(lexer)
     except ValueError as e:
         raise LlavaError(f"cannot parse options '{line}' ({e}); check the quotes") from None
 
@@ -275,7 +311,10 @@ class LlavaMagics(Magics):
         from llava_nb.models import get_model
 
         namespace = self.shell.user_ns if self.shell else {}
-        question = interpolate(cell.strip(), namespace).strip()
+        question, unfilled = interpolate(cell.strip(), namespace)
+        question = question.strip()
+        if unfilled:
+            print(f"llava_nb: left as typed: {'; '.join(unfilled)}", file=sys.stderr)
         if not question:
             raise LlavaError("the cell is empty; write a question below %%llava")
         images = [load_image(source, namespace=namespace) for source in args.image]
@@ -365,17 +404,27 @@ class LlavaMagics(Magics):
         print(HELP)
 
     def _cmd_load(self, args) -> None:
+        from llava_nb.remote import is_remote
+
         keys = ("model", "quantization", "device", "remote_model", "api_key")
         before = {key: getattr(self, key) for key in keys}
         current = self.current
-        for key in keys:
-            setattr(self, key, getattr(args, key) or before[key])
         try:
+            for key in keys:
+                setattr(self, key, getattr(args, key) or before[key])
+            named = self.model or os.environ.get("LLAVA_NB_MODEL", "")
+            if (args.remote_model or args.api_key) and not is_remote(named):
+                raise LlavaError(
+                    "--remote-model and --api-key are for a server (openai:http://host:port/v1); "
+                    "leave them out for local weights"
+                )
             self._current_model().load()
-        except BaseException:  # a bad id or option leaves the settings and model as they were
+        except BaseException as e:  # a bad id or option leaves the settings and model as they were
             for key, value in before.items():
                 setattr(self, key, value)
             self.current = current
+            if isinstance(e, TraitError):
+                raise LlavaError(str(e)) from None
             raise
         self._release_unused()  # one model in memory at a time
 
@@ -508,7 +557,18 @@ class LlavaMagics(Magics):
 
 
 def register(shell) -> None:
-    magics = LlavaMagics(shell=shell)
+    """Register the magics; on `%reload_ext llava_nb`, the new ones carry on the old ones'
+    chats, settings and loaded model (else the chats were lost and the weights stranded)."""
+    old = next((c for c in shell.configurables if isinstance(c, LlavaMagics)), None)
+    if old is None:
+        magics = LlavaMagics(shell=shell)  # %config and ipython_config.py settings apply
+    else:  # the old one's settings: the shell's config may hold values it refused
+        magics = LlavaMagics(shell=shell, config=Config())
+        for name in magics.class_trait_names(config=True):
+            setattr(magics, name, getattr(old, name))
+        magics.chats, magics.pinned = old.chats, old.pinned
+        magics.current, magics._retired = old.current, old._retired
+        shell.configurables.remove(old)
     shell.register_magics(magics)
     if magics not in shell.configurables:
         shell.configurables.append(magics)

@@ -13,6 +13,7 @@ import gc
 import inspect
 import logging
 import math
+import numbers
 import os
 import queue
 import sys
@@ -461,7 +462,7 @@ class Model:
         `attention=True` it also records where the answer looked (`Generation.attention`).
         `adapter`: a fine-tuned adapter folder to answer with (None: the base weights).
         """
-        check_settings(
+        settings = check_settings(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
         self.load()
@@ -483,17 +484,19 @@ class Model:
                 "fewer images, or in a new chat"
             )
         options = {
-            "max_new_tokens": min(max_new_tokens, context - prompt_tokens),
+            "max_new_tokens": min(settings["max_new_tokens"], context - prompt_tokens),
             "do_sample": False,
         }
-        if temperature >= GREEDY_BELOW:
-            options.update(do_sample=True, temperature=temperature, top_p=top_p)
+        if settings["temperature"] >= GREEDY_BELOW:
+            options.update(
+                do_sample=True, temperature=settings["temperature"], top_p=settings["top_p"]
+            )
         recorder = None
         if attention:
             from llava_nb.attention import _Recorder
 
             recorder = _Recorder(self, inputs, messages)
-        generation = Generation(self, inputs, options, seed, recorder)
+        generation = Generation(self, inputs, options, settings["seed"], recorder)
         generation.adapter = adapter
         generation._fingerprints = fingerprints
         return generation
@@ -504,18 +507,35 @@ class Model:
 GREEDY_BELOW = 1e-5
 
 
-def check_settings(*, max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
-    """Refuse bad generation settings before any work starts."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def check_settings(
+    *, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+) -> dict[str, Any]:
+    """Refuse bad generation settings before any work starts; return them as plain Python
+    numbers (NumPy's are welcome, and a chat saves its settings as JSON)."""
+    if not _is_whole(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, int | float) or not 0 <= temperature < math.inf:
+    if not _is_real(temperature) or not 0 <= temperature < math.inf:
         raise GenerationError(
             f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}"
         )
-    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+    if not _is_real(top_p) or not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}")
-    if seed is not None and (not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+    if seed is not None and (not _is_whole(seed) or not -(2**63) <= seed < 2**64):
         raise GenerationError(f"seed must be a 64-bit integer or None, got {seed!r}")
+    return {
+        "max_new_tokens": int(max_new_tokens),
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "seed": None if seed is None else int(seed),
+    }
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class Generation:

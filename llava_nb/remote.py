@@ -163,20 +163,20 @@ class RemoteModel:
                 f"attention maps need local weights; {self.model_id} is a server. Load the "
                 "model locally (ln.Model('llava-hf/...')) to ask with attention=True"
             )
-        check_settings(
+        settings = check_settings(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
         self.load()
         request = {
             "model": self.remote_model,
             "messages": [_openai_message(m) for m in messages],
-            "max_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
+            "max_tokens": settings["max_new_tokens"],
+            "temperature": settings["temperature"],
+            "top_p": settings["top_p"],
             "stream": True,
         }
-        if seed is not None:
-            request["seed"] = seed
+        if settings["seed"] is not None:
+            request["seed"] = settings["seed"]
         return RemoteGeneration(self, request)
 
 

@@ -168,6 +168,15 @@ def test_save_and_load_round_trip_with_images(tiny_llava, photo, tmp_path):
     # the next answer continues the same conversation
     assert loaded.ask("Again?", temperature=0.0) == chat.ask("Again?", temperature=0.0)
 
+    umask = os.umask(0o022)  # a new file gets 0o666 less the umask; a replaced one keeps its mode
+    try:
+        assert os.stat(chat.save(tmp_path / "new.json")).st_mode & 0o777 == 0o644
+        os.chmod(path, 0o640)
+        assert os.stat(chat.save(path)).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+    assert [p.name for p in Path(path).parent.iterdir()] == ["chat.json"]  # no temporary left
+
 
 def test_loading_bad_chat_files(tmp_path):
     with pytest.raises(ChatFileError, match="not found"):
@@ -230,6 +239,8 @@ def test_loading_a_damaged_turn_names_the_turn_and_field(tiny_llava, tmp_path, t
         ({"settings": None}, "field 'settings' must be an object, not null"),
         ({"model": 5}, "field 'model' must be text, not the number 5"),
         ({"adapter": 5}, "field 'adapter' must be text or null, not the number 5"),
+        ({"model": " "}, "field 'model' is empty"),  # not the default model, built or fetched
+        ({"settings": {"bogus": 1}}, "field 'settings' has 'bogus', not one of max_new_tokens"),
     ],
 )
 def test_loading_a_damaged_chat_file_names_the_field(tiny_llava, tmp_path, change, fragment):
@@ -238,6 +249,13 @@ def test_loading_a_damaged_chat_file_names_the_field(tiny_llava, tmp_path, chang
     with pytest.raises(ChatFileError, match="damaged") as error:
         Chat.load(path)
     assert fragment in str(error.value)
+
+
+def test_a_chat_file_from_a_newer_llava_nb_is_refused(tiny_llava, tmp_path):
+    path = tmp_path / "newer.json"
+    path.write_text(json.dumps({**_chat_file(tiny_llava), "version": 99}))
+    with pytest.raises(ChatFileError, match="of version 99, newer than .*upgrade llava_nb"):
+        Chat.load(path)
 
 
 def test_a_loaded_hand_edited_chat_goes_on(tiny_llava, tmp_path):

@@ -212,6 +212,15 @@ def test_interpolates_notebook_variables_only(shell, magics):
         "USER LINE / USER CELL",
         "Explain {undefined_name} and {a: 1}",
     ]
+    shell.user_ns["pi"] = 3.14159
+    try:
+        _, cap = ask(shell, "", 'Is {pi:.2f} in {{pi}}, {pi!r}, {nope}? Answer as {"a": 1}.')
+    finally:
+        shell.user_ns.pop("pi")
+    assert magics.chats["default"].history[-1].question == (
+        'Is 3.14 in {pi}, 3.14159, {nope}? Answer as {"a": 1}.'  # each field on its own
+    )
+    one_error(cap, "left as typed: {nope} (NameError: name 'nope' is not defined)")
 
 
 def test_named_chat_is_separate_from_default(shell, magics):
@@ -273,6 +282,15 @@ def test_an_api_error_in_a_cell_shows_one_line(shell, magics, capsys):
     assert len(lines) == 1 and lines[0].startswith("GenerationError: temperature must be"), lines
     result = shell.run_cell("1 / 0")  # anything else keeps its traceback
     assert "Traceback" in "".join(capsys.readouterr())
+
+
+def test_options_keep_backslashes_and_hashes():
+    from llava_nb.magics import parse_command, parse_question
+
+    args = parse_question(r'-i C:\Users\me\cat#1.jpg "D:\my photos\dog.png" -c "a chat"')
+    assert args.image == [r"C:\Users\me\cat#1.jpg", r"D:\my photos\dog.png"]
+    assert args.chat == "a chat"
+    assert parse_command(r"save C:\chats\a.json").file == r"C:\chats\a.json"
 
 
 def test_generation_options(shell, magics):
@@ -419,6 +437,21 @@ def test_load_with_options_switches_models(shell, magics, tiny_llava, tiny_llava
     one_error(cap, "not allowed with argument")
 
 
+def test_reload_ext_keeps_the_chats_settings_and_model(shell, magics):
+    ask(shell, "-i photo", "First?")
+    cmd(shell, "config max_new_tokens=6")
+    model = magics.current
+    shell.run_line_magic("reload_ext", "llava_nb")
+    reloaded = shell.magics_manager.registry["LlavaMagics"]
+    assert reloaded is not magics and reloaded.chats is magics.chats
+    assert reloaded.max_new_tokens == 6 and reloaded.current is model and model.loaded
+    assert [c for c in shell.configurables if isinstance(c, LlavaMagics)] == [reloaded]
+    ask(shell, "", "Second?")
+    assert [t.question for t in reloaded.chats["default"].history] == ["First?", "Second?"]
+    _, cap = cmd(shell, "unload")  # the weights loaded before the reload can be freed
+    assert "llava_nb: unloaded" in cap.stdout and not model.loaded
+
+
 def test_unknown_model_fails_fast_and_harms_nothing(shell, magics, tiny_llava):
     ask(shell, "-i photo", "First?")
     before = snapshot(magics)
@@ -430,6 +463,10 @@ def test_unknown_model_fails_fast_and_harms_nothing(shell, magics, tiny_llava):
     one_error(cap, "llava-hf/no-such-model")
     _, cap = ask(shell, "-c fresh -m /no/such/folder", "Third?")
     one_error(cap, "/no/such/folder")
+    _, cap = cmd(shell, "load /no/such/folder --device tpu")  # the model named first
+    one_error(cap, "unknown device 'tpu'; use cuda, cuda:N, mps or cpu")
+    _, cap = cmd(shell, f"load {tiny_llava} --remote-model m")
+    one_error(cap, "--remote-model and --api-key are for a server")
     assert time.monotonic() - start < 10  # offline: no waiting on the hub's retries
     assert snapshot(magics) == before and "fresh" not in magics.chats
     assert magics.pinned == set()

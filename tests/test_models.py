@@ -232,10 +232,22 @@ def test_sampling_is_reproducible_with_a_seed(tiny_llava):
         assert model.generate(_question(), max_new_tokens=20, temperature=tiny).wait() == greedy
 
 
+def test_numpy_numbers_are_settings_and_become_plain_ones():
+    import numpy as np
+
+    from llava_nb.models import check_settings
+
+    numbers = dict(max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_p=np.float64(1))
+    checked = check_settings(**numbers, seed=np.int8(1))
+    assert checked == {"max_new_tokens": 3, "temperature": 0.5, "top_p": 1.0, "seed": 1}
+    assert [type(v) for v in checked.values()] == [int, float, float, int]  # JSON-ready
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"max_new_tokens": True}, "max_new_tokens must be a positive integer"),
         ({"temperature": -1}, "temperature must be a number >= 0"),
         ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
         ({"temperature": float("nan")}, "temperature must be a number >= 0"),
