@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import shlex
 import sys
 from contextlib import closing, redirect_stdout
@@ -26,6 +27,7 @@ from llava_nb.errors import LlavaError
 
 PROG = "llava-nb"
 PROMPT = "you> "
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but newline and tab
 INTERRUPTED = " [interrupted]"
 SERVE_EXTRA = f"{PROG} serve needs the serve extra: pip install 'llava_nb[serve]'"
 SERVE_MODULES = ("fastapi", "uvicorn", "starlette")
@@ -331,6 +333,12 @@ class ChatSession:
         self.stdout.write(text)
         self.stdout.flush()
 
+    def _shown(self, text: str) -> str:
+        """Model text for a terminal: control characters (escape sequences that move the
+        cursor, clear the screen or retitle the window, from a remote server as much as from
+        the model) shown as U+FFFD. Piped output stays exact."""
+        return CONTROL.sub("\ufffd", text) if self.stdout.isatty() else text
+
     def _info(self, text: str) -> None:
         print(f"{PROG}: {text}", file=self.stderr, flush=True)
 
@@ -441,8 +449,7 @@ class ChatSession:
         try:
             with closing(pieces):
                 for piece in pieces:
-                    self.stdout.write(piece)
-                    self.stdout.flush()
+                    self._out(self._shown(piece))
                     printed += piece
         except KeyboardInterrupt:
             self._out(INTERRUPTED + self._end)
@@ -453,7 +460,7 @@ class ChatSession:
         else:
             answer = chat.history[-1].answer if len(chat.history) > turns else printed
             rest = answer[len(printed) :] if answer.startswith(printed) else ""
-            self._out(rest + self._end)
+            self._out(self._shown(rest) + self._end)
         finally:
             if len(chat.history) > turns:  # the question was asked: its images are in the chat
                 self.pending.clear()
@@ -531,7 +538,8 @@ class ChatSession:
         for turn in turns:
             images = f" [{_count(len(turn.images), 'image')}]" if turn.images else ""
             stopped = INTERRUPTED if turn.interrupted else ""
-            self._out(f"you:{images} {turn.question}\nllava: {turn.answer}{stopped}\n")
+            answer = self._shown(turn.answer)  # an opened file's answers too
+            self._out(f"you:{images} {turn.question}\nllava: {answer}{stopped}\n")
 
     def _cmd_save(self, rest: str) -> None:
         path = self.chat.save(self._one_argument("save", rest, "FILE"))

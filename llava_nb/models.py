@@ -668,7 +668,8 @@ class Generation:
                 self._stop.set()
                 wait([self._running])
                 self.stopped = True
-                self.text = self._decode(self.token_ids)
+                # as shown: a character cut in half by the stop is not kept as U+FFFD
+                self.text = self._decode(self.token_ids).rstrip("\ufffd")
                 self.done = True
 
     def wait(self) -> str:

@@ -1,6 +1,10 @@
 """Shared fixtures: tiny random checkpoints, built once per test session (offline)."""
 
+import contextlib
+import http.server
+import json
 import os
+import threading
 
 import pytest
 
@@ -83,3 +87,55 @@ def demo_cache(tmp_path_factory) -> str:
     assert not demo.is_built(folder)
     demo.build(folder, seed=0, progress=False, **SMALL_DEMO)
     return str(cache)
+
+
+def completion(kind: str, choice: dict) -> str:
+    """A chat-completions JSON body ("chat.completion" or "chat.completion.chunk")."""
+    head = {"id": "c", "object": kind, "created": 0, "model": "m"}
+    return json.dumps({**head, "choices": [{"index": 0, **choice}]})
+
+
+def events(*data: str) -> tuple[int, str, bytes]:
+    """A `web_server` route answering with these server-sent events."""
+    return 200, "text/event-stream", "".join(f"data: {d}\n\n" for d in data).encode()
+
+
+MODELS = (200, "application/json", json.dumps({"object": "list", "data": [{"id": "m"}]}).encode())
+
+
+@pytest.fixture
+def web_server():
+    """`web_server(routes)`: a context manager running a real HTTP server on loopback that
+    answers each path (GET or POST) as `routes` says, (status, content type, body), and any
+    other path with a 404 page; it yields its URL, ending in /v1. /v1/models lists one model
+    unless routes say otherwise. For servers that are not OpenAI's, or spoil its stream."""
+
+    @contextlib.contextmanager
+    def serve(routes: dict[str, tuple[int, str, bytes]]):
+        routes = {"/v1/models": MODELS, **routes}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                page = (404, "text/html", b"<html><body>Not Found</body></html>")
+                status, kind, body = routes.get(self.path, page)
+                self.send_response(status)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    return serve

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from llava_nb.chat import Chat
+from tests.conftest import completion, events
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -79,6 +80,14 @@ def _say(child, line: str) -> str:
     return out[len(line) + 1 :]
 
 
+def shown(answer: str) -> str:
+    """An answer as the terminal chat shows it: control characters as U+FFFD (the tiny
+    models' random answers hold some)."""
+    from llava_nb.cli import CONTROL
+
+    return CONTROL.sub("\ufffd", answer)
+
+
 def _quit_with_ctrl_d(child) -> None:
     child.sendeof()
     child.expect(pexpect.EOF)
@@ -102,11 +111,11 @@ def test_a_terminal_chat_streams_the_same_answers_as_chat(tiny_llava, grace, squ
 
     # two turns: --image goes with the first question, /image PATH with the next one
     expected = reference.ask("What is in this picture?", image=grace)
-    assert _say(child, "What is in this picture?") == expected + "\n\n"
+    assert _say(child, "What is in this picture?") == shown(expected) + "\n\n"
     out = _say(child, f"/image {square}")
     assert out.startswith("llava-nb: image ") and "attached to the next question" in out
     expected = reference.ask("Compare it with this one.", image=square)
-    assert _say(child, "Compare it with this one.") == expected + "\n\n"
+    assert _say(child, "Compare it with this one.") == shown(expected) + "\n\n"
 
     status = _say(child, "/model")
     assert f"model           {tiny_llava}\n" in status
@@ -129,7 +138,7 @@ def test_a_terminal_chat_streams_the_same_answers_as_chat(tiny_llava, grace, squ
     assert _say(child, "/undo") == "llava-nb: removed 'Compare it with this one.' and its answer\n"
     reference.undo()
     expected = reference.ask("What color is it?")
-    assert _say(child, "What color is it?") == expected + "\n\n"
+    assert _say(child, "What color is it?") == shown(expected) + "\n\n"
 
     # Ctrl-C at the prompt clears the line; the session goes on
     child.send("half a question")
@@ -149,7 +158,7 @@ def test_a_terminal_chat_streams_the_same_answers_as_chat(tiny_llava, grace, squ
     assert _say(child, "/history") == "(no turns yet)\n"
     reference.reset()
     expected = reference.ask("What is in this picture?")
-    assert _say(child, "What is in this picture?") == expected + "\n\n"
+    assert _say(child, "What is in this picture?") == shown(expected) + "\n\n"
     _quit_with_ctrl_d(child)
 
     # /open in a fresh session continues the saved conversation
@@ -159,7 +168,7 @@ def test_a_terminal_chat_streams_the_same_answers_as_chat(tiny_llava, grace, squ
     assert history.startswith("you: [1 image] What is in this picture?\nllava: ")
     continued = Chat.load(saved, model=reference.model)
     expected = continued.ask("And the background?")
-    assert _say(child, "And the background?") == expected + "\n\n"
+    assert _say(child, "And the background?") == shown(expected) + "\n\n"
     _quit_with_ctrl_d(child)
 
 
@@ -181,7 +190,7 @@ def test_ctrl_c_stops_an_answer_not_the_program(slow_llava, tmp_path):
     assert json.loads(saved.read_text())["turns"][0]["interrupted"] is True
     expected = Chat.load(saved).ask("And then?")
     child.timeout = 300  # up to 1000 tokens on a busy 2-core machine
-    assert _say(child, "And then?") == expected + "\n\n"
+    assert _say(child, "And then?") == shown(expected) + "\n\n"
 
     # a second Ctrl-C at an empty prompt quits, with status 0
     child.sendintr()
@@ -208,6 +217,19 @@ def test_piped_stdin_prints_just_the_answers(tiny_llava, grace):
     assert result.stdout == expected[0] + "\n"
     lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
     assert len(lines) == 2 and "missing.jpg" in lines[0] and "removed" in lines[1]
+
+
+def test_control_characters_reach_a_terminal_as_placeholders(web_server):
+    answer = "Hi \x1b]0;pwned\x07\x1b[2Jthere"  # retitle the window, clear the screen
+    chunk = completion("chat.completion.chunk", {"delta": {"content": answer}})
+    end = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "stop"})
+    with web_server({"/v1/chat/completions": events(chunk, end)}) as url:
+        child = _spawn("--model", f"openai:{url}")
+        assert _say(child, "Hello?") == "Hi \ufffd]0;pwned\ufffd\ufffd[2Jthere\n\n"
+        _quit_with_ctrl_d(child)
+        result = _run("chat", "--model", f"openai:{url}", stdin="Hello?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == answer + "\n"  # piped: exactly what the model said
 
 
 def test_help_and_usage_errors(tiny_llava):

@@ -1,10 +1,6 @@
 """RemoteModel: the Model interface over an OpenAI-compatible server."""
 
-import contextlib
-import http.server
-import json
 import socket
-import threading
 import time
 
 import pytest
@@ -12,6 +8,7 @@ import pytest
 import llava_nb as ln
 from llava_nb.models import GenerationError, ModelError, get_model
 from llava_nb.remote import RemoteModel, is_remote
+from tests.conftest import completion, events
 
 
 def _closed_port() -> int:
@@ -167,67 +164,24 @@ def test_a_server_error_is_quoted_by_its_first_line_or_its_type():
     assert _message_error(RuntimeError("")) == "RuntimeError"  # not an IndexError
 
 
-@contextlib.contextmanager
-def _web_server(routes: dict[str, tuple[int, str, bytes]]):
-    """A real HTTP server that answers each path (GET or POST) as `routes` says: (status,
-    content type, body); any other path gets an HTML page. Not an OpenAI server."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self):
-            length = int(self.headers.get("content-length") or 0)
-            self.rfile.read(length)
-            page = (200, "text/html", b"<html><body>Welcome to nginx!</body></html>")
-            status, kind, body = routes.get(self.path, page)
-            self.send_response(status)
-            self.send_header("content-type", kind)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-MODELS = (200, "application/json", json.dumps({"object": "list", "data": [{"id": "m"}]}).encode())
-
-
-def _events(*events: str) -> tuple[int, str, bytes]:
-    return 200, "text/event-stream", "".join(f"data: {e}\n\n" for e in events).encode()
-
-
-def test_a_url_that_is_not_a_model_server_is_one_clear_error():
+def test_a_url_that_is_not_a_model_server_is_one_clear_error(web_server):
     not_found = (404, "text/html", b"<h1>Not Found</h1>")
+    page = (200, "text/html", b"<html><body>Welcome!</body></html>")
     listing = {"/v1/models": (200, "application/json", b'{"data": ["a"]}')}
     for routes, why in (
-        ({}, "does not answer as a model server"),  # a web page for every path
+        ({"/v1/models": page}, "does not answer as a model server"),  # a web site
         ({"/v1/models": not_found}, "answered: .*404"),
         (listing, "does not answer as a model server"),  # JSON of another shape
     ):
-        with _web_server(routes) as url:
+        with web_server(routes) as url:
             chat = ln.Chat(url)
             with pytest.raises(ModelError, match=f"{url} {why}.*; check the URL: .*ends in /v1"):
                 chat.ask("Hello?")
             assert chat.history == []
 
 
-def _completion(kind: str, choice: dict) -> str:
-    head = {"id": "c", "object": kind, "created": 0, "model": "m"}
-    return json.dumps({**head, "choices": [{"index": 0, **choice}]})
-
-
-CHUNK = _completion("chat.completion.chunk", {"delta": {"content": "Hi"}, "finish_reason": None})
-ANSWER = _completion(
+CHUNK = completion("chat.completion.chunk", {"delta": {"content": "Hi"}, "finish_reason": None})
+ANSWER = completion(
     "chat.completion", {"message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
 )
 
@@ -235,13 +189,13 @@ ANSWER = _completion(
 @pytest.mark.parametrize(
     ("answer", "why"),
     [
-        (_events(CHUNK, '{"error": {"message": "out of memory"}}'), "failed while answering: out"),
-        (_events(CHUNK, "{not json"), "sent a reply that is not a chat-completions stream"),
+        (events(CHUNK, '{"error": {"message": "out of memory"}}'), "failed while answering: out"),
+        (events(CHUNK, "{not json"), "sent a reply that is not a chat-completions stream"),
         ((200, "application/json", ANSWER.encode()), "sent no streamed answer; check the URL"),
     ],
 )
-def test_a_stream_the_server_spoils_is_one_clear_error(answer, why):
-    with _web_server({"/v1/models": MODELS, "/v1/chat/completions": answer}) as url:
+def test_a_stream_the_server_spoils_is_one_clear_error(web_server, answer, why):
+    with web_server({"/v1/chat/completions": answer}) as url:
         chat = ln.Chat(url)
         with pytest.raises(GenerationError, match=f"{url} {why}"):
             chat.ask("Hello?")
