@@ -70,11 +70,17 @@ def _identifier(name: str) -> str:
     return name
 
 
+def _chat_name(name: str) -> str:
+    if not name.strip():
+        raise argparse.ArgumentTypeError("a chat needs a name")
+    return name
+
+
 def _question_parser() -> _Parser:
     p = _Parser(prog="%%llava", add_help=False)
     p.add_argument("-m", "--model")
     p.add_argument("-i", "--image", action="extend", nargs="+", default=[])
-    p.add_argument("-c", "--chat", default=DEFAULT_CHAT)
+    p.add_argument("-c", "--chat", type=_chat_name, default=DEFAULT_CHAT)
     p.add_argument("--new", action="store_true")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
@@ -358,6 +364,8 @@ class LlavaMagics(Magics):
         answer, interrupted = self._stream(chat, pieces, keep=keep)
         self._release_unused()
         if interrupted:
+            if args.output:  # the partial answer, as the chat keeps it
+                self.shell.user_ns[args.output] = Answer(answer)
             return None
         attention = chat._attention if args.attention else None
         if args.output:  # before the heatmap, which fails for an answer that saw no image

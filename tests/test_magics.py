@@ -659,6 +659,7 @@ def _closed_port() -> int:
         ("-x 1", "What is this?", "unrecognized arguments: -x"),
         ("-i", "What is this?", "expected at least one argument"),
         ('-i "photo', "What is this?", "check the quotes"),
+        ("-c ''", "What is this?", "a chat needs a name"),
     ],
 )
 def test_bad_input_prints_one_line_and_harms_nothing(shell, magics, tmp_path, line, cell, fragment):
@@ -753,7 +754,9 @@ def test_interrupt_keeps_the_partial_answer(shell, magics, endless_llava):
         watcher = _interrupt_when(streamed)
         try:
             start = time.monotonic()
-            result = shell.run_cell_magic("llava", "--max-new-tokens 1000", "Go on and on.")
+            result = shell.run_cell_magic(
+                "llava", "--max-new-tokens 1000 -o partial", "Go on and on."
+            )
             elapsed = time.monotonic() - start
             watcher.join()
             time.sleep(0.05)  # a late interrupt would land here, not in pytest
@@ -765,6 +768,7 @@ def test_interrupt_keeps_the_partial_answer(shell, magics, endless_llava):
     assert turn.question == "Go on and on." and turn.interrupted
     final = cap.outputs[-1].data["text/markdown"]
     assert final == turn.answer + " *(interrupted)*"
+    assert shell.user_ns.pop("partial") == turn.answer  # -o VAR gets the partial answer
     assert elapsed < 5
     history = markdown(cmd(shell, "history")[0])
     assert history.endswith(f"**LLaVA:** {turn.answer} *(interrupted)*")

@@ -355,15 +355,15 @@ def _usable(data: Dataset, processor, limit: int, name: str, quiet: bool) -> lis
     bad = {p.row for p in report.problems}
     bad |= {row for row, _ in check_lengths(data, processor, limit, skip=bad)}
     rows = [i for i in range(len(data)) if i not in bad]
+    listed = f"{name}.validate(model, max_length={limit})"  # the check that lists them
     if not rows:
         raise FinetuneError(
             f"{name} has no trainable rows ({len(data)} rows, all with problems); "
-            f"see {name}.validate(model) for the list"
+            f"see {listed} for the list"
         )
     if bad and not quiet:
         print(
-            f"llava_nb: skipping {len(bad)} of {len(data)} rows of {name} "
-            f"(see {name}.validate(model))",
+            f"llava_nb: skipping {len(bad)} of {len(data)} rows of {name} (see {listed})",
             file=sys.stderr,
         )
     return rows
