@@ -439,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             " turn-5 TTFT vs plain |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
-        checks = []
         for quant in args.quant.split(","):
             runs: dict[str, list[dict]] = {name: [] for name in ["plain", *paths]}
+            plain = None
             for repeat in range(args.repeat):  # interleaved, so drifts hit every contender
                 for i, name in enumerate(runs):
                     checked = repeat == 0 and (i == 1 or name == "compiled")
@@ -449,36 +449,45 @@ def main(argv: list[str] | None = None) -> int:
                     profiled = args.profile and repeat == 0 and name != "plain"
                     result = _child(args, path, quant, name, check, profiled)
                     runs[name] += [result] if result is not None else []
-            if not runs["plain"]:
-                print(f"# {quant}: plain transformers failed (its error is above): no rows")
-                continue
-            plain = _merge(runs.pop("plain"))
-            _row(quant, "transformers", plain, plain)
-            for name, results in runs.items():
-                if not results:
-                    print(f"| {quant} | llava_nb {name} | failed: its error is above |")
-                    continue
-                ours = _merge(results)
-                decoding = ours["turns"][-1]["decoding"]
-                if decoding.endswith("graph"):
-                    decoding += f", {ours['captures']} captures incl. warm-up"
-                _row(quant, f"llava_nb {name} ({decoding})", ours, plain)
-                if name == "compiled":
-                    warm_ups = ", ".join(f"{r['warm_up_s']:.1f}" for r in results)
-                    print(f"# {quant}, compiled: the warm-up answer (compiling) took {warm_ups} s")
-                if "check" in ours:
-                    checks.append((quant, ours["check"]))
-                if "profile" in ours:
-                    _profile_lines(f"{quant}, {name}", ours["profile"], ours["step_ms"])
-        for quant, check in checks:
-            print(
-                f"# logit check, {quant}, {check['dtype']}, {check['path']} step vs plain "
-                f"forward, same {check['steps']} tokens fed: max |logit difference| "
-                f"{check['max_diff']:.4g} (logits up to {check['scale']:.3g}; relative "
-                f"{check['max_diff'] / check['scale']:.2g}), same argmax at "
-                f"{check['same_argmax']}/{check['steps']} steps"
-            )
+                    if repeat == args.repeat - 1:  # now: a later contender may be cut off
+                        plain = _report(quant, name, runs[name], plain)
     return 0
+
+
+def _report(quant: str, name: str, results: list[dict], plain: dict | None) -> dict | None:
+    """Print a contender's row, and the notes under it, once its last run is in; return the
+    merged plain transformers results (the baseline of the rows after it)."""
+    if name == "plain":
+        if not results:
+            print(f"# {quant}: plain transformers failed (its error is above): no ratios")
+            return None
+        plain = _merge(results)
+        _row(quant, "transformers", plain, plain)
+        return plain
+    if not results or plain is None:
+        print(f"| {quant} | llava_nb {name} | failed, or no baseline: the error is above |")
+        return plain
+    ours = _merge(results)
+    decoding = ours["turns"][-1]["decoding"]
+    if decoding.endswith("graph"):
+        decoding += f", {ours['captures']} captures incl. warm-up"
+    _row(quant, f"llava_nb {name} ({decoding})", ours, plain)
+    if name == "compiled":
+        warm_ups = ", ".join(f"{r['warm_up_s']:.1f}" for r in results)
+        print(f"# {quant}, compiled: the warm-up answer (compiling) took {warm_ups} s")
+    if "check" in ours:
+        check = ours["check"]
+        print(
+            f"# logit check, {quant}, {check['dtype']}, {check['path']} step vs plain "
+            f"forward, same {check['steps']} tokens fed: max |logit difference| "
+            f"{check['max_diff']:.4g} (logits up to {check['scale']:.3g}; relative "
+            f"{check['max_diff'] / check['scale']:.2g}), same argmax at "
+            f"{check['same_argmax']}/{check['steps']} steps"
+        )
+    if "profile" in ours:
+        _profile_lines(f"{quant}, {name}", ours["profile"], ours["step_ms"])
+    sys.stdout.flush()
+    return plain
 
 
 def _child(
