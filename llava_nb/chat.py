@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class Chat:
         self.adapter: str | None = None  # a fine-tuned adapter folder (use_adapter), or the base
         self._attention: Any = None  # the AttentionMap of the last answer asked with attention
         self._listeners: list[Callable[[str, Turn | None, str], None]] = []
+        self._answering: weakref.ref | None = None  # the answer being read, while it is
 
     def __repr__(self) -> str:
         return f"Chat(model={self.model.model_id!r}, turns={len(self._turns)})"
@@ -128,6 +130,7 @@ class Chat:
         (KeyboardInterrupt, or leaving the loop) keeps the partial answer, marked interrupted.
         `attention=True` records where the answer looked: `ln.last_attention()` once it ends.
         """
+        self._check_idle("ask")
         question = question.strip() if isinstance(question, str) else question
         if not isinstance(question, str) or not question:
             raise LlavaError("the question is empty; write a question about the image")
@@ -144,7 +147,20 @@ class Chat:
         )
         if hasattr(generation, "adapter"):  # a local model: answer with this chat's adapter
             generation.adapter = self.adapter
-        return self._record(generation, Turn(question, images))
+        pieces = self._record(generation, Turn(question, images))
+        self._answering = weakref.ref(pieces)
+        return pieces
+
+    def _check_idle(self, action: str) -> None:
+        """One question at a time: the next one is built from the history the last one ends,
+        and an undo or reset must not land under an answer being written (a panel's, or
+        another thread's). An answer handed out and dropped unread does not count."""
+        pieces = self._answering() if self._answering is not None else None
+        if pieces is not None and pieces.gi_frame is not None:  # not finished, nor closed
+            raise LlavaError(
+                f"this chat is still answering a question (in a panel, or on another thread); "
+                f"{action} once it is done, or stop it first"
+            )
 
     def _record(self, generation, turn: Turn) -> Iterator[str]:
         self._notify("start", turn)
@@ -203,12 +219,14 @@ class Chat:
 
     def undo(self) -> Turn | None:
         """Remove the last turn (question and answer) and return it."""
+        self._check_idle("undo")
         turn = self._turns.pop() if self._turns else None
         self._notify("undo", turn)
         return turn
 
     def reset(self) -> None:
         """Forget every turn; the model and settings stay."""
+        self._check_idle("reset")
         self._turns.clear()
         self._notify("reset")
 

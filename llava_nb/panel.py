@@ -196,7 +196,12 @@ class ChatPanel(anywidget.AnyWidget):
             if kind == "send":
                 self._ask(str(content.get("text", "")))
             elif kind == "attach":
-                self._attach(buffers, str(content.get("name") or "image"))
+                try:
+                    self._attach(buffers, str(content.get("name") or "image"))
+                except LlavaError as e:  # several files at once: every refusal is shown
+                    if content.get("batch") and self.error:
+                        raise PanelError(f"{self.error}; {e}") from None
+                    raise
             elif kind == "detach":
                 self._detach(int(content.get("index", -1)))
             elif kind == "stop":
@@ -306,7 +311,7 @@ class ChatPanel(anywidget.AnyWidget):
             else:
                 self._images = images + self._images
                 self.attachments = [self._thumb(image) for image in self._images]
-                self.draft = question if error else ""
+                self.draft = question  # to send again (failed, or stopped while loading)
         with self.hold_sync():
             self._sync()
             self.error = error or ""

@@ -178,6 +178,21 @@ def test_save_and_load_round_trip_with_images(tiny_llava, photo, tmp_path):
     assert [p.name for p in Path(path).parent.iterdir()] == ["chat.json"]  # no temporary left
 
 
+def test_one_question_at_a_time(tiny_llava):
+    chat = Chat(tiny_llava, max_new_tokens=4)
+    chat.ask("First?")
+    pieces = chat.stream("Second?")  # handed out, not read to its end yet
+    for action, name in ((lambda: chat.ask("Third?"), "ask"), (chat.undo, "undo"),
+                         (chat.reset, "reset")):  # fmt: skip
+        with pytest.raises(LlavaError, match=f"still answering a question .*; {name} once it"):
+            action()
+    assert len(chat.history) == 1
+    assert "".join(pieces) == chat.history[-1].answer  # read: the chat takes questions again
+    chat.stream("Dropped unread?")  # never read, nor kept: it holds nothing up
+    chat.ask("Third?")
+    assert [t.question for t in chat.history] == ["First?", "Second?", "Third?"]
+
+
 def test_loading_bad_chat_files(tmp_path):
     with pytest.raises(ChatFileError, match="not found"):
         Chat.load(tmp_path / "missing.json")

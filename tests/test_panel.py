@@ -126,6 +126,17 @@ def test_stop_ends_the_answer_and_keeps_it_marked_stopped(endless_llava):
         time.sleep(0.01)
     growing = [a for a in answers if a]
     assert len(growing) >= 3 and all(b.startswith(a) for a, b in itertools.pairwise(growing))
+    # the chat takes no other question meanwhile: not from a cell, nor from a second panel
+    other = ChatPanel(chat)
+    with pytest.raises(ln.LlavaError, match="still answering a question .*or stop it first"):
+        chat.ask("From a cell?")
+    message(other, "clear")
+    assert "still answering" in other.error
+    message(other, "send", text="Me too?")
+    finish(other, error=None)
+    assert "still answering" in other.error and other.draft == "Me too?"  # given back
+    other.close()
+
     stopped_at = time.monotonic()
     message(panel, "stop")
     finish(panel)
@@ -266,6 +277,26 @@ def test_bad_images_and_questions_show_one_line_and_change_nothing(tiny_llava, p
     assert len(panel.attachments) == 1
     assert panel.max_upload_bytes == MAX_UPLOAD_BYTES  # the front end refuses bigger files
     assert chat.history == []
+
+
+def test_stop_while_the_model_loads_gives_the_question_back(tiny_llava, photo_bytes):
+    panel = ChatPanel(model=tiny_llava)  # a model of its own: loads with the question
+    message(panel, "attach", [photo_bytes], name="hopper.jpg")
+    message(panel, "send", text="Never mind?")
+    message(panel, "stop")
+    finish(panel)
+    assert panel.chat.history == [] and panel.draft == "Never mind?"
+    assert len(panel.attachments) == 1
+
+
+def test_several_refused_files_are_all_named(tiny_llava):
+    panel = ChatPanel(model=tiny_llava)
+    message(panel, "attach", [b"text"], name="notes.txt")
+    message(panel, "attach", [b""], name="empty.png", batch=True)  # the same drop
+    assert panel.error.startswith("notes.txt: image bytes (4 bytes) is not a readable image")
+    assert "; empty.png: " in panel.error
+    message(panel, "attach", [b"again"], name="later.txt")  # a new drop: its own error
+    assert panel.error.startswith("later.txt: ") and "notes.txt" not in panel.error
 
 
 def test_a_model_that_fails_to_load_shows_why_and_keeps_the_attachments(

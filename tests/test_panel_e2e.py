@@ -183,7 +183,11 @@ def lightness(colour: str) -> float:
 
 MARKDOWN_ANSWER = (
     "Some **bold** text:\n\n- one\n- two\n\n```python\nprint(1)\n```\n\n"
+    "[a link](https://example.org) ![tracker](http://127.0.0.1:9/t.png)\n\n"
     '<img src="x" onerror="window.__hacked = 1"><script>window.__hacked = 2</script>'
+    "<style>body{visibility:hidden !important}</style>"  # restyle the whole page
+    '<div style="position:fixed;inset:0;z-index:2147483647" class="jp-Dialog">cover</div>'
+    '<form action="/stolen"><input name="pw" value="token"><button>Continue</button></form>'
 )
 
 
@@ -398,10 +402,16 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         expect(rendered.locator("strong")).to_have_text("bold")
         expect(rendered.locator("li")).to_have_text(["one", "two"])
         expect(rendered.locator("pre code")).to_have_text("print(1)")
-        expect(rendered.locator("img")).to_have_count(1)
-        assert rendered.locator("img").get_attribute("onerror") is None
-        assert rendered.locator("script").count() == 0
+        link = rendered.locator("a")
+        expect(link).to_have_text("a link")  # opens a tab of its own
+        assert (link.get_attribute("target"), link.get_attribute("rel")) == (
+            "_blank",
+            "noopener noreferrer",
+        )
+        for tag in ("img", "script", "style", "form", "input", "button", "[style]", "[class]"):
+            assert rendered.locator(tag).count() == 0, tag  # nothing that fetches, runs, covers
         assert page.evaluate("() => window.__hacked") is None
+        assert page.evaluate("() => getComputedStyle(document.body).visibility") == "visible"
 
         # JupyterLab's dark theme: the panel follows it (its colours are JupyterLab's variables)
         light = colours(panel)
@@ -418,6 +428,17 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         page.wait_for_selector("#jupyterlab-splash", state="detached")
         assert [lightness(c) > 0.6 for c in colours(panel)] == [False, True, False, True]
         page.screenshot(path=str(screenshot.with_name("chat_panel_dark.png")), full_page=True)
+
+        # the kernel restarted: the panel's kernel side is gone, and the panel says so
+        page.evaluate("() => { window.jupyterapp.commands.execute('kernelmenu:restart'); }")
+        page.locator(".jp-Dialog .jp-mod-accept").click()
+        kernel_idle(page)
+        box = panel.locator("textarea.llava-input")
+        box.fill("Still there?")
+        box.press("Enter")
+        expect(panel.locator(".llava-error")).to_have_text(
+            "the kernel is gone (restarted?); run the panel's cell again"
+        )
         assert not errors, errors
 
 

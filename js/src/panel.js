@@ -7,9 +7,27 @@ import "./panel.css";
 
 marked.setOptions({ gfm: true, breaks: true });
 
+// What model text may become: Markdown's own elements, no more. DOMPurify's defaults keep
+// <style>, style= and class= (which restyle or cover the whole page), forms (which navigate it)
+// and images (which fetch any URL): an answer, or a chat file opened in the panel, is untrusted.
+const MODEL_HTML = {
+  ALLOWED_TAGS: ["p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "b", "i",
+    "del", "s", "code", "pre", "blockquote", "ul", "ol", "li", "a", "table", "thead", "tbody",
+    "tr", "th", "td", "sup", "sub"],
+  ALLOWED_ATTR: ["href", "title", "start", "align"],
+  ALLOW_DATA_ATTR: false,
+  ALLOWED_URI_REGEXP: /^(?:https?:|mailto:)/i,
+};
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A") {
+    node.setAttribute("target", "_blank"); // a link opens a tab; the notebook stays
+    node.setAttribute("rel", "noopener noreferrer");
+  }
+});
+
 /** Model text (untrusted) as sanitized HTML. */
 function markdown(text) {
-  return DOMPurify.sanitize(marked.parse(text || ""));
+  return DOMPurify.sanitize(marked.parse(text || ""), MODEL_HTML);
 }
 
 /** A small DOM helper: h("div", {class: "x"}, child, "text", ...). */
@@ -113,6 +131,19 @@ function render({ model, el }) {
   root.append(header, messages, error, attachments, composer);
   el.append(root);
 
+  /** Send to the kernel; once it restarted or the page lost it, say so instead of throwing. */
+  function post(message, buffers) {
+    try {
+      model.send(message, undefined, buffers);
+    } catch {
+      error.textContent = "the kernel is gone (restarted?); run the panel's cell again";
+      error.hidden = false;
+      send.hidden = false; // nothing is answering any more
+      stop.hidden = true;
+      root.classList.remove("llava-busy");
+    }
+  }
+
   function nearBottom() {
     return messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
   }
@@ -172,7 +203,7 @@ function render({ model, el }) {
               class: "llava-detach",
               title: "Remove this image",
               "aria-label": "remove image",
-              onclick: () => model.send({ type: "detach", index }),
+              onclick: () => post({ type: "detach", index }),
             },
             "×",
           ),
@@ -185,28 +216,35 @@ function render({ model, el }) {
     const text = input.value.trim();
     if (!text || model.get("busy")) return;
     input.value = "";
-    model.send({ type: "send", text });
+    post({ type: "send", text });
   }
 
   async function upload(files) {
     const limit = model.get("max_upload_bytes");
-    for (const file of files) {
-      if (file.size > limit) {
-        const why = `more than the ${megabytes(limit)} a notebook connection carries`;
-        model.set("error", `${file.name} is ${megabytes(file.size)}, ${why}; shrink it first`);
-        model.save_changes();
-        continue;
-      }
+    const big = files.filter((file) => file.size > limit);
+    if (big.length) {
+      const what = big.map((file) => `${file.name} is ${megabytes(file.size)}`).join(", ");
+      const why = `more than the ${megabytes(limit)} a notebook connection carries`;
+      model.set("error", `${what}, ${why}; shrink ${big.length > 1 ? "them" : "it"} first`);
+      model.save_changes();
+    }
+    const batch = files.filter((file) => file.size <= limit);
+    for (const [index, file] of batch.entries()) {
       const buffer = await file.arrayBuffer();
-      model.send({ type: "attach", name: file.name }, undefined, [buffer]);
+      // the kernel gathers the batch's refusals into one error line
+      post({ type: "attach", name: file.name, batch: index > 0 || big.length > 0 }, [buffer]);
     }
   }
 
-  function setting(name, node, parse) {
+  function setting(name, node, whole = false) {
     node.addEventListener("change", () => {
-      const value = parse(node.value);
-      if (Number.isFinite(value)) {
-        model.set(name, value);
+      const value = Number(node.value); // all of it: parseInt reads "1e3" as 1
+      if (whole && Number.isFinite(value) && !Number.isInteger(value)) {
+        model.set("error", `${node.getAttribute("aria-label")} is a whole number, not ${value}`);
+        model.save_changes();
+        node.value = model.get(name);
+      } else if (Number.isFinite(value) && node.value.trim() !== "") {
+        model.set(name, value); // the kernel checks the range, and says what is wrong
         model.save_changes();
       } else {
         node.value = model.get(name);
@@ -254,15 +292,15 @@ function render({ model, el }) {
     fileInput.value = "";
   });
   send.addEventListener("click", submit);
-  stop.addEventListener("click", () => model.send({ type: "stop" }));
-  regenerate.addEventListener("click", () => model.send({ type: "regenerate" }));
-  clearButton.addEventListener("click", () => model.send({ type: "clear" }));
+  stop.addEventListener("click", () => post({ type: "stop" }));
+  regenerate.addEventListener("click", () => post({ type: "regenerate" }));
+  clearButton.addEventListener("click", () => post({ type: "clear" }));
   error.addEventListener("click", () => {
     model.set("error", "");
     model.save_changes();
   });
-  setting("temperature", temperature, Number.parseFloat);
-  setting("max_new_tokens", maxTokens, (v) => Number.parseInt(v, 10));
+  setting("temperature", temperature);
+  setting("max_new_tokens", maxTokens, true);
 
   const onMessages = () => drawMessages();
   const onState = () => drawState();
