@@ -234,6 +234,7 @@ class LlavaMagics(Magics):
         self.pinned: set[str] = set()  # chats given their own model (-m, open); others follow
         self.current: Any = None  # the configured Model, made on first use
         self._retired: list[Any] = []  # models configured before; unloaded once unused
+        self.panels: dict[str, Any] = {}  # chat name -> the ChatPanel `%llava panel` made
         super().__init__(shell=shell, **kwargs)
 
     @observe("model", "quantization", "device", "remote_model", "api_key")
@@ -504,7 +505,13 @@ class LlavaMagics(Magics):
                 temperature=self.temperature,
                 top_p=self.top_p,
             )
-        return ChatPanel(self.chats[args.chat])
+        chat = self.chats[args.chat]
+        panel = self.panels.get(args.chat)
+        if panel is None or panel.comm is None or panel.chat is not chat:
+            # one per chat: a cell run again shows it again, rather than leave one more panel
+            # following the chat (widgets live until closed, and each is sent every answer)
+            panel = self.panels[args.chat] = ChatPanel(chat)
+        return panel
 
     def _cmd_reset(self, args) -> None:
         self._existing(args.chat).reset()
@@ -574,7 +581,7 @@ def register(shell) -> None:
         magics = LlavaMagics(shell=shell, config=Config())
         for name in magics.class_trait_names(config=True):
             setattr(magics, name, getattr(old, name))
-        magics.chats, magics.pinned = old.chats, old.pinned
+        magics.chats, magics.pinned, magics.panels = old.chats, old.pinned, old.panels
         magics.current, magics._retired = old.current, old._retired
         shell.configurables.remove(old)
     shell.register_magics(magics)

@@ -236,6 +236,14 @@ def test_magic_opens_a_panel_on_the_cells_chat(tiny_llava, monkeypatch, tmp_path
         other = shell.run_line_magic("llava", "panel other")
     assert isinstance(panel, ChatPanel) and panel.chat is magics.chats["default"]
     assert [t["question"] for t in panel.turns] == ["Asked in a cell?"]
+    listeners = len(panel.chat._listeners)
+    with capture_output():
+        again = shell.run_line_magic("llava", "panel")  # the cell run again
+    assert again is panel and len(panel.chat._listeners) == listeners  # shown again, not copied
+    again.close()
+    with capture_output():
+        panel = shell.run_line_magic("llava", "panel")  # a closed one is replaced
+    assert panel is not again and len(panel.chat._listeners) == listeners
     assert other.chat is magics.chats["other"] and other.turns == []
     assert other._repr_mimebundle_()[0]["application/vnd.jupyter.widget-view+json"]
 
