@@ -235,6 +235,17 @@ def test_a_damaged_adapter_folder_gets_one_line(run, tiny_llava, tmp_path):
         ln.merge_adapter(tiny_llava, cases[2][0], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
+    gone = tmp_path / "gone"  # a good copy, deleted once the chat uses it
+    shutil.copytree(run.adapter_path, gone)
+    chat.use_adapter(gone)
+    chat.ask(QUESTION, square("red"))
+    shutil.rmtree(gone)
+    with pytest.raises(AdapterError, match="not found; .*use_adapter.None. answers with the base"):
+        chat.ask(QUESTION)
+    assert len(chat.history) == 1
+    chat.use_adapter(None)
+    assert chat.ask(QUESTION)
+
 
 def test_an_adapter_for_another_base_is_refused(run, tiny_llava_next):
     chat = ln.Chat(tiny_llava_next)

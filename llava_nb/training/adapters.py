@@ -28,10 +28,7 @@ def check_adapter(path: str | os.PathLike) -> Path:
         raise AdapterError(f"an adapter is a folder path (a finetune output_dir), got {path!r}")
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise AdapterError(
-            f"adapter folder '{path}' not found; check the path (a finetune output_dir), or "
-            "use_adapter(None) to answer with the base model"
-        )
+        raise AdapterError(f"adapter folder '{path}' not found; check the path (a finetune run)")
     if not (folder / "adapter_config.json").is_file():
         raise AdapterError(
             f"'{path}' holds no adapter (no adapter_config.json); point at a finetune output_dir"
@@ -142,7 +139,10 @@ def activate(model, path: str | os.PathLike | None) -> None:
     adapters: dict[str, str] = getattr(model, _REGISTRY, None) or {}
     name = None
     if path is not None:
-        folder = check_adapter(path)
+        try:
+            folder = check_adapter(path)
+        except AdapterError as e:  # a chat's adapter, deleted since: the chat can go on without
+            raise AdapterError(f"{e}; use_adapter(None) answers with the base model") from None
         key = _key(folder)
         if key not in adapters:
             _check_readable(folder)
