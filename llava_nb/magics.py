@@ -170,6 +170,18 @@ def _field(expression: str, spec: str, conversion: str | None, namespace) -> str
         raise SyntaxError(f"not a format spec: {spec!r}") from None
 
 
+def _busy_elsewhere(model) -> bool:
+    """Whether another thread (a panel's) holds the model. A cell would wait for it on the
+    kernel's only thread, where the panel's Stop is handled too: it could not be pressed."""
+    lock = getattr(model, "_lock", None)
+    if lock is None:
+        return False
+    if not lock.acquire(blocking=False):
+        return True
+    lock.release()
+    return False
+
+
 def _split(line: str) -> list[str]:
     """Words as a shell splits them, quotes included, but a backslash is a character (Windows
     paths: C:\\Users\\me\\cat.jpg), not an escape."""
@@ -349,6 +361,11 @@ class LlavaMagics(Magics):
             }.items()
             if value is not None
         }
+        if _busy_elsewhere(model):
+            raise LlavaError(
+                "the model is busy with another question (a chat panel's?); ask once it is "
+                "done, or press Stop there"
+            )
         previous, chat.model = chat.model, model
         try:
             # bad input fails here

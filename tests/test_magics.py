@@ -452,6 +452,31 @@ def test_reload_ext_keeps_the_chats_settings_and_model(shell, magics):
     assert "llava_nb: unloaded" in cap.stdout and not model.loaded
 
 
+def test_a_cell_does_not_wait_on_a_model_busy_elsewhere(shell, magics):
+    ask(shell, "", "First?")
+    model, held, release = magics.current, threading.Event(), threading.Event()
+
+    def panel_answering() -> None:  # another thread holds the model, as a panel's does
+        with model._lock:
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=panel_answering)
+    worker.start()
+    held.wait(30)
+    try:
+        start = time.monotonic()
+        _, cap = ask(shell, "", "Second?")
+        one_error(cap, "the model is busy with another question (a chat panel's?)")
+        assert time.monotonic() - start < 5 and len(magics.chats["default"].history) == 1
+    finally:
+        release.set()
+        worker.join()
+    result, cap = ask(shell, "", "Second?")
+    assert quiet(cap) and result == magics.chats["default"].history[-1].answer
+    assert len(magics.chats["default"].history) == 2
+
+
 def test_unknown_model_fails_fast_and_harms_nothing(shell, magics, tiny_llava):
     ask(shell, "-i photo", "First?")
     before = snapshot(magics)
