@@ -279,10 +279,16 @@ def stream_then_stop(page, panel, question: str) -> None:
     from playwright.sync_api import expect
 
     tokens = panel.locator("input.llava-max-tokens")
+    before = tokens.input_value()
     tokens.press("Control+a")
-    tokens.type("900")  # typed keys stay in the panel: 0 0 would restart the kernel
+    tokens.type("2.5")
     tokens.press("Tab")
-    expect(tokens).to_have_value("900")
+    expect(panel.locator(".llava-error")).to_have_text("max new tokens is a whole number, not 2.5")
+    expect(tokens).to_have_value(before)  # refused, not read as 2
+    tokens.press("Control+a")
+    tokens.type("9e2")  # typed keys stay in the panel: 0 0 would restart the kernel
+    tokens.press("Tab")
+    expect(tokens).to_have_value("900")  # all of it, not parseInt's 9
     box = panel.locator("textarea.llava-input")
     box.fill(question)
     box.press("Enter")
