@@ -79,11 +79,6 @@ def load_image(source: object, *, namespace: Mapping[str, object] | None = None)
         raise ImageError(f"cannot load {_short(source)}: only http(s) URLs are fetched; use a path")
     if isinstance(source, str) and not source.strip():
         raise ImageError("the image name is empty; pass a path, an http(s) URL or a variable name")
-    if isinstance(source, str) and source.startswith("<") and not Path(source).exists():
-        raise ImageError(  # "-i {img}": IPython put the object's repr in the magic's line
-            f"no image file {_short(source)}; to pass a notebook variable, write its name "
-            "(-i img), not {img} or $img"
-        )
     named = isinstance(source, str) and source.isidentifier() and namespace is not None
     if named and not Path(source).exists():  # a name, not a path: say both were looked for
         raise ImageError(f"no notebook variable or image file named {source!r}; check the name")

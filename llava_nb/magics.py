@@ -336,6 +336,12 @@ class LlavaMagics(Magics):
             print(f"llava_nb: left as typed: {'; '.join(unfilled)}", file=sys.stderr)
         if not question:
             raise LlavaError("the cell is empty; write a question below %%llava")
+        for source in args.image:
+            if source.startswith("<") and not os.path.exists(source):
+                raise LlavaError(  # "-i {img}": IPython put the object's repr in the line
+                    f"-i {source[:40]!r} is no image file; to pass a notebook variable, write "
+                    "its name (-i img), not {img} or $img"
+                )
         images = [load_image(source, namespace=namespace) for source in args.image]
         chat = self.chats.get(args.chat)
         if args.model:

@@ -196,12 +196,7 @@ class ChatPanel(anywidget.AnyWidget):
             if kind == "send":
                 self._ask(str(content.get("text", "")))
             elif kind == "attach":
-                try:
-                    self._attach(buffers, str(content.get("name") or "image"))
-                except LlavaError as e:  # several files at once: every refusal is shown
-                    if content.get("batch") and self.error:
-                        raise PanelError(f"{self.error}; {e}") from None
-                    raise
+                self._attach(buffers, str(content.get("name") or "image"), content.get("batch"))
             elif kind == "detach":
                 self._detach(int(content.get("index", -1)))
             elif kind == "stop":
@@ -228,16 +223,20 @@ class ChatPanel(anywidget.AnyWidget):
             return
         self.chat.settings[change["name"]] = change["new"]
 
-    def _attach(self, buffers: list, name: str) -> None:
+    def _attach(self, buffers: list, name: str, batch: bool = False) -> None:
+        """Attach one file; `batch`: a later file of the same drop or pick, whose refusal is
+        added to the error line rather than replacing the earlier ones'."""
         from llava_nb.images import load_image
 
+        earlier = f"{self.error}; " if batch and self.error else ""
         if len(buffers) != 1:
-            raise PanelError(f"{name}: expected one image file, got {len(buffers)}; attach again")
-        data = bytes(buffers[0])
+            raise PanelError(
+                f"{earlier}{name}: expected one image file, got {len(buffers)}; attach again"
+            )
         try:
-            image = load_image(data)  # the same checks and limits as everywhere else
+            image = load_image(bytes(buffers[0]))  # the same checks and limits as elsewhere
         except LlavaError as e:
-            raise PanelError(f"{name}: {e}") from None
+            raise PanelError(f"{earlier}{name}: {e}") from None
         self._images.append(image)
         self.attachments = [self._thumb(image) for image in self._images]
 

@@ -685,6 +685,7 @@ def _closed_port() -> int:
         ("-i", "What is this?", "expected at least one argument"),
         ('-i "photo', "What is this?", "check the quotes"),
         ("-c ''", "What is this?", "a chat needs a name"),
+        ("-i {photo}", "What is this?", "write its name (-i img), not {img} or $img"),
     ],
 )
 def test_bad_input_prints_one_line_and_harms_nothing(shell, magics, tmp_path, line, cell, fragment):
