@@ -10,7 +10,7 @@ class LlavaError(Exception):
         return [f"{type(self).__name__}: {self}"]
 
 
-def first_line(error: BaseException, limit: int = 200) -> str:
+def first_line(error: BaseException | str, limit: int = 200) -> str:
     """The first line of a library's error message (or its type), to quote in one of ours; with
     the next line when the first only introduces it ("Error(s) in loading state_dict for X:")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

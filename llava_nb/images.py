@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from llava_nb.errors import LlavaError
+from llava_nb.errors import LlavaError, first_line
 
 MAX_PIXELS = 64_000_000  # far above any vision tower's input; refuses decompression bombs
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # cap on downloaded bytes
@@ -46,12 +46,8 @@ def _short(text: str) -> str:
     return repr(_cut(text))
 
 
-def _one_line(err: object) -> str:
-    return _cut(" ".join(str(err).split())) or type(err).__name__
-
-
 def _unreadable(label: str, err: Exception) -> str:
-    why = "unknown image format" if isinstance(err, UnidentifiedImageError) else _one_line(err)
+    why = "unknown image format" if isinstance(err, UnidentifiedImageError) else first_line(err, 80)
     return f"{label} is not a readable image ({why}); pass a complete PNG/JPEG/WebP/GIF file"
 
 
@@ -95,14 +91,14 @@ def load_image(source: object, *, namespace: Mapping[str, object] | None = None)
             values = tensor.numpy()
         except (RuntimeError, TypeError, NotImplementedError) as err:  # meta, sparse, ...
             raise ImageError(
-                f"cannot read the values of the {label} ({_one_line(err)}); pass a dense "
+                f"cannot read the values of the {label} ({first_line(err, 80)}); pass a dense "
                 "tensor that holds data"
             ) from None
         return _from_array(values, label, torch=True)
     kind, mod = type(source).__qualname__, type(source).__module__
     kind = kind if mod == "builtins" else f"{mod}.{kind}"
     raise ImageError(
-        f"cannot load an image from type {kind} ({_one_line(repr(source))}); pass {ACCEPTED}"
+        f"cannot load an image from type {kind} ({_cut(repr(source))}); pass {ACCEPTED}"
     )
 
 
@@ -117,7 +113,7 @@ def _read_file(source: str | os.PathLike) -> tuple[bytes, str]:
     except IsADirectoryError:
         raise ImageError(f"{label} is a directory; pass an image file inside it") from None
     except OSError as err:
-        raise ImageError(f"{label} cannot be read ({_one_line(err)}); check the path") from err
+        raise ImageError(f"{label} cannot be read ({first_line(err, 80)}); check the path") from err
 
 
 def _fetch(url: str) -> bytes:
@@ -133,7 +129,7 @@ def _fetch(url: str) -> bytes:
         else:
             reason = getattr(err, "reason", err)  # URLError wraps the socket error
             timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
-            why = f"timed out after {FETCH_TIMEOUT_S} s" if timed_out else _one_line(reason)
+            why = f"timed out after {FETCH_TIMEOUT_S} s" if timed_out else first_line(reason, 80)
         raise ImageError(f"cannot fetch {_short(url)} ({why}); check the URL and network") from err
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"image at {_short(url)} is over {MAX_IMAGE_BYTES:,} bytes; shrink it")
@@ -232,5 +228,7 @@ def image_from_data_uri(uri: str) -> Image.Image:
     try:
         data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except binascii.Error as err:
-        raise ImageError(f"{label} has broken base64 ({_one_line(err)}); re-encode it") from err
+        raise ImageError(
+            f"{label} has broken base64 ({first_line(err, 80)}); re-encode it"
+        ) from err
     return _decode(data, label)

@@ -20,7 +20,7 @@ import anywidget
 import traitlets as t
 from PIL import Image
 
-from llava_nb.errors import LlavaError
+from llava_nb.errors import LlavaError, first_line
 
 STATIC = Path(__file__).parent / "static"
 THUMBNAIL_PX = 256  # longest side of the thumbnails the front end shows
@@ -57,8 +57,8 @@ def _readable(error: BaseException) -> str:
     """One line for the panel: a LlavaError says it all; anything else gets its type name."""
     if isinstance(error, LlavaError):
         return str(error)
-    first = (str(error).strip().splitlines() or [""])[0][:300]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    first = first_line(error, 300)
+    return first if first == type(error).__name__ else f"{type(error).__name__}: {first}"
 
 
 class ChatPanel(anywidget.AnyWidget):

@@ -240,10 +240,7 @@ class RemoteGeneration:
             if not self.text and self.finish_reason is None:  # no event was an answer's
                 raise self._failed(f"sent no streamed answer; {NOT_A_SERVER}")
         except openai.APIConnectionError:
-            self.done = True
-            raise GenerationError(
-                f"lost the connection to {self._model.base_url}; check that the server runs"
-            ) from None
+            raise self._failed("lost the connection while answering; check that it runs") from None
         except openai.APIStatusError as e:
             why = f"refused the question (HTTP {e.status_code}): {_message_error(e)}"
             raise self._failed(why) from None

@@ -108,10 +108,11 @@ def web_server():
     """`web_server(routes)`: a context manager running a real HTTP server on loopback that
     answers each path (GET or POST) as `routes` says, (status, content type, body), and any
     other path with a 404 page; it yields its URL, ending in /v1. /v1/models lists one model
-    unless routes say otherwise. For servers that are not OpenAI's, or spoil its stream."""
+    unless routes say otherwise. For servers that are not OpenAI's, or spoil its stream;
+    the answers on `cut_short` paths end before the length they announced."""
 
     @contextlib.contextmanager
-    def serve(routes: dict[str, tuple[int, str, bytes]]):
+    def serve(routes: dict[str, tuple[int, str, bytes]], cut_short: tuple[str, ...] = ()):
         routes = {"/v1/models": MODELS, **routes}
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -121,7 +122,7 @@ def web_server():
                 status, kind, body = routes.get(self.path, page)
                 self.send_response(status)
                 self.send_header("content-type", kind)
-                self.send_header("content-length", str(len(body)))
+                self.send_header("content-length", str(len(body) + 100 * (self.path in cut_short)))
                 self.end_headers()
                 self.wfile.write(body)
 

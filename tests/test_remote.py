@@ -202,6 +202,15 @@ def test_a_stream_the_server_spoils_is_one_clear_error(web_server, answer, why):
         assert chat.history == []
 
 
+def test_a_connection_lost_while_answering_is_one_clear_error(web_server):
+    route = "/v1/chat/completions"
+    with web_server({route: events(CHUNK)}, cut_short=(route,)) as url:
+        chat = ln.Chat(url)
+        with pytest.raises(GenerationError, match=f"{url} lost the connection while answering"):
+            chat.ask("Hello?")
+        assert chat.history == []
+
+
 def test_a_host_that_never_answers_is_given_up_on(monkeypatch):
     from llava_nb import remote
 
