@@ -423,10 +423,12 @@ def _flat(record: dict, base: Path | None, prompt: str) -> SampleTurn:
 
 def _as_conversations(messages: Any) -> Any:
     """Chat messages ({"role", "content"}, content text or parts, {"type": "image"} parts
-    standing for the row's images in order) as LLaVA's conversations, an <image> tag per image."""
+    standing for the row's images in order) as LLaVA's conversations, an <image> tag per image.
+    System messages go before the first question, as `llava-nb serve` puts them: LLaVA's chat
+    templates have no system turn."""
     if not isinstance(messages, list):
         return messages  # reported by _conversation
-    turns = []
+    turns, system = [], []
     for message in messages:
         if not isinstance(message, dict) or "content" not in message:
             raise _RowError("a message is malformed; use {'role': ..., 'content': ...}")
@@ -437,7 +439,14 @@ def _as_conversations(messages: Any) -> Any:
                 for part in content
                 if isinstance(part, dict) and part.get("type") in ("image", "text")
             )
-        turns.append({"from": message.get("role"), "value": content})
+        if message.get("role") in ("system", "developer"):
+            system.append(_text(content, "system message"))
+        else:
+            turns.append({"from": message.get("role"), "value": content})
+    if system and turns and isinstance(turns[0]["value"], str):
+        first = turns[0]["value"]  # its tags only count the images: their place is the template's
+        question = "\n\n".join([*system, first.replace(IMAGE_TAG, "").strip()])
+        turns[0]["value"] = IMAGE_TAG * first.count(IMAGE_TAG) + question
     return turns
 
 

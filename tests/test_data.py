@@ -127,6 +127,14 @@ def test_chat_messages_rows_load_as_conversations(images):
             ],
             "images": [{"bytes": png.getvalue(), "path": None}],
         },
+        {  # a system message goes before the first question, as the server puts it
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hue?"}]},
+                {"role": "assistant", "content": "Red."},
+            ],
+            "images": [str(images / "red.png")],
+        },
         {"messages": [{"role": "user", "content": "Hi"}, "nonsense"], "images": []},
         {"image": {"bytes": b"not a picture", "path": None}, "question": "Hue?", "answer": "?"},
     ]
@@ -137,8 +145,10 @@ def test_chat_messages_rows_load_as_conversations(images):
     ]
     assert data[0].turns[0].images == [str(images / "red.png")]
     assert data[1].turns[0].images[0].getpixel((0, 0)) == (0, 128, 0)
+    assert [(t.question, t.answer) for t in data[2].turns] == [("Be brief.\n\nHue?", "Red.")]
+    assert data[2].turns[0].images == [str(images / "red.png")]
     report = data.validate()
-    assert [p.row for p in report.problems] == [2, 3]
+    assert [p.row for p in report.problems] == [3, 4]
     assert "malformed" in report.problems[0].message
     assert "not a readable image" in report.problems[1].message
 
