@@ -467,7 +467,7 @@ class Model:
         )
         self.load()
         inputs = self.processor.apply_chat_template(
-            messages,
+            escape_image_token(messages, self.processor),
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
@@ -500,6 +500,28 @@ class Model:
         generation.adapter = adapter
         generation._fingerprints = fingerprints
         return generation
+
+
+def escape_image_token(messages: list[dict[str, Any]], processor) -> list[dict[str, Any]]:
+    """The messages with the processor's image placeholder ("<image>") broken by a zero-width
+    space wherever a text holds it: typed in a question or written in an answer it is text, but
+    the processor would count it as an image and refuse the prompt."""
+    token = getattr(processor, "image_token", None)
+    if not token:
+        return messages
+    escaped = token[0] + "\u200b" + token[1:]
+
+    def escape(content: Any) -> Any:
+        if isinstance(content, str):
+            return content.replace(token, escaped)
+        if isinstance(content, list):
+            return [
+                {**p, "text": escape(p["text"])} if isinstance(p, dict) and "text" in p else p
+                for p in content
+            ]
+        return content
+
+    return [{**m, "content": escape(m.get("content"))} for m in messages]
 
 
 # Temperatures under this answer greedily, as in vLLM: logits divided by a smaller one can

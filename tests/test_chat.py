@@ -56,6 +56,18 @@ def test_greedy_answers_equal_plain_transformers(kind, request, photo):
     assert all(isinstance(answer, str) and answer for answer in ours)
 
 
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_image_placeholder_typed_as_text_is_text(kind, request, photo):
+    """ "<image>" typed in a question is text; the processor would take it for an image."""
+    path = request.getfixturevalue(f"tiny_{kind}")
+    chat = Chat(path, max_new_tokens=8)
+    question = "What does the HTML <image> tag do?"
+    ours = [chat.ask(question), chat.ask(question, image=photo)]
+    escaped = question.replace("<image>", "<\u200bimage>")
+    assert ours == _plain_transformers_answers(path, [(escaped, []), (escaped, [photo])], 8)
+    assert [turn.question for turn in chat.history] == [question, question]
+
+
 def test_images_stay_in_context_for_later_turns(tiny_llava, photo):
     chat = Chat(tiny_llava, max_new_tokens=4)
     chat.ask("What is this?", image=photo)

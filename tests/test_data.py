@@ -361,3 +361,16 @@ def test_only_the_answers_are_labels(fixture, images, request):
     assert (batch["labels"][1, short:] == IGNORE).all()
     assert (batch["attention_mask"][1, short:] == 0).all()
     assert batch["pixel_values"].shape[0] == 3  # two images, then one
+
+
+def test_an_answer_that_writes_the_image_placeholder_is_trained_as_text(tiny_llava, images):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    rows = [{"image": "red.png", "question": "Which tag?", "answer": "Use <image> here."}]
+    data = ln.data.load(rows, image_folder=images)
+    encoded, trained, image_id = _labelled(processor, data[0])
+    alone = processor(text="<image>", images=[Image.open(images / "red.png")], return_tensors="pt")
+    assert (encoded["input_ids"] == image_id).sum() == (alone["input_ids"] == image_id).sum()
+    eos = processor.tokenizer.eos_token
+    assert trained.replace(" ", "") == f"Use<\u200bimage>here.{eos}"

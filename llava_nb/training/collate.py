@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from llava_nb.data import DataError, Dataset, Sample
+from llava_nb.models import escape_image_token
 
 IGNORE = -100
 
@@ -46,7 +47,7 @@ def encode(processor, sample: Sample) -> dict[str, Any]:
     """input_ids, labels, pixel_values (and image_sizes for LLaVA-NeXT) of one sample."""
     import torch
 
-    messages = sample.messages()
+    messages = escape_image_token(sample.messages(), processor)
     images = [part["image"] for m in messages for part in m["content"] if part["type"] == "image"]
     text, spans = assistant_spans(processor, messages)
     tokenizer = processor.tokenizer
