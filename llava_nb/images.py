@@ -14,6 +14,7 @@ import io
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -24,8 +25,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llava_nb.errors import LlavaError, first_line
 
 MAX_PIXELS = 64_000_000  # far above any vision tower's input; refuses decompression bombs
+MAX_ASPECT = 100  # processors scale the short side up to the tower's size: 1x5000 px took 6 GB
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # cap on downloaded bytes
+FLOAT_ONE_AT_MOST = 2  # float pixels up to this are in 0-1 (a little over: clipped), else 0-255
 FETCH_TIMEOUT_S = 10  # seconds, so a dead server cannot hang a notebook cell
+FETCH_DEADLINE_S = 60  # for the whole download: a server trickling bytes cannot hang it either
 USER_AGENT = "llava_nb (Python urllib)"  # some hosts refuse the default one
 ACCEPTED = (
     "a path, an http(s) URL, a data:image URI, bytes, a PIL image, a numpy array, "
@@ -46,9 +50,10 @@ def _short(text: str) -> str:
     return repr(_cut(text))
 
 
-def _unreadable(label: str, err: Exception) -> str:
+def _unreadable(label: str, err: Exception, fix: str = "") -> str:
     why = "unknown image format" if isinstance(err, UnidentifiedImageError) else first_line(err, 80)
-    return f"{label} is not a readable image ({why}); pass a complete PNG/JPEG/WebP/GIF file"
+    fix = fix or "pass a complete PNG/JPEG/WebP/GIF file"
+    return f"{label} is not a readable image ({why}); {fix}"
 
 
 def _too_big(label: str, size: str = "") -> ImageError:
@@ -62,8 +67,9 @@ def load_image(source: object, *, namespace: Mapping[str, object] | None = None)
             return load_image(namespace[source])
         except ImageError as err:
             raise ImageError(f"variable {source!r}: {err}") from err
-    if isinstance(source, Image.Image):
-        return _finish(source, f"PIL image (mode {source.mode}, {source.width}x{source.height})")
+    if isinstance(source, Image.Image):  # as the notebook shows it: no EXIF rotation
+        label = f"PIL image (mode {source.mode}, {source.width}x{source.height})"
+        return _finish(source, label, fix="convert it with image.convert('RGB') first")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         return _decode(data, f"image bytes ({len(data):,} bytes)")
@@ -112,28 +118,37 @@ def _read_file(source: str | os.PathLike) -> tuple[bytes, str]:
         ) from None
     except IsADirectoryError:
         raise ImageError(f"{label} is a directory; pass an image file inside it") from None
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
         raise ImageError(f"{label} cannot be read ({first_line(err, 80)}); check the path") from err
 
 
 def _fetch(url: str) -> bytes:
     """GET ``url`` with a timeout and a byte cap, so a bad server cannot hang or flood us."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    deadline = time.monotonic() + FETCH_DEADLINE_S
+    chunks, size = [], 0
     try:
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
-            data = response.read(MAX_IMAGE_BYTES + 1)
+            while size <= MAX_IMAGE_BYTES and (chunk := response.read1(1 << 16)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise ImageError(
+                        f"{_short(url)} sent {size:,} bytes in {FETCH_DEADLINE_S} s and was "
+                        "still sending; download the image first, or use a faster server"
+                    )
     except (OSError, http.client.HTTPException, ValueError) as err:
         if isinstance(err, urllib.error.HTTPError):
-            why = f"HTTP {err.code} {err.reason}"
+            why = f"HTTP {err.code} {first_line(err.reason, 80)}"
             err.close()
         else:
             reason = getattr(err, "reason", err)  # URLError wraps the socket error
             timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
             why = f"timed out after {FETCH_TIMEOUT_S} s" if timed_out else first_line(reason, 80)
         raise ImageError(f"cannot fetch {_short(url)} ({why}); check the URL and network") from err
-    if len(data) > MAX_IMAGE_BYTES:
+    if size > MAX_IMAGE_BYTES:
         raise ImageError(f"image at {_short(url)} is over {MAX_IMAGE_BYTES:,} bytes; shrink it")
-    return data
+    return b"".join(chunks)
 
 
 def _decode(data: bytes, label: str) -> Image.Image:
@@ -143,21 +158,28 @@ def _decode(data: bytes, label: str) -> Image.Image:
         raise _too_big(label) from err
     except Exception as err:
         raise ImageError(_unreadable(label, err)) from err
-    return _finish(img, label)
+    return _finish(img, label, upright=True)
 
 
-def _finish(img: Image.Image, label: str) -> Image.Image:
-    """Check the size, decode fully, apply EXIF orientation, and convert to RGB."""
+def _finish(img: Image.Image, label: str, upright: bool = False, fix: str = "") -> Image.Image:
+    """Check the size and shape, decode fully, and convert to RGB; `upright`: a file's pixels,
+    turned as its EXIF orientation says (a viewer shows it so); `fix`: what to do when the
+    pixels cannot be read, if not to pass a complete file."""
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise _too_big(label, f"{width}x{height}, ")
     if width * height == 0:
         raise ImageError(f"{label} is empty ({width}x{height}); pass an image with pixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(
+            f"{label} is {width}x{height}, one side over {MAX_ASPECT} times the other; crop "
+            "it, or pad it to a squarer shape"
+        )
     try:
         img.load()
-        return _to_rgb(ImageOps.exif_transpose(img))
+        return _to_rgb(ImageOps.exif_transpose(img) if upright else img.copy())  # never aliased
     except Exception as err:
-        raise ImageError(_unreadable(label, err)) from err
+        raise ImageError(_unreadable(label, err, fix)) from err
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -168,7 +190,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
             arr = arr / 257  # 16-bit range
-        elif img.mode == "F" and arr.max(initial=0) <= 1:
+        elif img.mode == "F" and arr.max(initial=0) <= FLOAT_ONE_AT_MOST:
             arr = arr * 255  # float in [0, 1]
         img = Image.fromarray(np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
@@ -199,7 +221,8 @@ def _from_array(arr: object, label: str, *, torch: bool) -> Image.Image:
                 f"{label} holds values from {low:.4g} to {high:.4g}, not pixels; use floats in "
                 "0-1 or 0-255 (undo a normalization first)"
             )
-        arr = (arr * 255 if high <= 2 else arr).round().clip(0, 255).astype(np.uint8)
+        arr = (arr * 255 if high <= FLOAT_ONE_AT_MOST else arr).round().clip(0, 255)
+        arr = arr.astype(np.uint8)
     elif arr.dtype.kind in "iu" and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255)):
         arr = arr.astype(np.uint8)
     elif arr.dtype != np.uint8:

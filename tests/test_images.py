@@ -118,6 +118,12 @@ def test_numpy_bad_shapes(shape: tuple[int, ...]) -> None:
     one_line(err)
 
 
+def test_float_pixels_read_alike_as_arrays_and_as_mode_f() -> None:
+    values = np.full((4, 6), 1.2, np.float32)  # in 0-1, a little over
+    assert load_image(values).getpixel((0, 0)) == WHITE
+    assert load_image(Image.fromarray(values, mode="F")).getpixel((0, 0)) == WHITE
+
+
 def test_numpy_bad_values_and_empty() -> None:
     with pytest.raises(ImageError, match="dtype int64"):
         load_image(np.full((4, 6), 1000, np.int64))
@@ -185,15 +191,23 @@ def test_image_error_is_llava_error() -> None:
 # --- processing ----------------------------------------------------------------------------
 
 
-def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+def test_exif_orientation_is_applied_to_files_not_to_pil_images(tmp_path: Path) -> None:
     img = Image.new("RGB", (40, 20), RED)
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     path = tmp_path / "rotated.jpg"
     img.save(path, exif=exif)
-    with Image.open(path) as raw:
-        assert raw.size == (40, 20)
-    assert load_image(path).size == (20, 40)
+    assert load_image(path).size == load_image(path.read_bytes()).size == (20, 40)
+    with Image.open(path) as raw:  # as the notebook shows it, turned or not by its owner
+        assert raw.size == load_image(raw).size == (40, 20)
+        upright = raw.transpose(Image.Transpose.ROTATE_270)  # keeps the EXIF tag
+        assert load_image(upright).size == (20, 40)
+
+
+def test_thin_images_are_refused() -> None:
+    assert load_image(Image.new("RGB", (1, 100))).size == (1, 100)
+    with pytest.raises(ImageError, match="is 1x101, one side over 100 times the other; crop"):
+        load_image(np.zeros((101, 1), np.uint8))
 
 
 def test_rgba_transparency_on_white() -> None:
@@ -245,6 +259,8 @@ def test_missing_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for empty in ("", "  "):
         with pytest.raises(ImageError, match="the image name is empty; pass a path"):
             load_image(empty)
+    with pytest.raises(ImageError, match=r"cannot be read \(embedded null byte\); check the path"):
+        load_image("cat\0.jpg")
 
 
 def test_long_input_is_shortened(tmp_path: Path) -> None:
@@ -303,6 +319,20 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/slow":
             time.sleep(2)
+        if self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return
+        if self.path == "/trickle":  # a byte every 0.1 s, until the client hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
         if self.headers.get("User-Agent", "").startswith("Python-urllib"):
             self.send_error(403, "default user agent")
             return
@@ -358,6 +388,20 @@ def test_url_connection_refused() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(ImageError, match=f"cannot fetch 'http://127.0.0.1:{port}/x.png'"):
         load_image(f"http://127.0.0.1:{port}/x.png")
+
+
+def test_url_redirect_loop(server: str) -> None:
+    with pytest.raises(ImageError, match=r"\(HTTP 302 The HTTP server returned a redirect") as err:
+        load_image(f"{server}/loop")
+    one_line(err)
+
+
+def test_url_that_trickles_is_given_up_on(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "FETCH_DEADLINE_S", 1)
+    start = time.monotonic()
+    with pytest.raises(ImageError, match=r"/trickle' sent \d+ bytes in 1 s and was still sending"):
+        load_image(f"{server}/trickle")
+    assert time.monotonic() - start < 2
 
 
 def test_url_timeout(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
