@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from llava_nb.errors import LlavaError
+from llava_nb.errors import LlavaError, first_line
 from llava_nb.images import image_from_data_uri, image_to_data_uri, load_image
 from llava_nb.models import Model, check_settings, get_model
 
@@ -288,14 +288,19 @@ class Chat:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ChatFileError(f"chat file '{path}' not found; check the path") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise ChatFileError(
-                f"chat file '{path}' is not readable JSON ({e}); check the file"
+                f"chat file '{path}' is not readable JSON ({first_line(e, 80)}); check the file"
             ) from None
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
             raise ChatFileError(f"'{path}' is not a llava_nb chat file; save one with chat.save()")
         version = data.get("version", FILE_VERSION)
-        if not isinstance(version, int) or version > FILE_VERSION:
+        if type(version) is not int or version < 1:
+            raise ChatFileError(
+                f"'{path}' has version {version!r}, not a version number; save it again with "
+                "chat.save()"
+            )
+        if version > FILE_VERSION:
             raise ChatFileError(
                 f"'{path}' is a chat file of version {version!r}, newer than this llava_nb "
                 f"reads ({FILE_VERSION}); upgrade llava_nb to open it"
@@ -408,6 +413,6 @@ def _is_chat_file(path: Path) -> bool:
                 return False
             f.seek(0)
             data = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("format") == FILE_FORMAT

@@ -278,10 +278,17 @@ def test_loading_a_damaged_chat_file_names_the_field(tiny_llava, tmp_path, chang
     assert fragment in str(error.value)
 
 
-def test_a_chat_file_from_a_newer_llava_nb_is_refused(tiny_llava, tmp_path):
+def test_a_chat_file_from_a_newer_llava_nb_or_of_no_version_is_refused(tiny_llava, tmp_path):
     path = tmp_path / "newer.json"
     path.write_text(json.dumps({**_chat_file(tiny_llava), "version": 99}))
     with pytest.raises(ChatFileError, match="of version 99, newer than .*upgrade llava_nb"):
+        Chat.load(path)
+    for version in (True, 0, "1", 1.0):
+        path.write_text(json.dumps({**_chat_file(tiny_llava), "version": version}))
+        with pytest.raises(ChatFileError, match=f"has version {version!r}, not a version number"):
+            Chat.load(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ChatFileError, match="is not readable JSON"):
         Chat.load(path)
 
 
