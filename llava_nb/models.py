@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ class ModelError(LlavaError):
 
 class GenerationError(LlavaError):
     """A question could not be answered (prompt too long, out of memory, bad settings)."""
+
+
+class ContextFullError(GenerationError):
+    """The conversation leaves no room for an answer in the model's context."""
 
 
 @dataclass(frozen=True)
@@ -466,6 +471,8 @@ class Model:
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
         self.load()
+        context = self.model.config.text_config.max_position_embeddings
+        _check_text_fits(messages, self.processor.tokenizer, context)
         inputs = self.processor.apply_chat_template(
             escape_image_token(messages, self.processor),
             add_generation_prompt=True,
@@ -476,12 +483,10 @@ class Model:
         fingerprints = image_fingerprints(inputs)
         inputs = inputs.to(self.model.device, self.model.dtype)
         prompt_tokens = inputs["input_ids"].shape[1]
-        context = self.model.config.text_config.max_position_embeddings
         if prompt_tokens >= context:
-            raise GenerationError(
+            raise ContextFullError(
                 f"the conversation is {prompt_tokens} tokens, which leaves no room for an "
-                f"answer in the model's context of {context}; ask a shorter question, with "
-                "fewer images, or in a new chat"
+                f"answer in the model's context of {context}; {SHORTER}"
             )
         options = {
             "max_new_tokens": min(settings["max_new_tokens"], context - prompt_tokens),
@@ -500,6 +505,35 @@ class Model:
         generation.adapter = adapter
         generation._fingerprints = fingerprints
         return generation
+
+
+SHORTER = "ask a shorter question, with fewer images, or in a new chat"
+
+
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _longest_token(tokenizer) -> int:
+    """The most characters one token stands for: no token's text is longer than its vocabulary
+    entry (a byte-level entry has a character per byte, a byte fallback like <0x0A> six)."""
+    if tokenizer not in _LONGEST_TOKEN:
+        _LONGEST_TOKEN[tokenizer] = max(map(len, tokenizer.get_vocab()), default=1)
+    return _LONGEST_TOKEN[tokenizer]
+
+
+def _check_text_fits(messages: list[dict[str, Any]], tokenizer, context: int) -> None:
+    """Refuse at once a conversation whose text alone cannot fit the context: tokenizing
+    megabytes takes a minute, holding up every question waiting for the model."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [{"text": content}]
+        chars += sum(len(p["text"]) for p in parts if isinstance(p.get("text"), str))
+    if chars > context * _longest_token(tokenizer):
+        raise ContextFullError(
+            f"the conversation's text is {chars:,} characters, more than the model's context "
+            f"of {context} tokens can hold; {SHORTER}"
+        )
 
 
 def escape_image_token(messages: list[dict[str, Any]], processor) -> list[dict[str, Any]]:

@@ -68,6 +68,7 @@ from llava_nb.images import (
     image_from_data_uri,
     load_image,
 )
+from llava_nb.models import ContextFullError
 
 logger = logging.getLogger("llava_nb.server")
 
@@ -379,6 +380,7 @@ class _Job:
         self._ended = False  # the generation ended (its last event arrived)
         self.generation: Any = None
         self.stop_hit = False  # the answer reached a stop string
+        self.stop_tokens = 0  # ... with this many tokens (the worker may have made more since)
         self.stop_requested = False  # we asked the generation to stop (stop string, client gone)
         self.disconnected = False
         service.jobs.add(self)
@@ -404,7 +406,9 @@ class _Job:
     def _generate(self):
         try:
             return self.service.model.generate(self.messages, **self.settings)
-        except LlavaError as e:  # prompt longer than the context, bad settings
+        except ContextFullError as e:
+            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+        except LlavaError as e:  # bad settings
             raise ApiError(400, str(e), param="messages") from None
         except Exception as e:
             if type(e).__module__.startswith("jinja2"):
@@ -426,8 +430,8 @@ class _Job:
 
         last: tuple[str, Any] = ("end", None)
         try:
-            for piece in self.generation:
-                post("piece", piece)
+            for piece in self.generation:  # each piece with the tokens it took, so far
+                post("piece", (piece, len(self.generation.token_ids)))
         except BaseException as e:
             last = ("error", e)
         with contextlib.suppress(RuntimeError):
@@ -455,7 +459,7 @@ class _Job:
                 "id": self.id,
                 "finish_reason": "stop" if self.stop_hit else finish,
                 "prompt_tokens": getattr(generation, "prompt_tokens", 0),
-                "completion_tokens": len(generation.token_ids) if generation else 0,
+                "completion_tokens": self._completion_tokens() if generation else 0,
                 "stopped": self.stop_requested and bool(generation),
                 "disconnected": self.disconnected,
             }
@@ -483,9 +487,11 @@ class _Job:
             if kind == "piece":
                 if scanner.hit:
                     continue  # past a stop string: waiting for the worker to stop
-                text = scanner.feed(value)
+                piece, tokens = value
+                text = scanner.feed(piece)
                 if scanner.hit:
                     self.stop_hit = self.stop_requested = True
+                    self.stop_tokens = tokens
                     self.generation.stop()
                 if text:
                     parts.append(text)
@@ -508,9 +514,13 @@ class _Job:
             text = self.generation.text  # the same, decoded whole
         return text, finish
 
+    def _completion_tokens(self) -> int:
+        """Tokens of the answer, up to the one that completed a stop string if one did."""
+        return self.stop_tokens if self.stop_hit else len(self.generation.token_ids)
+
     def usage(self) -> dict[str, int]:
         prompt = int(self.generation.prompt_tokens or 0)
-        completion = len(self.generation.token_ids)
+        completion = self._completion_tokens()
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,

@@ -677,8 +677,8 @@ def _closed_port() -> int:
         ("-i not_an_image_variable", "What is this?", "cannot load an image"),
         ("", "\n", "the cell is empty"),
         ("-i photo", "   \n  ", "the cell is empty"),
-        ("", LONG_QUESTION, "no room for an answer in the model's context of 1024"),
-        ("-i photo", LONG_QUESTION, "no room for an answer in the model's context of 1024"),
+        ("", LONG_QUESTION, "more than the model's context of 1024 tokens can hold"),
+        ("-i photo", LONG_QUESTION, "more than the model's context of 1024 tokens can hold"),
         ("--new", LONG_QUESTION, "context"),  # --new only once the question is accepted
         ("--bogus", "What is this?", "unrecognized arguments: --bogus"),
         ("-x 1", "What is this?", "unrecognized arguments: -x"),

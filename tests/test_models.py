@@ -264,10 +264,19 @@ def test_bad_settings_are_refused_before_loading(setting, message):
 
 
 def test_prompt_longer_than_the_context(tiny_llava):
+    from llava_nb.models import ContextFullError
+
     model = Model(tiny_llava)
-    full = "no room for an answer in the model's context of 1024"
-    with pytest.raises(GenerationError, match=full):
+    full = r"is \d+ tokens, which leaves no room for an answer in the model.s context of 1024"
+    with pytest.raises(ContextFullError, match=full):
         model.generate(_question("why " * 1200))
+    # text that no tokenization can fit is refused before tokenizing: megabytes take minutes
+    longest = max(map(len, model.processor.tokenizer.get_vocab()))
+    text = "why " * (1024 * longest // 4 + 1)
+    tokenize, model.processor.apply_chat_template = model.processor.apply_chat_template, None
+    with pytest.raises(ContextFullError, match=f"text is {len(text):,} characters, more than"):
+        model.generate(_question(text))
+    model.processor.apply_chat_template = tokenize
     assert model.generate(_question(), max_new_tokens=2).wait() is not None  # still works
 
 

@@ -192,14 +192,21 @@ def test_max_tokens_gives_length(client):
     assert newer.usage.completion_tokens == 3
 
 
-def test_stop_strings_end_the_answer(client):
-    messages = [user("How many people are there?", picture("orange"))]
+def test_stop_strings_end_the_answer(client, model):
+    question, image = "How many people are there?", picture("orange")
+    messages = [user(question, image)]
     full = ask(client, messages, max_tokens=40).choices[0].message.content
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     expected = full[: full.find(stop)]
     plain = ask(client, messages, max_tokens=40, stop=["never appears", stop])
     assert plain.choices[0].message.content == expected
     assert plain.choices[0].finish_reason == "stop"
+    # the tokens counted are those up to the one that completed the stop string
+    reference = model.generate(Chat(model).messages(question, [image]), max_new_tokens=40)
+    assert reference.wait() == full
+    ids, decode = reference.token_ids, model.processor.decode
+    upto = next(k for k in range(len(ids) + 1) if stop in decode(ids[:k], skip_special_tokens=True))
+    assert plain.usage.completion_tokens == upto
     chunks = list(ask(client, messages, max_tokens=40, stop=stop, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -328,6 +335,7 @@ def test_bad_requests_get_openai_errors(server, client, model):
         headers=headers,
     )
     assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
     wrong_method = httpx.get(url + "/v1/chat/completions", headers=headers)
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
     not_json = httpx.post(url + "/v1/chat/completions", content=b"{", headers=headers)
