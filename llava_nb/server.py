@@ -789,6 +789,10 @@ class _Service:
         options = payload.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
+        if options and not stream:
+            raise ApiError(
+                400, "stream_options is only allowed with stream: true", param="stream_options"
+            )
         return {
             "stream": stream,
             "include_usage": bool(options.get("include_usage")),

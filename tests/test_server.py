@@ -318,6 +318,7 @@ def test_bad_requests_get_openai_errors(server, client, model):
         ({"messages": [user("hi")], "max_tokens": 0}, "max_tokens"),
         ({"messages": [user("hi")], "n": 2}, "n"),
         ({"messages": [user("hi")], "stop": [""]}, "stop"),
+        ({"messages": [user("hi")], "stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [user("hi"), {"role": "assistant", "content": "x"}]}, "messages"),
         (
