@@ -273,6 +273,11 @@ class _Recorder:
         self._model = model
         hf = model.model
         parts = [p for m in messages for p in m["content"] if p.get("type") == "image"]
+        if not parts:
+            raise AttentionError(
+                "attention=True (--attention) maps the answer onto the conversation's images, "
+                "and it has none; ask with an image"
+            )
         if not all(isinstance(p.get("image"), Image.Image) for p in parts):
             raise AttentionError(
                 "attention needs the images as PIL images ({'type': 'image', 'image': img}); "

@@ -392,7 +392,7 @@ class LlavaMagics(Magics):
                 self.shell.user_ns[args.output] = Answer(answer)
             return None
         attention = chat._attention if args.attention else None
-        if args.output:  # before the heatmap, which fails for an answer that saw no image
+        if args.output:  # before the heatmap: a plot that fails must not lose the answer
             self.shell.user_ns[args.output] = Answer(answer, attention)
         if attention is not None:  # the answer stays shown above its heatmap; no cell value
             display(attention.plot())

@@ -264,14 +264,12 @@ def test_output_variable(shell, magics):
     assert "2bad" not in shell.user_ns and len(magics.chats["default"].history) == 1
 
 
-def test_output_variable_is_set_even_when_the_heatmap_fails(shell, magics):
-    try:
-        ask(shell, "", "Hello?")  # loaded: no progress bar below
-        _, cap = ask(shell, "--attention -o reply", "Hello?")  # no image: no heatmap
-        one_error(cap, "saw no image")
-        assert shell.user_ns["reply"] == magics.chats["default"].history[-1].answer
-    finally:
-        shell.user_ns.pop("reply", None)
+def test_attention_without_an_image_is_refused_before_asking(shell, magics):
+    ask(shell, "", "Hello?")  # loaded: no progress bar below
+    turns = list(magics.chats["default"].history)
+    _, cap = ask(shell, "--attention -o reply", "Hello?")  # no image: nothing to map onto
+    one_error(cap, "maps the answer onto the conversation's images, and it has none")
+    assert "reply" not in shell.user_ns and magics.chats["default"].history == turns
 
 
 def test_an_api_error_in_a_cell_shows_one_line(shell, magics, capsys):
