@@ -31,11 +31,23 @@ IMAGE_INPUTS = ("pixel_values", "image_sizes")  # per-image tensors, one row per
 
 
 def image_fingerprints(inputs: dict[str, Any]) -> list[str]:
-    """One hash per image of the prompt, from the processed pixels (CPU tensors)."""
-    pixels = inputs.get("pixel_values")
+    """One hash per image of the prompt, from the processed pixels (CPU tensors) and size.
+
+    LLaVA-NeXT pads every image's tiles with zeros to the most any image of the prompt has:
+    the padding is left out, so an image keeps its hash when a bigger one joins the chat."""
+    pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
     if pixels is None:
         return []
-    return [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).hexdigest() for row in pixels]
+    prints = []
+    for i, row in enumerate(pixels):
+        if row.dim() == 4:  # tiles (normalized pixels are never all exactly zero)
+            real = row.flatten(1).any(dim=1).nonzero()
+            row = row[: int(real.max()) + 1] if len(real) else row
+        digest = hashlib.blake2b(row.numpy().tobytes(), digest_size=16)
+        if sizes is not None:
+            digest.update(sizes[i].numpy().tobytes())
+        prints.append(digest.hexdigest())
+    return prints
 
 
 def _image_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:

@@ -49,6 +49,17 @@ def test_later_turns_reuse_the_conversation_and_answer_as_plain_transformers(kin
         assert lengths[i - 1] <= reused[i] < lengths[i], (reused, lengths)
 
 
+def test_a_bigger_image_joining_a_next_chat_keeps_the_earlier_one_cached(tiny_llava_next):
+    """LLaVA-NeXT pads each image's tiles to the most in the prompt: padding is not a change."""
+    model = Model(tiny_llava_next)
+    chat = Chat(model, max_new_tokens=8)
+    small, big = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (64, 64), "blue")
+    turns = [("What is this?", [small]), ("And this?", [big])]
+    answers = [chat.ask(*turn) for turn in turns]
+    assert model._conversation.reused_tokens >= _prompt_tokens(model, Chat(model), *turns[0])
+    assert answers == _plain_transformers_answers(tiny_llava_next, turns, 8)
+
+
 def test_the_same_words_about_another_image_read_that_image_again(tiny_llava, photo):
     model = Model(tiny_llava)
     Chat(model, max_new_tokens=12).ask("What is this?", image=photo)
