@@ -633,7 +633,11 @@ class Generation:
             return None
         if self.stopped:
             return "interrupted"
-        return "length" if len(self.token_ids) >= self.max_new_tokens else "stop"
+        eos = self._model.model.generation_config.eos_token_id
+        ended = bool(self.token_ids) and self.token_ids[-1] in (
+            eos if isinstance(eos, list) else [eos]
+        )
+        return "length" if len(self.token_ids) >= self.max_new_tokens and not ended else "stop"
 
     def stop(self) -> None:
         """Ask the worker to stop after the current token."""
@@ -704,9 +708,12 @@ class Generation:
                         self.first_token_at = time.perf_counter()
                     self.token_ids.append(value)
                     text = self._decode(self.token_ids).rstrip("\ufffd")  # hold back split bytes
-                elif kind == "end":
+                elif kind == "end":  # done before the last piece: a reader may stop there
                     self.token_ids = value
                     text = self.text = self._decode(value)
+                    wait([self._running])  # the model's lock is free again
+                    self.stopped = self._stop.is_set()
+                    self.done = True
                 else:
                     self.done = True
                     raise _generation_error(value)
@@ -714,9 +721,6 @@ class Generation:
                     yield text[len(emitted) :]
                     emitted = text
                 if kind == "end":
-                    wait([self._running])  # the model's lock is free again
-                    self.stopped = self._stop.is_set()
-                    self.done = True
                     return
         finally:
             self.finished_at = time.perf_counter()

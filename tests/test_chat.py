@@ -102,6 +102,20 @@ def test_leaving_the_stream_early_keeps_a_partial_interrupted_answer(tiny_llava)
     assert len(chat.history) == 2 and not chat.history[-1].interrupted
 
 
+def test_leaving_the_stream_at_its_last_piece_keeps_the_answer_as_shown(tiny_llava):
+    """An answer whose last token ends mid-character shows U+FFFD in its last piece, which
+    comes when the answer is complete: stopping there keeps that answer, not interrupted."""
+    model, question = Model(tiny_llava), "What is in this picture?"
+    answers = {n: Chat(model, max_new_tokens=n).ask(question) for n in range(1, 25)}
+    n, full = next((n, a) for n, a in answers.items() if a.endswith("\ufffd"))
+    chat, shown = Chat(model, max_new_tokens=n), ""
+    for piece in chat.stream(question):
+        shown += piece
+        if shown == full:
+            break
+    assert (chat.history[-1].answer, chat.history[-1].interrupted) == (full, False)
+
+
 def test_keyboard_interrupt_stops_generation_and_keeps_the_chat(tmp_path):
     from llava_nb.testing import make_tiny_llava
 

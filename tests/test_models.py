@@ -472,6 +472,20 @@ def test_finish_reason(tiny_llava):
     next(pieces)
     pieces.close()
     assert long.finish_reason == "interrupted"
+    # an end-of-answer token that is also the last one allowed: the answer ended by itself
+    ids = model.generate(_question(), max_new_tokens=8)
+    ids.wait()
+    end = next(i for i, token in enumerate(ids.token_ids) if token not in ids.token_ids[:i] and i)
+    config = model.model.generation_config
+    eos, config.eos_token_id = config.eos_token_id, ids.token_ids[end]  # as if it were EOS
+    try:
+        for room, reason in ((end + 1, "stop"), (end, "length"), (end + 2, "stop")):
+            ended = model.generate(_question(), max_new_tokens=room)
+            ended.wait()
+            assert ended.token_ids == ids.token_ids[: min(room, end + 1)]
+            assert ended.finish_reason == reason, room
+    finally:
+        config.eos_token_id = eos
 
 
 def test_answers_run_on_one_thread_kept_until_unload(tiny_llava):
