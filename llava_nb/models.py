@@ -353,6 +353,9 @@ class Model:
                 self._state = "loading"
                 try:
                     _on_a_thread_of_its_own(self._load)
+                except KeyboardInterrupt:  # it came during a load that then succeeded: keep it
+                    self._state = "loaded"
+                    raise
                 except BaseException:
                     self._release()
                     raise
@@ -824,7 +827,7 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
 
     An interrupt only reaches the main thread, so it cannot land halfway through importing
     torch or transformers (a half-imported torch cannot be imported again until the kernel
-    restarts); it waits for the work to end, then is raised, and what the work made is dropped.
+    restarts); it waits for the work to end, then is raised (the work's own error first).
     And no OpenMP thread pool outlives the load: bitsandbytes quantizes on the CPU in parallel
     regions, and a pool left on the calling thread sits beside the one each answer's thread
     makes. With more pool threads than cores, libgomp stops letting idle threads spin, and
