@@ -131,8 +131,10 @@ class Chat:
         `attention=True` records where the answer looked: `ln.last_attention()` once it ends.
         """
         self._check_idle("ask")
-        question = question.strip() if isinstance(question, str) else question
-        if not isinstance(question, str) or not question:
+        if not isinstance(question, str):
+            raise LlavaError(f"the question must be text (a str), not {type(question).__name__}")
+        question = question.strip()
+        if not question:
             raise LlavaError("the question is empty; write a question about the image")
         unknown = set(settings) - set(SETTINGS)
         if unknown:

@@ -48,6 +48,7 @@ question text, with {python_variable} interpolation
 %llava panel [CHAT]                 a chat window on CHAT; cells asking CHAT show up there too
 %llava save FILE [CHAT] | open FILE [CHAT]
 %llava config [KEY=VALUE ...]       model, quantization, device, max_new_tokens, temperature, top_p
+            (and a server's remote_model, api_key)
 
 %%llava_finetune [-o VAR]   fine-tune; the body is ln.finetune's arguments as YAML (key: value
             lines; $name is a notebook variable), e.g. data: train.json / max_steps: 200
@@ -581,6 +582,10 @@ class LlavaMagics(Magics):
                     setattr(self, key, self.traits()[key].from_string(value))
                 except Exception as e:
                     raise LlavaError(f"bad value for {key}: {value!r} ({e})") from None
+            if self.device and self.device != before["device"]:  # there, not only well spelled
+                from llava_nb.models import _check_device
+
+                _check_device(self.device)
         except LlavaError:  # all or nothing
             for name, value in before.items():
                 if getattr(self, name) != value:

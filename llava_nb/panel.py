@@ -184,7 +184,9 @@ class ChatPanel(anywidget.AnyWidget):
             status.get("device"),
             status.get("dtype"),
             f"{quantization} quantization" if quantization not in (None, "none") else None,
-            status["state"],
+            f"{status['state']} in {status['load_seconds']:.1f} s"
+            if "load_seconds" in status
+            else status["state"],
         ]
         return " · ".join(str(part) for part in parts if part)
 
@@ -232,6 +234,11 @@ class ChatPanel(anywidget.AnyWidget):
         if len(buffers) != 1:
             raise PanelError(
                 f"{earlier}{name}: expected one image file, got {len(buffers)}; attach again"
+            )
+        if len(buffers[0]) > self.max_upload_bytes:  # the front end's limit, whoever sent it
+            raise PanelError(
+                f"{earlier}{name} is {len(buffers[0]):,} bytes, more than the "
+                f"{self.max_upload_bytes:,} a notebook connection carries; shrink it first"
             )
         try:
             image = load_image(bytes(buffers[0]))  # the same checks and limits as elsewhere

@@ -151,6 +151,7 @@ def test_bad_input_leaves_the_chat_unchanged(tiny_llava, tmp_path):
     broken.write_bytes(b"not a jpeg")
     for question, image, error in [
         ("", None, "the question is empty"),
+        (123, None, r"the question must be text \(a str\), not int"),
         ("What?", str(tmp_path / "missing.png"), "not found"),
         ("What?", str(broken), "not a readable image"),
         ("why " * 1200, None, "no room for an answer in the model's context"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -109,7 +110,7 @@ def test_ask_with_an_image_streams_off_the_main_thread(tiny_llava, photo_bytes):
     assert panel.live_question == {} and panel.live_answer == ""
     assert threads and all(t is not threading.main_thread() for t in threads)
     assert any("loading" in s for s in statuses)  # the status line showed the lazy load
-    assert panel.status.endswith("· loaded") and "· cpu · float32" in panel.status
+    assert re.search(r"· loaded in \d+\.\d s$", panel.status) and "· cpu · float32" in panel.status
     assert panel.error == ""
 
 
@@ -284,7 +285,10 @@ def test_bad_images_and_questions_show_one_line_and_change_nothing(tiny_llava, p
     message(panel, "attach", [photo_bytes], name="hopper.jpg")
     assert len(panel.attachments) == 1
     assert panel.max_upload_bytes == MAX_UPLOAD_BYTES  # the front end refuses bigger files
-    assert chat.history == []
+    panel.max_upload_bytes = len(photo_bytes) - 1  # ... and so does the kernel, from any sender
+    message(panel, "attach", [photo_bytes], name="hopper.jpg")
+    assert panel.error.startswith(f"hopper.jpg is {len(photo_bytes):,} bytes, more than the ")
+    assert len(panel.attachments) == 1 and chat.history == []
 
 
 def test_stop_while_the_model_loads_gives_the_question_back(tiny_llava, photo_bytes):
