@@ -1219,6 +1219,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        redirect_slashes=False,  # a 307 on POST is followed by few clients: say what is wrong
     )
     app.state.llava = service
 
@@ -1230,6 +1231,11 @@ def create_app(
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         where = f"{request.method} {request.url.path}"
         code = None
+        if request.url.path.startswith("/v1"):  # the API's paths are for key holders only
+            try:
+                service.check_key(request)
+            except ApiError as refused:
+                return refused.response()
         if error.status_code == 404:
             message, code = f"no route {where}; this server has {ROUTES}", "not_found"
         elif error.status_code == 405:

@@ -237,6 +237,8 @@ def test_api_key_is_required(server, model):
     error = missing.json()["error"]
     assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"]
     assert set(error) == {"message", "type", "param", "code"}
+    for method, path in (("GET", "/v1/nope"), ("GET", "/v1/chat/completions")):
+        assert httpx.request(method, url + path).status_code == 401  # the key first, as OpenAI
     assert httpx.get(url + "/health").status_code == 200  # health and the page stay open
 
 
@@ -309,6 +311,8 @@ def test_bad_requests_get_openai_errors(server, client, model):
     not_found = httpx.get(url + "/nope", headers=headers)
     assert not_found.status_code == 404
     assert not_found.json()["error"]["code"] == "not_found"
+    slash = httpx.post(url + "/v1/chat/completions/", json={}, headers=headers)
+    assert slash.status_code == 404 and "no route POST /v1/chat/completions/" in slash.text
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=[user("hi")])
     bad = [
