@@ -473,10 +473,16 @@ class LlavaMagics(Magics):
         self._retired.clear()
 
     def _cmd_status(self, args) -> Markdown:
-        status = self._current_model().status()
+        current = self._current_model()
+        status = current.status()
         status["memory"] = _gb(status["memory"])
         chats = ", ".join(f"{n} ({len(c.history)} turns)" for n, c in self.chats.items())
         status["chats"] = chats or "none"
+        others = {id(c.model): c.model for c in self.chats.values() if c.model is not current}
+        loaded = [m for m in others.values() if m.loaded]  # -m MODEL pinned them to chats
+        if loaded:
+            shown = (f"{m.model_id} ({_gb(m.status()['memory'])})" for m in loaded)
+            status["also loaded"] = ", ".join(shown)
         return Markdown("\n".join(f"- **{k}**: {v}" for k, v in status.items() if v is not None))
 
     def _cmd_models(self, args) -> Markdown:

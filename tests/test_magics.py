@@ -324,6 +324,10 @@ def test_model_option_pins_a_chat(shell, magics, tiny_llava, tiny_llava_next):
     assert len(magics.chats["next"].history) == 3
     table = markdown(cmd(shell, "chats")[0])
     assert f"| next | {tiny_llava_next} | 3 |" in table
+    status = markdown(cmd(shell, "status")[0])
+    assert (
+        f"**model**: {tiny_llava}" in status and f"**also loaded**: {tiny_llava_next} (" in status
+    )
 
 
 # ---------------------------------------------------------------- settings
