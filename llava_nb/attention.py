@@ -271,6 +271,7 @@ class _Recorder:
         import torch
 
         self._model = model
+        self._processor, self._model_id = model.processor, model.model_id  # kept past unload()
         hf = model.model
         parts = [p for m in messages for p in m["content"] if p.get("type") == "image"]
         if not parts:
@@ -406,7 +407,7 @@ class _Recorder:
         """The map of the tokens kept (an interrupted answer may have run one step further)."""
         import torch
 
-        processor, n = self._model.processor, len(token_ids)
+        processor, n = self._processor, len(token_ids)
         self._flush()
         if len(self._steps) < n:
             raise AttentionError(
@@ -430,7 +431,7 @@ class _Recorder:
             ],
             images=self._images,
             geometry=self._geometry,
-            model_id=self._model.model_id,
+            model_id=self._model_id,
         )
         _remember(attention)
         return attention

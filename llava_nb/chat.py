@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import threading
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class Chat:
         self._attention: Any = None  # the AttentionMap of the last answer asked with attention
         self._listeners: list[Callable[[str, Turn | None, str], None]] = []
         self._answering: weakref.ref | None = None  # the answer being read, while it is
+        self._asking = threading.Lock()  # held while a question is set up (model load included)
 
     def __repr__(self) -> str:
         return f"Chat(model={self.model.model_id!r}, turns={len(self._turns)})"
@@ -130,7 +132,12 @@ class Chat:
         (KeyboardInterrupt, or leaving the loop) keeps the partial answer, marked interrupted.
         `attention=True` records where the answer looked: `ln.last_attention()` once it ends.
         """
-        self._check_idle("ask")
+        with self._idle("ask"):
+            return self._start(question, image, attention, settings)
+
+    def _start(
+        self, question: str, image: Any, attention: bool, settings: dict[str, Any]
+    ) -> Iterator[str]:
         if not isinstance(question, str):
             raise LlavaError(f"the question must be text (a str), not {type(question).__name__}")
         question = question.strip()
@@ -153,16 +160,24 @@ class Chat:
         self._answering = weakref.ref(pieces)
         return pieces
 
-    def _check_idle(self, action: str) -> None:
+    @contextlib.contextmanager
+    def _idle(self, action: str) -> Iterator[None]:
         """One question at a time: the next one is built from the history the last one ends,
-        and an undo or reset must not land under an answer being written (a panel's, or
-        another thread's). An answer handed out and dropped unread does not count."""
-        pieces = self._answering() if self._answering is not None else None
-        if pieces is not None and pieces.gi_frame is not None:  # not finished, nor closed
-            raise LlavaError(
-                f"this chat is still answering a question (in a panel, or on another thread); "
-                f"{action} once it is done, or stop it first"
-            )
+        and an undo or reset must not land under an answer being set up or written (a panel's,
+        or another thread's). An answer handed out and dropped unread does not count."""
+        busy = LlavaError(
+            f"this chat is still answering a question (in a panel, or on another thread); "
+            f"{action} once it is done, or stop it first"
+        )
+        if not self._asking.acquire(blocking=False):
+            raise busy
+        try:
+            pieces = self._answering() if self._answering is not None else None
+            if pieces is not None and pieces.gi_frame is not None:  # not finished, nor closed
+                raise busy
+            yield
+        finally:
+            self._asking.release()
 
     def _record(self, generation, turn: Turn) -> Iterator[str]:
         self._notify("start", turn)
@@ -194,7 +209,9 @@ class Chat:
         With `attention=True` the answer's `.attention` is its `AttentionMap`: one map over
         every image of the conversation; pick one with `image=` (-1: the latest).
         """
-        with closing(self.stream(question, image, attention=attention, **settings)) as pieces:
+        with contextlib.closing(
+            self.stream(question, image, attention=attention, **settings)
+        ) as pieces:
             for _ in pieces:
                 pass
         return Answer(self._turns[-1].answer, self._attention)
@@ -221,15 +238,15 @@ class Chat:
 
     def undo(self) -> Turn | None:
         """Remove the last turn (question and answer) and return it."""
-        self._check_idle("undo")
-        turn = self._turns.pop() if self._turns else None
+        with self._idle("undo"):
+            turn = self._turns.pop() if self._turns else None
         self._notify("undo", turn)
         return turn
 
     def reset(self) -> None:
         """Forget every turn; the model and settings stay."""
-        self._check_idle("reset")
-        self._turns.clear()
+        with self._idle("reset"):
+            self._turns.clear()
         self._notify("reset")
 
     def save(self, path: str | os.PathLike) -> str:

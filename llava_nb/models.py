@@ -35,6 +35,9 @@ DEMO_MODEL = "demo"  # the offline demo model (llava_nb.demo), built on first us
 FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}
 QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
 _generator_made = threading.Lock()  # guards making and dropping a model's generation thread
+# One load at a time in the process: two first loads at once each import transformers, and the
+# second read names from the half-imported package (ImportError).
+_one_load = threading.Lock()
 # Set when the interpreter starts to exit, before it joins threads (ours among them): an answer
 # the main thread left half-read then stops, instead of holding the exit until it is whole.
 _exiting = threading.Event()
@@ -309,6 +312,7 @@ class Model:
         self._decoder: Any = None  # decoding.StaticDecoder: static KV cache, CUDA graph
         self._weights_version = 0  # bumped whenever the weights change (adapters): stale caches
         self._generator: ThreadPoolExecutor | None = None  # the thread answers run on
+        self._answers: weakref.WeakSet[Generation] = weakref.WeakSet()  # started, not ended
 
     def _generation_thread(self) -> ThreadPoolExecutor:
         """The one thread this model's answers run on, kept until it is unloaded. A thread per
@@ -372,6 +376,10 @@ class Model:
         return self
 
     def _load(self) -> None:
+        with _one_load:
+            self._load_now()
+
+    def _load_now(self) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -442,7 +450,10 @@ class Model:
         return "4bit" if 1.2 * _fp16_bytes(config) > free else "none"
 
     def unload(self) -> None:
-        """Drop the weights and give their memory back (GPU memory included)."""
+        """Drop the weights and give their memory back (GPU memory included). An answer being
+        written stops after its current token and keeps what it wrote, marked interrupted."""
+        for answer in list(self._answers):
+            answer.stop()
         with self._lock:
             self._release()
 
@@ -617,6 +628,9 @@ class Generation:
         self, model: Model, inputs, options: dict[str, Any], seed: int | None, recorder=None
     ) -> None:
         self._model = model
+        self._processor = model.processor  # kept: the answer decodes to its end after unload()
+        eos = model.model.generation_config.eos_token_id
+        self._ends = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._recorder = recorder  # attention capture (llava_nb.attention), or None
         self._attention = None
         self.adapter: str | None = None  # switched to in the worker, holding the model's lock
@@ -645,10 +659,7 @@ class Generation:
             return None
         if self.stopped:
             return "interrupted"
-        eos = self._model.model.generation_config.eos_token_id
-        ended = bool(self.token_ids) and self.token_ids[-1] in (
-            eos if isinstance(eos, list) else [eos]
-        )
+        ended = bool(self.token_ids) and self.token_ids[-1] in self._ends
         return "length" if len(self.token_ids) >= self.max_new_tokens and not ended else "stop"
 
     def stop(self) -> None:
@@ -663,8 +674,14 @@ class Generation:
         from transformers import StoppingCriteriaList
 
         try:
-            recording = self._recorder or contextlib.nullcontext()
-            with self._model._lock, torch.inference_mode(), recording:
+            with contextlib.ExitStack() as held:
+                held.enter_context(self._model._lock)
+                if self._model.model is None:  # unloaded since it was asked
+                    raise GenerationError(
+                        f"{self._model.model_id} was unloaded before this answer began; ask again"
+                    )
+                held.enter_context(torch.inference_mode())
+                held.enter_context(self._recorder or contextlib.nullcontext())
                 _activate_adapter(self._model, self.adapter)
                 if seed is not None:
                     torch.manual_seed(seed)
@@ -702,7 +719,7 @@ class Generation:
             self._queue.put(("error", e))
 
     def _decode(self, ids: list[int]) -> str:
-        return self._model.processor.decode(ids, skip_special_tokens=True)
+        return self._processor.decode(ids, skip_special_tokens=True)
 
     def __iter__(self) -> Iterator[str]:
         if self.done:
@@ -711,6 +728,7 @@ class Generation:
         self.started_at = time.perf_counter()
         job, self._job = self._job, None
         reader = threading.current_thread()
+        self._model._answers.add(self)
         self._running = self._model._generation_thread().submit(self._run, *job, reader)
         try:
             while True:
@@ -723,7 +741,7 @@ class Generation:
                 elif kind == "end":  # done before the last piece: a reader may stop there
                     self.token_ids = value
                     text = self.text = self._decode(value)
-                    wait([self._running])  # the model's lock is free again
+                    _wait_through_interrupts(self._running)  # the model's lock is free again
                     self.stopped = self._stop.is_set()
                     self.done = True
                 else:
@@ -736,9 +754,10 @@ class Generation:
                     return
         finally:
             self.finished_at = time.perf_counter()
+            self._model._answers.discard(self)
             if not self.done:  # interrupted, stopped or abandoned: keep what we have
                 self._stop.set()
-                wait([self._running])
+                _wait_through_interrupts(self._running)  # a second Stop must not lose it
                 self.stopped = True
                 # as shown: a character cut in half by the stop is not kept as U+FFFD
                 self.text = self._decode(self.token_ids).rstrip("\ufffd")
@@ -874,6 +893,17 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
         outcome.clear()  # not kept alive by this frame in the interrupt's traceback
         raise interrupted
     return outcome.pop("value")  # the thread's closure keeps no reference to it
+
+
+def _wait_through_interrupts(running) -> None:
+    """Wait for the worker (stopping within a token); a KeyboardInterrupt meanwhile (Stop
+    pressed again) is ignored: the answer is already ending, and is kept once it has."""
+    while True:
+        try:
+            wait([running])
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _generation_error(error: BaseException) -> BaseException:

@@ -133,6 +133,29 @@ def test_keyboard_interrupt_stops_generation_and_keeps_the_chat(tmp_path):
     assert chat.ask("Short answer?", max_new_tokens=2) == chat.history[-1].answer
 
 
+def test_two_threads_asking_one_chat_get_one_answer_and_one_refusal(tiny_llava):
+    model = Model(tiny_llava)
+    chat = Chat(model, max_new_tokens=4)
+    ready = threading.Barrier(2)
+    outcomes = []
+
+    def ask(question: str) -> None:
+        ready.wait()
+        try:
+            outcomes.append(chat.ask(question))  # the first also loads the model
+        except LlavaError as e:
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in ("First?", "Second?")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    refused = [o for o in outcomes if isinstance(o, LlavaError)]
+    assert len(outcomes) == 2 and len(refused) == 1 and len(chat.history) == 1
+    assert "this chat is still answering a question" in str(refused[0])
+
+
 def test_settings_per_chat_and_per_question(tiny_llava):
     chat = Chat(tiny_llava, max_new_tokens=3, temperature=0.7, seed=1)
     assert chat.settings == {"max_new_tokens": 3, "temperature": 0.7, "top_p": 1.0, "seed": 1}

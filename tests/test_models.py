@@ -427,6 +427,68 @@ def test_an_interrupt_during_the_first_load_leaves_the_libraries_whole(tiny_llav
     assert "llava_nb: stopping once loading ends (it cannot stop halfway)" in done.stderr
 
 
+TWO_FIRST_LOADS = """
+import sys, threading, time
+import llava_nb as ln
+models = [ln.Model(path) for path in sys.argv[1:]]
+threads = [threading.Thread(target=m.load) for m in models]
+for thread in threads:  # the second while the first still imports transformers
+    thread.start()
+    time.sleep(0.2)
+for thread in threads:
+    thread.join()
+print("loaded:", [m.loaded for m in models])
+"""
+
+
+def test_two_first_loads_at_once_both_load(tiny_llava, tiny_llava_next, tmp_path):
+    import os
+    import subprocess
+
+    script = tmp_path / "two.py"
+    script.write_text(TWO_FIRST_LOADS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), tiny_llava, tiny_llava_next],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert "loaded: [True, True]" in done.stdout, done.stderr[-3000:]
+
+
+def test_unload_stops_an_answer_and_keeps_it(tiny_llava):
+    from llava_nb.chat import Chat
+
+    model = Model(tiny_llava)
+    chat = Chat(model, max_new_tokens=500)
+    pieces = chat.stream("Tell me a long story.")
+    shown = next(pieces)
+    model.unload()  # stops it within a token; what it wrote is still read and kept
+    shown += "".join(pieces)
+    turn = chat.history[-1]
+    assert not model.loaded and turn.interrupted and turn.answer == shown
+    waiting = chat.stream("Handed out before the unload?")
+    model.unload()
+    with pytest.raises(GenerationError, match="was unloaded before this answer began; ask"):
+        list(waiting)
+    assert chat.history == [turn] and chat.ask("Again?", max_new_tokens=2)  # loads again
+
+
+def test_a_second_interrupt_waits_for_the_answer_to_end():
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llava_nb.models import _wait_through_interrupts
+
+    main = threading.main_thread().ident
+    with ThreadPoolExecutor(1) as pool:
+        ending = pool.submit(time.sleep, 0.5)  # an answer stopping after its current token
+        threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGINT)).start()  # Stop again
+        _wait_through_interrupts(ending)  # no KeyboardInterrupt: it waits the answer out
+        assert ending.done()
+
+
 @pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
 def test_unload_gives_the_memory_back(tmp_path_factory, quantization):
     """Resident memory, measured: load/unload cycles (after a first one that imports the
