@@ -699,6 +699,8 @@ class _Service:
             return "ok"
         if self.load_error is not None:
             return "error"
+        if self._loader is None or not self._loader.is_alive():
+            return "unloaded"  # unloaded by the notebook serving it: loads with the next request
         return "loading"
 
     def check_ready(self) -> None:

@@ -385,6 +385,12 @@ def test_503_while_the_model_loads(tiny_llava):
                 model=fresh.model_id, messages=[user("hi")], max_tokens=3
             )
             assert answer.usage.completion_tokens <= 3
+            fresh.unload()  # by the notebook serving it: nothing loads until a request comes
+            health = httpx.get(url + "/health")
+            assert health.status_code == 503 and health.json()["status"] == "unloaded"
+            with pytest.raises(openai.InternalServerError, match="loading"):
+                c.chat.completions.create(model=fresh.model_id, messages=[user("hi")])
+            wait_for(lambda: httpx.get(url + "/health").status_code == 200, what="the reload")
     finally:
         if held:
             fresh._lock.release()
