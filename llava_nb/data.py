@@ -137,7 +137,9 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int | slice) -> Sample | Dataset:
+        if isinstance(index, slice):  # data[:100]: still a Dataset, to validate or train on
+            return Dataset(self.samples[index], self.source)
         return self.samples[index]
 
     def __iter__(self) -> Iterator[Sample]:
@@ -297,9 +299,8 @@ def _read_file(path: Path) -> list[Any]:
         elif suffix == ".jsonl":
             records = _jsonl(text, path)
         elif suffix in (".csv", ".tsv"):
-            records = list(
-                csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-            )
+            delimiter = "\t" if suffix == ".tsv" else ","
+            records = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
         else:
             raise DataError(f"data file '{path}' has an unknown format; use .json, .jsonl or .csv")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
@@ -327,7 +328,7 @@ def _unwrap(records: Any) -> Any:
 def _jsonl(text: str, path: Path) -> list[Any]:
     """Each line on its own, so that an error names the file's line, not column 1 of "line 1"."""
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not at U+2028, as splitlines
         if not line.strip():
             continue
         try:
@@ -346,9 +347,12 @@ def _sample(record: Any, index: int, base: Path | None, prompt: str) -> Sample:
     ident = str(record.get("id", index))
     try:
         if "messages" in record and "conversations" not in record:
+            inline = _inline_images(record["messages"])  # {"type": "image", "image": img}
+            if inline and not any(record.get(k) not in (None, "") for k in _IMAGE_KEYS):
+                record = {**record, "images": inline}
             record = {**record, "conversations": _as_conversations(record["messages"])}
         if "conversations" in record:
-            return Sample(ident, _conversation(record, base))
+            return Sample(ident, _conversation(record, base, prompt))
         return Sample(ident, [_flat(record, base, prompt)])
     except _RowError as e:
         return Sample(ident, [], str(e))
@@ -390,6 +394,8 @@ def _string(value: Any, what: str) -> str:
     """Text as given; numbers become text (counting questions have answers like 3)."""
     if isinstance(value, float) and value != value:  # NaN: an empty cell of a DataFrame
         return ""
+    if isinstance(value, float) and value.is_integer():  # a DataFrame's ints, once a cell is empty
+        return str(int(value))
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if value is None or isinstance(value, str):
@@ -413,12 +419,24 @@ def _flat(record: dict, base: Path | None, prompt: str) -> SampleTurn:
             f"no answer; give one of the columns {', '.join(_ANSWER_KEYS)} (found columns: {found})"
         )
     answer = _text(record[answer_key], answer_key)
-    key = next((k for k in ("question", "prompt") if record.get(k) not in (None, "")), None)
+    key = next((k for k in ("question", "prompt") if _string(record.get(k), k).strip()), None)
     question = _text(record[key], key) if key else prompt
     question = question.replace(IMAGE_TAG, "").strip() or prompt
     if not images:
         raise _RowError("no image; give an 'image' column")
     return SampleTurn(question, images, answer)
+
+
+def _inline_images(messages: Any) -> list[Any]:
+    """The images that chat messages carry in their image parts, in order."""
+    parts = [
+        part
+        for message in (messages if isinstance(messages, list) else [])
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image"
+    ]
+    return [p.get("image") for p in parts if p.get("image") is not None]
 
 
 def _as_conversations(messages: Any) -> Any:
@@ -427,7 +445,7 @@ def _as_conversations(messages: Any) -> Any:
     System messages go before the first question, as `llava-nb serve` puts them: LLaVA's chat
     templates have no system turn."""
     if not isinstance(messages, list):
-        return messages  # reported by _conversation
+        raise _RowError(f"messages is a {type(messages).__name__}; use a list of messages")
     turns, system = [], []
     for message in messages:
         if not isinstance(message, dict) or "content" not in message:
@@ -450,7 +468,7 @@ def _as_conversations(messages: Any) -> Any:
     return turns
 
 
-def _conversation(record: dict, base: Path | None) -> list[SampleTurn]:
+def _conversation(record: dict, base: Path | None, prompt: str) -> list[SampleTurn]:
     images = _images_of(record, base)
     conversation = record["conversations"]
     if not isinstance(conversation, list) or not conversation:
@@ -468,10 +486,13 @@ def _conversation(record: dict, base: Path | None) -> list[SampleTurn]:
             )
         value = message["value"]
         if role == "user":
-            value = _string(value, f"question in turn {position}")
+            what = f"question in turn {position}"
+            value = _string(value, what)
             count = value.count(IMAGE_TAG)
             tags += count
-            question = _text(value.replace(IMAGE_TAG, ""), f"question in turn {position}")
+            if count and not value.replace(IMAGE_TAG, "").strip():  # images alone: as a flat row
+                value = prompt
+            question = _text(value.replace(IMAGE_TAG, ""), what)
             turns.append(SampleTurn(question, images[tags - count : tags]))
         else:
             turns[-1].answer = _text(value, f"answer in turn {position}")

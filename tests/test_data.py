@@ -136,6 +136,13 @@ def test_chat_messages_rows_load_as_conversations(images):
             "images": [str(images / "red.png")],
         },
         {"messages": [{"role": "user", "content": "Hi"}, "nonsense"], "images": []},
+        {  # the images inside the messages' image parts
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": str(images / "red.png")}]},
+                {"role": "assistant", "content": "Red."},
+            ],
+        },
+        {"messages": "Hi", "images": []},
         {"image": {"bytes": b"not a picture", "path": None}, "question": "Hue?", "answer": "?"},
     ]
     data = ln.data.load(rows)
@@ -147,10 +154,12 @@ def test_chat_messages_rows_load_as_conversations(images):
     assert data[1].turns[0].images[0].getpixel((0, 0)) == (0, 128, 0)
     assert [(t.question, t.answer) for t in data[2].turns] == [("Be brief.\n\nHue?", "Red.")]
     assert data[2].turns[0].images == [str(images / "red.png")]
+    assert [(t.answer, t.images) for t in data[4].turns] == [("Red.", [str(images / "red.png")])]
     report = data.validate()
-    assert [p.row for p in report.problems] == [3, 4]
+    assert [p.row for p in report.problems] == [3, 5, 6]
     assert "malformed" in report.problems[0].message
-    assert "not a readable image" in report.problems[1].message
+    assert report.problems[1].message == "messages is a str; use a list of messages"
+    assert "not a readable image" in report.problems[2].message
 
 
 def test_validate_with_a_model_finds_rows_too_long(images, tiny_llava):
@@ -170,16 +179,21 @@ def test_csv_jsonl_list_and_caption_folder(images, tmp_path):
         writer = csv.writer(f)
         writer.writerow(["image", "question", "answer"])
         writer.writerow(["images/red.png", "Color?", "Red."])
+        writer.writerow(["images/red.png", "Lines?", "Line one\nline two, and\u2028more."])
     data = ln.data.load(tmp_path / "rows.csv")  # relative to the file's folder
     assert data[0].turns[0].images == [str(tmp_path / "images" / "red.png")]
-    assert data.validate().ok
+    assert data.validate().ok and len(data) == 2  # a quoted line break is the answer's
+    assert data[1].turns[0].answer == "Line one\nline two, and\u2028more."
 
-    (tmp_path / "rows.jsonl").write_text(
-        json.dumps({"image": "blue.png", "caption": "A blue square."}) + "\n"
-    )
+    rows = [
+        {"image": "blue.png", "caption": "A blue square."},
+        {"image": "red.png", "caption": "A\u2028B"},
+    ]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     data = ln.data.load(tmp_path / "rows.jsonl", image_folder=images)
     turn = data[0].turns[0]
     assert (turn.question, turn.answer) == (ln.data.CAPTION_PROMPT, "A blue square.")
+    assert data[1].turns[0].answer == "A\u2028B"  # a line break in a JSON string is text
 
     picture = Image.new("RGB", (8, 8), "green")
     data = ln.data.load([{"image": picture, "question": "Q?", "answer": "A."}])
@@ -240,6 +254,7 @@ def test_numbers_are_text_and_other_values_are_named(images):
             {"image": red, "answer": True},
             {"image": red, "question": {"q": 1}, "answer": "x"},
             {"image": red, "answer": float("nan")},  # an empty cell of a DataFrame
+            {"image": red, "question": float("nan"), "answer": 2.0},  # a column with a gap
             {
                 "image": red,
                 "conversations": [{"from": "human", "value": 7}, {"from": "gpt", "value": 8}],
@@ -257,7 +272,8 @@ def test_numbers_are_text_and_other_values_are_named(images):
         "answer is empty",
         'has an image but no "<image>" in its first question',
     ]
-    assert data[6].problem and "not text" not in data[6].problem
+    assert [(t.question, t.answer) for t in data[6].turns] == [(ln.data.CAPTION_PROMPT, "2")]
+    assert data[7].problem and "not text" not in data[7].problem
 
 
 def test_a_row_with_no_usable_column_names_the_columns_found(tmp_path):
@@ -286,6 +302,9 @@ def test_split_is_seeded_and_keeps_both_sides(images):
     data = ln.data.load(rows)
     train, held = data.split(0.2, seed=1)
     assert (len(train), len(held)) == (8, 2)
+    assert isinstance(data[:4], ln.data.Dataset) and [s.id for s in data[:4]] == [
+        s.id for s in list(data)[:4]
+    ]
     assert [s.id for s in data.split(0.2, seed=1)[1]] == [s.id for s in held]
     assert data.fingerprint() != train.fingerprint()
     with pytest.raises(DataError, match="cannot split"):
