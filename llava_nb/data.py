@@ -189,6 +189,9 @@ class Dataset:
         an image was given, empty or malformed turns, and (with a model: `Model`, id or folder)
         rows longer than `max_length` tokens (default: the model's context) after tokenization.
         """
+        whole = isinstance(max_length, int) and not isinstance(max_length, bool)
+        if max_length is not None and not (whole and max_length >= 1):
+            raise DataError(f"max_length must be a whole number >= 1, got {max_length!r}")
         problems: list[Problem] = []
         readable: dict[str, str | None] = {}
         for index, sample in enumerate(self.samples):

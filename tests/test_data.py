@@ -172,6 +172,9 @@ def test_validate_with_a_model_finds_rows_too_long(images, tiny_llava):
     assert report.problems[0].message.startswith("too long:")
     assert "limit 1024" in report.problems[0].message
     assert ln.data.load(rows).validate(tiny_llava, max_length=10).usable == 0
+    for bad in (0, -5, 2.5, True, "100"):
+        with pytest.raises(DataError, match=f"max_length must be a whole number >= 1, got {bad!r}"):
+            ln.data.load(rows).validate(tiny_llava, max_length=bad)
 
 
 def test_csv_jsonl_list_and_caption_folder(images, tmp_path):

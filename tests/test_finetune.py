@@ -267,8 +267,12 @@ def test_merge_and_compare(run, tiny_llava, tmp_path):
     assert torch.allclose(logits(full, batch), logits(reference, batch), atol=1e-4)
     with pytest.raises(AdapterError, match="not empty"):
         ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged")
-    with pytest.raises(AdapterError, match="config.json' is a file; choose another folder"):
+    with pytest.raises(AdapterError, match=r"config.json' is a file\); choose another folder"):
         ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged" / "config.json" / "x")
+    with pytest.raises(AdapterError, match=r"'/proc/llava_nb' cannot be written \(.*\); choose"):
+        ln.merge_adapter(tiny_llava, run.adapter_path, "/proc/llava_nb")  # not even as root
+    with pytest.raises(AdapterError, match="output_dir must be a folder path, got None"):
+        ln.merge_adapter(tiny_llava, run.adapter_path, None)
 
     comparison = ln.compare(tiny_llava, run.adapter_path, [(QUESTION, square("red"))])
     (row,) = comparison.rows
@@ -359,7 +363,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     with pytest.raises(FinetuneError, match="not empty and holds no llava_nb run"):
         ln.finetune(tiny_llava, data, **{**parts, "output_dir": tmp_path / "other"})
     for file in (tmp_path / "other" / "notes.txt", tmp_path / "other" / "notes.txt" / "run"):
-        with pytest.raises(FinetuneError, match="notes.txt' is a file; choose another output_dir"):
+        with pytest.raises(FinetuneError, match=r"notes.txt' is a file\); choose another output_"):
             ln.finetune(tiny_llava, data, **{**parts, "output_dir": file})
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
@@ -384,8 +388,11 @@ def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), dropout=1.5)
     with pytest.raises(FinetuneError, match="lr must be a number > 0, got 'abc'"):
         ln.finetune(tiny_llava, squares(3), lr="abc")
-    with pytest.raises(FinetuneError, match="seed must be a whole number, got 'abc'"):
-        ln.finetune(tiny_llava, squares(3), seed="abc")
+    for seed in ("abc", -1, 2**32):
+        with pytest.raises(FinetuneError, match=rf"seed must be a whole .* got {seed!r}"):
+            ln.finetune(tiny_llava, squares(3), seed=seed)
+    with pytest.raises(FinetuneError, match=r"'/proc/llava_nb/run' cannot be written \("):
+        ln.finetune(tiny_llava, squares(3), output_dir="/proc/llava_nb/run")
     with pytest.raises(FinetuneError, match="output_dir must be a folder path, got None"):
         ln.finetune(tiny_llava, squares(3), output_dir=None)
     with pytest.raises(FinetuneError, match="group_by_length must be True or False, got 'no'"):

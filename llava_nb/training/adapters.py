@@ -180,18 +180,19 @@ def merge_adapter(model: Any, adapter: str | os.PathLike, output_dir: str | os.P
     from llava_nb.models import _pick_dtype, pick_device
     from llava_nb.training.train import (
         base_id,
-        file_in_the_way,
         load_processor_and_config,
         quiet_loading,
+        unwritable,
     )
 
     folder = check_adapter(adapter)
+    if not isinstance(output_dir, str | os.PathLike) or not str(output_dir).strip():
+        raise AdapterError(f"output_dir must be a folder path, got {output_dir!r}")
     out = Path(output_dir).expanduser()
-    blocked = file_in_the_way(out)
-    if blocked is not None:
+    why = unwritable(out)
+    if why is not None:
         raise AdapterError(
-            f"output folder '{output_dir}' cannot be made: '{blocked}' is a file; choose "
-            "another folder"
+            f"output folder '{output_dir}' cannot be written ({why}); choose another folder"
         )
     if out.exists() and any(out.iterdir()):
         raise AdapterError(f"output folder '{output_dir}' is not empty; choose a new folder")

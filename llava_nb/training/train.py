@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -234,18 +235,31 @@ def _write_run(output_dir: Path, record: dict[str, Any]) -> None:
     os.replace(temporary, output_dir / RUN_FILE)
 
 
-def file_in_the_way(folder: Path) -> Path | None:
-    """A file at `folder` or at one of its parents: the folder can never be made there."""
-    return next((p for p in (folder, *folder.parents) if p.is_file()), None)
+def unwritable(folder: Path) -> str | None:
+    """Why `folder` cannot be made or written in (a file in the way, no permission, a read-only
+    disk), found before any work; None if it can. A folder made to find out is removed."""
+    blocked = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    if blocked is not None:
+        return f"'{blocked}' is a file"
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return first_line(e)
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    return None
 
 
 def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The earlier record of this same run (to resume), None for a fresh folder; else an error."""
-    blocked = file_in_the_way(output_dir)
-    if blocked is not None:
+    why = unwritable(output_dir)
+    if why is not None:
         raise FinetuneError(
-            f"output_dir '{output_dir}' cannot be a folder: '{blocked}' is a file; choose "
-            "another output_dir"
+            f"output_dir '{output_dir}' cannot be written ({why}); choose another output_dir"
         )
     record = _read_run(output_dir)
     if record is None:
@@ -434,8 +448,8 @@ def finetune(
         },
         {"train_vision": train_vision, "group_by_length": group_by_length, "progress": progress},
     )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise FinetuneError(f"seed must be a whole number, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise FinetuneError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     if not isinstance(output_dir, str | os.PathLike) or not str(output_dir).strip():
         raise FinetuneError(f"output_dir must be a folder path, got {output_dir!r}")
     if model is None:
