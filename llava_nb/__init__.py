@@ -10,6 +10,7 @@ Importing this package is cheap: torch and transformers load with the first mode
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
 
 from llava_nb.errors import LlavaError
@@ -47,6 +48,15 @@ _LAZY = {
     "merge_adapter": "llava_nb.training.adapters",
     "compare": "llava_nb.training.adapters",
 }
+
+
+def _quiet_optional_kernels(record: logging.LogRecord) -> bool:
+    """bitsandbytes warns when imported (by us or by peft), on some CPUs, that an optional kernel
+    from the Hugging Face hub (the `kernels` package) is missing; it runs without it."""
+    return "from kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_optional_kernels)
 
 if TYPE_CHECKING:
     from llava_nb import data, demo, testing

@@ -229,9 +229,6 @@ def _fp16_bytes(config) -> int:
 def _import_bitsandbytes() -> None:
     """Import bitsandbytes here, not inside `from_pretrained`: frames captured while it is
     first imported would otherwise keep the first quantized model alive after `unload()`."""
-    cpu_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if _quiet_optional_kernels not in cpu_logger.filters:
-        cpu_logger.addFilter(_quiet_optional_kernels)
     try:
         import bitsandbytes  # noqa: F401
         import transformers.integrations.bitsandbytes  # noqa: F401
@@ -241,12 +238,6 @@ def _import_bitsandbytes() -> None:
     int8_logger = logging.getLogger("bitsandbytes.autograd._functions")
     if _quiet_int8_casts not in int8_logger.filters:
         int8_logger.addFilter(_quiet_int8_casts)
-
-
-def _quiet_optional_kernels(record: logging.LogRecord) -> bool:
-    """bitsandbytes warns on import, on some CPUs, that an optional kernel from the Hugging Face
-    hub (the `kernels` package) is missing; 4-bit runs without it."""
-    return "from kernels-community" not in record.getMessage()
 
 
 def _quiet_int8_casts(record: logging.LogRecord) -> bool:

@@ -691,7 +691,7 @@ def test_finetune_notebook_runs_offline(tmp_path):
     training = by_source["run = ln.finetune("]
     (shown,) = texts(training, "display_data")
     html = shown.data["text/html"]
-    assert "step 40/40" in html and "eval loss" in html and "data:image/png;base64" in html
+    assert "step 150/150" in html and "eval loss" in html and "data:image/png;base64" in html
     assert "FinetuneRun(" in texts(training, "execute_result")[0].data["text/plain"]
 
     metrics = by_source['run.metrics["first_eval_loss"], run.metrics["eval_loss"]']
@@ -699,10 +699,13 @@ def test_finetune_notebook_runs_offline(tmp_path):
     assert last < first
 
     comparison = texts(
-        by_source["ln.compare(MODEL, run.adapter_path, held_out, max_new_tokens=8)"],
+        by_source["ln.compare(MODEL, run.adapter_path, held_out, max_new_tokens=12)"],
         "execute_result",
     )[0]
     assert "<table>" in comparison.data["text/html"]
+    # 150 steps teach the tiny model the colours: the tuned chat names the blue square's
+    tuned = texts(by_source["chat = ln.Chat(MODEL, max_new_tokens=12)"], "execute_result")[0]
+    assert "It is blue." in json.dumps(tuned.data)
     aligned = texts(by_source["%%llava_finetune"], "execute_result")[0].data["text/plain"]
     assert "finished, step=3/3" in aligned
     assert not [o for o in by_source["%%llava_finetune"].outputs if o.get("name") == "stderr"]

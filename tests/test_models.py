@@ -291,6 +291,14 @@ def test_importing_llava_nb_stays_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_bitsandbytes_optional_kernel_warning_is_kept_out_of_cells():
+    import subprocess
+
+    code = "import llava_nb, peft, bitsandbytes"  # peft imports it for LoRA, 4-bit or not
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in out.stderr + out.stdout
+
+
 def test_llava_error_is_the_base_of_model_errors():
     assert issubclass(ModelError, LlavaError) and issubclass(GenerationError, LlavaError)
 
