@@ -476,7 +476,7 @@ class LlavaMagics(Magics):
         current = self._current_model()
         status = current.status()
         status["memory"] = _gb(status["memory"])
-        chats = ", ".join(f"{n} ({len(c.history)} turns)" for n, c in self.chats.items())
+        chats = ", ".join(f"{n} ({_turns(c)})" for n, c in self.chats.items())
         status["chats"] = chats or "none"
         others = {id(c.model): c.model for c in self.chats.values() if c.model is not current}
         loaded = [m for m in others.values() if m.loaded]  # -m MODEL pinned them to chats
@@ -554,7 +554,7 @@ class LlavaMagics(Magics):
     def _cmd_save(self, args) -> None:
         chat = self._existing(args.chat)
         path = chat.save(args.file)
-        print(f"llava_nb: saved chat '{args.chat}' ({len(chat.history)} turns) to {path}")
+        print(f"llava_nb: saved chat '{args.chat}' ({_turns(chat)}) to {path}")
 
     def _cmd_open(self, args) -> None:
         from llava_nb.chat import Chat
@@ -573,7 +573,7 @@ class LlavaMagics(Magics):
         else:
             self.pinned.add(args.chat)
         self.chats[args.chat] = chat
-        print(f"llava_nb: opened {args.file} as chat '{args.chat}' ({len(chat.history)} turns)")
+        print(f"llava_nb: opened {args.file} as chat '{args.chat}' ({_turns(chat)})")
 
     def _cmd_config(self, args):
         names = self.class_trait_names(config=True)
@@ -603,6 +603,11 @@ class LlavaMagics(Magics):
                 for n in names
             }
             return _table([{"key": n, "value": value} for n, value in shown.items()])
+
+
+def _turns(chat) -> str:
+    n = len(chat.history)
+    return f"{n} turn" if n == 1 else f"{n} turns"
 
 
 def register(shell) -> None:

@@ -414,7 +414,7 @@ def test_load_unload_status(shell, magics, tiny_llava):
     assert "**device**: cpu" in status and "**dtype**: float32" in status
     memory = status.split("**memory**: ")[1].split()[0]
     assert float(memory) > 0
-    assert "**chats**: default (1 turns)" in status
+    assert "**chats**: default (1 turn)" in status
     model = magics.current
     _, cap = cmd(shell, "unload")
     assert cap.stdout.strip() == f"llava_nb: unloaded {tiny_llava}"
@@ -616,7 +616,7 @@ def test_open_never_replaces_a_chat_with_turns(shell, magics, tmp_path):
         one_error(cap, *fragments)
     assert snapshot(magics) == before
     _, cap = cmd(shell, f"open {path} copy")  # a new chat
-    assert cap.stdout.strip() == f"llava_nb: opened {path} as chat 'copy' (1 turns)"
+    assert cap.stdout.strip() == f"llava_nb: opened {path} as chat 'copy' (1 turn)"
     cmd(shell, "undo work")
     _, cap = cmd(shell, f"open {path} work")  # an empty chat
     assert quiet(cap) and [t.question for t in magics.chats["work"].history] == ["Saved?"]

@@ -65,8 +65,9 @@ class FinetuneRun:
         return self.status == "interrupted"
 
     def __repr__(self) -> str:
-        loss = self.metrics.get("eval_loss", self.metrics.get("train_loss"))
-        shown = f", loss={loss:.4f}" if isinstance(loss, float) else ""
+        name = "eval_loss" if "eval_loss" in self.metrics else "train_loss"
+        loss = self.metrics.get(name)
+        shown = f", {name}={loss:.4f}" if isinstance(loss, float) else ""
         return (
             f"FinetuneRun({self.adapter_path!r}, {self.status}, "
             f"step={self.step}/{self.max_steps}{shown})"
