@@ -542,7 +542,8 @@ def _check_text_fits(messages: list[dict[str, Any]], tokenizer, context: int) ->
     for message in messages:
         content = message.get("content")
         parts = content if isinstance(content, list) else [{"text": content}]
-        chars += sum(len(p["text"]) for p in parts if isinstance(p.get("text"), str))
+        texts = [p.get("text") for p in parts if isinstance(p, dict)]
+        chars += sum(len(text) for text in texts if isinstance(text, str))
     if chars > context * _longest_token(tokenizer):
         raise ContextFullError(
             f"the conversation's text is {chars:,} characters, more than the model's context "
