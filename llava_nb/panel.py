@@ -102,6 +102,7 @@ class ChatPanel(anywidget.AnyWidget):
         super().__init__(_esm=js, _css=css)
         self.chat = chat
         self._images: list[Image.Image] = []  # attached, not sent yet
+        self._refused: list[str] = []  # the refusals of the last drop or pick, joined
         self._thumbs: dict[int, tuple[Image.Image, str]] = {}  # id -> (image, thumbnail)
         self._live = None  # the turn being answered
         self._pieces: list[str] = []  # its answer so far
@@ -226,24 +227,24 @@ class ChatPanel(anywidget.AnyWidget):
         self.chat.settings[change["name"]] = change["new"]
 
     def _attach(self, buffers: list, name: str, batch: bool = False) -> None:
-        """Attach one file; `batch`: a later file of the same drop or pick, whose refusal is
-        added to the error line rather than replacing the earlier ones'."""
+        """Attach one file; `batch`: a later file of the same drop or pick, whose refusal joins
+        the earlier ones' in the error line (kept here: the line may have changed meanwhile)."""
         from llava_nb.images import load_image
 
-        earlier = f"{self.error}; " if batch and self.error else ""
-        if len(buffers) != 1:
-            raise PanelError(
-                f"{earlier}{name}: expected one image file, got {len(buffers)}; attach again"
-            )
-        if len(buffers[0]) > self.max_upload_bytes:  # the front end's limit, whoever sent it
-            raise PanelError(
-                f"{earlier}{name} is {len(buffers[0]):,} bytes, more than the "
-                f"{self.max_upload_bytes:,} a notebook connection carries; shrink it first"
-            )
+        if not batch:
+            self._refused = []
         try:
+            if len(buffers) != 1:
+                raise PanelError(f"expected one image file, got {len(buffers)}; attach again")
+            if len(buffers[0]) > self.max_upload_bytes:  # the front end's limit, any sender's
+                raise PanelError(
+                    f"{len(buffers[0]):,} bytes, more than the {self.max_upload_bytes:,} a "
+                    "notebook connection carries; shrink it first"
+                )
             image = load_image(bytes(buffers[0]))  # the same checks and limits as elsewhere
         except LlavaError as e:
-            raise PanelError(f"{earlier}{name}: {e}") from None
+            self._refused.append(f"{name}: {e}")
+            raise PanelError("; ".join(self._refused)) from None
         self._images.append(image)
         self.attachments = [self._thumb(image) for image in self._images]
 

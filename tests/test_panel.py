@@ -287,7 +287,7 @@ def test_bad_images_and_questions_show_one_line_and_change_nothing(tiny_llava, p
     assert panel.max_upload_bytes == MAX_UPLOAD_BYTES  # the front end refuses bigger files
     panel.max_upload_bytes = len(photo_bytes) - 1  # ... and so does the kernel, from any sender
     message(panel, "attach", [photo_bytes], name="hopper.jpg")
-    assert panel.error.startswith(f"hopper.jpg is {len(photo_bytes):,} bytes, more than the ")
+    assert panel.error.startswith(f"hopper.jpg: {len(photo_bytes):,} bytes, more than the ")
     assert len(panel.attachments) == 1 and chat.history == []
 
 
@@ -304,6 +304,7 @@ def test_stop_while_the_model_loads_gives_the_question_back(tiny_llava, photo_by
 def test_several_refused_files_are_all_named(tiny_llava):
     panel = ChatPanel(model=tiny_llava)
     message(panel, "attach", [b"text"], name="notes.txt")
+    panel.error = ""  # dismissed (or changed) between the drop's files: they still join
     message(panel, "attach", [b""], name="empty.png", batch=True)  # the same drop
     assert panel.error.startswith("notes.txt: image bytes (4 bytes) is not a readable image")
     assert "; empty.png: " in panel.error

@@ -162,8 +162,7 @@ DROP_AND_PASTE = """async () => {
     const pasted = files(new File([png], "pasted.png", {type: "image/png"}));
     panel.querySelector("textarea").dispatchEvent(
         new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
-    const text = files(new File(["hello"], "notes.txt", {type: "text/plain"}),
-                       new File([""], "empty.png", {type: "image/png"}));
+    const text = files(new File(["hello"], "notes.txt", {type: "text/plain"}));
     panel.dispatchEvent(new DragEvent("drop", {...options, dataTransfer: text}));
 }"""
 
@@ -339,7 +338,6 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         expect(panel.locator(".llava-attachment img")).to_have_count(2)
         error = panel.locator(".llava-error")
         expect(error).to_contain_text("notes.txt: image bytes (5 bytes) is not a readable image")
-        expect(error).to_contain_text("; empty.png: ")  # both files of the drop are named
         error.click()  # dismissed
         expect(error).to_be_hidden()
         for _ in range(2):
