@@ -179,7 +179,7 @@ def test_notebook_with_magics(tiny_llava, photo_path, kernel_env, tmp_path):
     status = results(cells[7])[0].data["text/markdown"]
     assert "**state**: loaded" in status and f"**model**: {tiny_llava}" in status
     assert "**memory**: " in status and "**memory**: 0.00 MB" not in status
-    assert "**chats**: default (2 turns), other (1 turns)" in status
+    assert "**chats**: default (2 turns), other (1 turn)" in status
 
     assert streams(cells[8], "stdout").splitlines() == [
         f"llava_nb: saved chat 'default' (2 turns) to {chat_file}",
