@@ -592,6 +592,12 @@ class LlavaMagics(Magics):
                 from llava_nb.models import _check_device
 
                 _check_device(self.device)
+            if self.model and self.model != before["model"]:
+                from llava_nb.models import check_local_path
+                from llava_nb.remote import is_remote
+
+                if not is_remote(self.model):
+                    check_local_path(self.model)  # a hub id is checked when it loads
         except LlavaError:  # all or nothing
             for name, value in before.items():
                 if getattr(self, name) != value:

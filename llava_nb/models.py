@@ -182,13 +182,23 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def check_local_path(model_id: str) -> Path:
+    """`model_id` as a path; refused when it is a file, or a folder path (not a hub id like
+    org/name) that does not exist. Cheap: no torch, no hub."""
+    local = Path(model_id).expanduser()
+    if local.is_file():
+        raise ModelError(f"'{model_id}' is a file; pass the checkpoint's folder or a hub id")
+    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+    if looks_local and not local.is_dir():
+        raise ModelError(f"model folder '{model_id}' does not exist; check the path")
+    return local
+
+
 def _load_config(model_id: str):
     from huggingface_hub import try_to_load_from_cache
     from transformers import AutoConfig
 
-    local = Path(model_id).expanduser()
-    if local.is_file():
-        raise ModelError(f"'{model_id}' is a file; pass the checkpoint's folder or a hub id")
+    local = check_local_path(model_id)
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelError(f"folder '{model_id}' has no config.json; point at a saved checkpoint")
@@ -199,8 +209,6 @@ def _load_config(model_id: str):
                 f"the config.json in '{model_id}' cannot be read ({first_line(e)}); "
                 "save the checkpoint again"
             ) from None
-    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
-        raise ModelError(f"model folder '{model_id}' does not exist; check the path")
     cached = try_to_load_from_cache(model_id, "config.json")
     if not isinstance(cached, str) and not _hub_reachable():
         raise ModelError(

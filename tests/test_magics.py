@@ -361,6 +361,7 @@ def test_config_shows_and_sets_settings(shell, magics, tiny_llava):
         ("device=tpu", "bad value for device: 'tpu' (unknown device 'tpu'; use cuda, cuda:N,"),
         ("temperature=0.3 quantization=16bit", "bad value for quantization"),  # all or nothing
         ("device=cuda:99", "llava_nb: device 'cuda:99' "),  # not on this machine: no 100 GPUs
+        ("model=/no/such/folder", "model folder '/no/such/folder' does not exist; check the path"),
     ],
 )
 def test_config_refuses_bad_keys_and_values(shell, magics, assignment, fragment):
