@@ -194,7 +194,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             arr = arr * 255  # float in [0, 1]
         img = Image.fromarray(np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
+        rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")  # La: no direct way
         img = Image.new("RGB", rgba.size, "white")
         img.paste(rgba, mask=rgba.getchannel("A"))
     return img if img.mode == "RGB" else img.convert("RGB")

@@ -560,8 +560,10 @@ class LlavaMagics(Magics):
         from llava_nb.chat import Chat
 
         chat = Chat.load(args.file)
-        turns = len(self.chats[args.chat].history) if args.chat in self.chats else 0
-        if turns:  # never replace a conversation the user may not have saved
+        held = self.chats[args.chat].history if args.chat in self.chats else []
+        turns = len(held)
+        if turns and _content(held) != _content(chat.history):  # never replace a conversation
+            # the user may not have saved (one equal to the file is saved: a rerun cell opens it)
             reset = "%llava reset" + ("" if args.chat == DEFAULT_CHAT else f" {args.chat}")
             raise LlavaError(
                 f"chat '{args.chat}' already has {turns} turn(s); open the file as another "
@@ -609,6 +611,14 @@ class LlavaMagics(Magics):
                 for n in names
             }
             return _table([{"key": n, "value": value} for n, value in shown.items()])
+
+
+def _content(turns: list) -> list[tuple]:
+    """What a chat file keeps of each turn, images as pixels, to compare two conversations."""
+    return [
+        (t.question, t.answer, t.interrupted, [(i.size, i.tobytes()) for i in t.images])
+        for t in turns
+    ]
 
 
 def _turns(chat) -> str:

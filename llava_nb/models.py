@@ -183,14 +183,24 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def check_local_path(model_id: str) -> Path:
-    """`model_id` as a path; refused when it is a file, or a folder path (not a hub id like
-    org/name) that does not exist. Cheap: no torch, no hub."""
+    """`model_id` as a path; refused when it is a file, a folder path that does not exist, or
+    neither a folder nor spelled as a hub id (org/name). Cheap: no torch, no network."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     local = Path(model_id).expanduser()
     if local.is_file():
         raise ModelError(f"'{model_id}' is a file; pass the checkpoint's folder or a hub id")
-    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
-    if looks_local and not local.is_dir():
+    if local.is_dir():
+        return local
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
         raise ModelError(f"model folder '{model_id}' does not exist; check the path")
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        raise ModelError(
+            f"'{model_id}' is neither a model folder nor a hub id like 'llava-hf/llava-1.5-7b-hf'; "
+            "check the name"
+        ) from None
     return local
 
 

@@ -8,6 +8,7 @@ does the HTTP and the streaming (extra `llava_nb[remote]`).
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import urllib.parse
@@ -34,6 +35,11 @@ def _message_error(error: Exception) -> str:
         body = body.get("error", body)
         if isinstance(body, dict) and body.get("message"):
             return str(body["message"])
+    if isinstance(body, str) and body.strip():  # a proxy's page: its title, or its text
+        title = re.search(r"<title[^>]*>(.*?)</title>", body, re.I | re.S)
+        text = title.group(1) if title else re.sub(r"<[^>]*>", " ", body)
+        if text.strip():
+            return first_line(" ".join(text.split()), 120)
     return first_line(error)  # an openai error's str() is its message
 
 

@@ -395,6 +395,9 @@ def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), output_dir="/proc/llava_nb/run")
     with pytest.raises(FinetuneError, match="output_dir must be a folder path, got None"):
         ln.finetune(tiny_llava, squares(3), output_dir=None)
+    for callbacks in ("x", [print]):
+        with pytest.raises(FinetuneError, match="callbacks must be transformers TrainerCallback"):
+            ln.finetune(tiny_llava, squares(3), callbacks=callbacks)
     with pytest.raises(FinetuneError, match="group_by_length must be True or False, got 'no'"):
         ln.finetune(tiny_llava, squares(3), group_by_length="no")
     with pytest.raises(FinetuneError, match="progress must be True or False, got 'no'"):
@@ -626,6 +629,7 @@ def test_finetune_cell_magic(shell, tiny_llava, tmp_path, capsys):
         ("data: [unclosed", "llava_nb: %%llava_finetune: the body is not valid YAML at line 1"),
         ("data: $nothing", "llava_nb: %%llava_finetune: no notebook variable named 'nothing'"),
         ("data: x.json\nsteps: 3", "llava_nb: %%llava_finetune: unknown key 'steps'"),
+        ("data: $rows\nr: 4\nr: 8", "llava_nb: %%llava_finetune: 'r' is set twice (line 3); keep"),
         ("max_steps: 3", "llava_nb: %%llava_finetune: no data; add a line data: train.json"),
     ):
         assert shell.run_cell_magic("llava_finetune", "", bad) is None

@@ -241,7 +241,11 @@ def test_sixteen_bit_and_wide_modes() -> None:
     assert load_image(Image.new("I", (2, 2), 65535)).getpixel((0, 0)) == WHITE
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "CMYK", "P", "YCbCr", "I;16"])
+MODES = ["1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+         "I", "F", "I;16", "I;16B", "I;16L", "I;16N"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_every_mode_becomes_rgb(mode: str) -> None:
     assert load_image(Image.new(mode, (3, 2))).mode == "RGB"
 

@@ -362,6 +362,7 @@ def test_config_shows_and_sets_settings(shell, magics, tiny_llava):
         ("temperature=0.3 quantization=16bit", "bad value for quantization"),  # all or nothing
         ("device=cuda:99", "llava_nb: device 'cuda:99' "),  # not on this machine: no 100 GPUs
         ("model=/no/such/folder", "model folder '/no/such/folder' does not exist; check the path"),
+        ("model='my llava'", "'my llava' is neither a model folder nor a hub id like"),
     ],
 )
 def test_config_refuses_bad_keys_and_values(shell, magics, assignment, fragment):
@@ -624,6 +625,8 @@ def test_open_never_replaces_a_chat_with_turns(shell, magics, tmp_path):
     cmd(shell, "reset")
     _, cap = cmd(shell, f"open {path}")
     assert quiet(cap) and [t.question for t in magics.chats["default"].history] == ["Saved?"]
+    _, cap = cmd(shell, f"open {path} saved")  # the very conversation in the file: a rerun cell
+    assert cap.stdout.strip() == f"llava_nb: opened {path} as chat 'saved' (1 turn)"
 
 
 def test_save_never_replaces_a_file_that_is_not_a_chat(shell, magics, tmp_path):

@@ -131,6 +131,9 @@ def test_unknown_hub_id_fails_fast_with_a_fix(monkeypatch):
     with pytest.raises(ModelError, match="not in the local Hugging Face cache.*local checkpoint"):
         Model("nobody/no-such-llava").load()
     assert time.perf_counter() - start < 5
+    for name in ("my llava", "org/bad--name"):  # neither a folder nor a hub id
+        with pytest.raises(ModelError, match=f"'{name}' is neither a model folder nor a hub id"):
+            Model(name).load()
 
 
 def test_missing_folder_and_non_llava_checkpoints(tmp_path):

@@ -164,6 +164,18 @@ def test_a_server_error_is_quoted_by_its_first_line_or_its_type():
     assert _message_error(RuntimeError("")) == "RuntimeError"  # not an IndexError
 
 
+def test_a_proxy_error_page_is_quoted_by_its_title_or_text(web_server):
+    page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502</h1></body></html>"
+    for body, quoted in (
+        (page, "502 Bad Gateway"),
+        (b"<p>upstream\ntimed out</p>", "upstream timed out"),
+    ):
+        with web_server({"/v1/chat/completions": (502, "text/html", body)}) as url:
+            with pytest.raises(GenerationError) as err:
+                ln.Chat(url).ask("Hello?")
+            assert str(err.value) == f"{url} refused the question (HTTP 502): {quoted}"
+
+
 def test_a_url_that_is_not_a_model_server_is_one_clear_error(web_server):
     not_found = (404, "text/html", b"<h1>Not Found</h1>")
     page = (200, "text/html", b"<html><body>Welcome!</body></html>")

@@ -30,12 +30,28 @@ def _parameters() -> list[str]:
     return [*names, *EXTRA_KEYS]
 
 
+def _no_repeated_keys(loader, node):
+    """A YAML mapping as a dict, refusing a key written twice (plain YAML keeps the last)."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            line = key_node.start_mark.line + 1
+            raise LlavaError(f"%%llava_finetune: {key!r} is set twice (line {line}); keep one")
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
 def parse_body(cell: str) -> dict[str, Any]:
     """The body as a dict of finetune arguments; a one-line error for anything else."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_repeated_keys)
     try:
-        body = yaml.safe_load(cell) if cell.strip() else {}
+        body = yaml.load(cell, Loader) if cell.strip() else {}
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

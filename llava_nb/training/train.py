@@ -363,6 +363,25 @@ def _check_settings(stage, method, target, numbers: dict[str, Any], flags: dict[
             raise FinetuneError(f"{name} must be True or False, got {value!r}")
 
 
+def _checked_callbacks(callbacks: Any) -> list:
+    """A list of transformers `TrainerCallback`s (instances or classes, as Trainer takes)."""
+    from transformers import TrainerCallback
+
+    if callbacks is None:
+        return []
+    items = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+    for item in items:
+        ok = isinstance(item, TrainerCallback) or (
+            isinstance(item, type) and issubclass(item, TrainerCallback)
+        )
+        if not ok:
+            raise FinetuneError(
+                f"callbacks must be transformers TrainerCallback objects, got {item!r}; "
+                "pass a list of them"
+            )
+    return items
+
+
 def _usable(data: Dataset, processor, limit: int, name: str, quiet: bool) -> list[int]:
     from llava_nb.training.collate import check_lengths
 
@@ -453,6 +472,7 @@ def finetune(
         raise FinetuneError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     if not isinstance(output_dir, str | os.PathLike) or not str(output_dir).strip():
         raise FinetuneError(f"output_dir must be a folder path, got {output_dir!r}")
+    callbacks = _checked_callbacks(callbacks)
     if model is None:
         from llava_nb.models import default_model_id
 
@@ -507,7 +527,7 @@ def finetune(
         model_id, getattr(model, "device", None), processor, data, rows, eval_data, eval_rows,
         config, out, record, checkpoint,
         eval_every=eval_every, save_every=save_every, progress=progress,
-        callbacks=list(callbacks or []),
+        callbacks=callbacks,
     )  # fmt: skip
 
 
