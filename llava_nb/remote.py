@@ -130,7 +130,8 @@ class RemoteModel:
                 f"cannot reach {self.base_url}; check the URL and that the server is running"
             ) from None
         except openai.APIError as e:
-            why = f"answered: {_message_error(e)}"
+            status = getattr(e, "status_code", None)
+            why = f"answered{f' (HTTP {status})' if status else ''}: {_message_error(e)}"
             raise ModelError(f"{self.base_url} {why}; {NOT_A_SERVER}") from None
         except (ValueError, TypeError, AttributeError):  # a web page, or JSON of another shape
             why = "does not answer as a model server"

@@ -182,7 +182,7 @@ def test_a_url_that_is_not_a_model_server_is_one_clear_error(web_server):
     listing = {"/v1/models": (200, "application/json", b'{"data": ["a"]}')}
     for routes, why in (
         ({"/v1/models": page}, "does not answer as a model server"),  # a web site
-        ({"/v1/models": not_found}, "answered: .*404"),
+        ({"/v1/models": not_found}, r"answered \(HTTP 404\): Not Found"),
         (listing, "does not answer as a model server"),  # JSON of another shape
     ):
         with web_server(routes) as url:
