@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from llava_nb.errors import LlavaError
 
 FILE_FORMAT = "llava_nb.attention"
 FILE_VERSION = 1
+# longest side, in pixels, of the image as drawn: in a plot, in a panel of a grid, in the widget
+PLOT_SIZE, PANEL_SIZE, EXPLORE_SIZE = 1024, 256, 512
 HEADS = ("mean", "max")
 METHODS = ("mean", "rollout")
 
@@ -511,6 +514,18 @@ class AttentionMap:
         self._starts = np.cumsum([0] + [g["tokens"] for g in geometry]).tolist()
         self._cache: dict[Any, np.ndarray] = {}
 
+    def _check_shapes(self) -> None:
+        """The parts agree (a file edited or cut by hand would fail later, far from its cause)."""
+        weights = self.weights
+        tokens = len(self.token_ids)
+        parts = (len(self._pieces), len(self._labels), self.self_weights.shape[:1])
+        if weights.ndim != 4 or parts != (tokens, tokens, (tokens,)) or weights.shape[0] != tokens:
+            raise ValueError("its weights, tokens and texts disagree in length")
+        if self.self_weights.shape != weights.shape[:3]:
+            raise ValueError("its weights and self-weights disagree in shape")
+        if weights.shape[3] != self._starts[-1] or len(self.images) != len(self._geometry):
+            raise ValueError("its weights and image geometry disagree")
+
     def __repr__(self) -> str:
         tokens, layers, heads, _ = self.weights.shape
         return (
@@ -557,20 +572,18 @@ class AttentionMap:
 
     def _tokens(self, tokens) -> list[int]:
         n = len(self.token_ids)
-        if tokens is None or (isinstance(tokens, str) and tokens == "all"):
+        if tokens is None:
             chosen = [i for i in range(n) if self._labels[i] is None] or list(range(n))
-        elif isinstance(tokens, str):
-            chosen = self.find(tokens)
+        elif isinstance(tokens, str):  # a special token by its name ("</s>") has no text
+            chosen = self.find(tokens) or [i for i, x in enumerate(self._labels) if x == tokens]
             if not chosen:
                 raise AttentionError(
                     f"{tokens!r} is not in the answer ({_short(self.text)!r}); pick a word of "
                     f"the answer or a token index 0..{n - 1}"
                 )
-        elif isinstance(tokens, slice):
-            chosen = list(range(n))[tokens]
         else:
-            items = [tokens] if isinstance(tokens, int | np.integer) else list(tokens)
-            chosen = [_index(i, n, "token", f"the answer has {n} tokens") for i in items]
+            what = f"the answer has {n} tokens"
+            chosen = _selected(tokens, n, "token", what, "an index, slice, list or text")
         if not chosen:
             raise AttentionError(f"no tokens selected (the answer has {n}); pick other tokens")
         return chosen
@@ -579,27 +592,29 @@ class AttentionMap:
         n = self.num_layers
         if layers is None:
             return list(range(n))
-        if isinstance(layers, slice):
-            chosen = list(range(n))[layers]
-        else:
-            items = [layers] if isinstance(layers, int | np.integer) else list(layers)
-            what = f"this model has {n} layers (0..{n - 1} or -{n}..-1)"
-            chosen = sorted({_index(i, n, "layer", what) for i in items})
+        what = f"this model has {n} layers (0..{n - 1} or -{n}..-1)"
+        chosen = sorted(set(_selected(layers, n, "layer", what, "an index, slice or list")))
         if not chosen:
             raise AttentionError(f"no layers selected (the model has {n}); pick other layers")
         return chosen
 
+    def _head(self, heads) -> str | int:
+        """`heads` checked: "mean", "max" or a head index (from 0)."""
+        if isinstance(heads, str) and heads in HEADS:
+            return heads
+        if isinstance(heads, int | np.integer) and not isinstance(heads, bool):
+            n = self.num_heads
+            return _index(heads, n, "head", f"the model has {n} heads")
+        raise AttentionError(f"heads must be 'mean', 'max' or a head index, got {heads!r}")
+
     def _heads(self, values: np.ndarray, heads) -> np.ndarray:
         """Reduce axis -2 (heads) of (..., heads, x)."""
-        if isinstance(heads, str):
-            if heads == "mean":
-                return values.mean(axis=-2)
-            if heads == "max":
-                return values.max(axis=-2)
-        elif isinstance(heads, int | np.integer):
-            n = self.num_heads
-            return values[..., _index(heads, n, "head", f"the model has {n} heads"), :]
-        raise AttentionError(f"heads must be 'mean', 'max' or a head index, got {heads!r}")
+        heads = self._head(heads)
+        if heads == "mean":
+            return values.mean(axis=-2)
+        if heads == "max":
+            return values.max(axis=-2)
+        return values[..., heads, :]
 
     def _image(self, image) -> int:
         n = len(self.images)
@@ -618,6 +633,7 @@ class AttentionMap:
         if method not in METHODS:
             raise AttentionError(f"unknown method {method!r}; use 'mean' or 'rollout'")
         chosen, depth, k = self._tokens(tokens), self._layers(layers), self._image(image)
+        heads = self._head(heads)
         key = (tuple(chosen), tuple(depth), heads, method, k)
         if key not in self._cache:
             start, end = self._starts[k], self._starts[k + 1]
@@ -684,8 +700,21 @@ class AttentionMap:
         counts what both views gave it; `view="base"` or `"tiles"` draws one.
         """
         k = self._image(image)
+        return self._map(
+            k, self._geometry[k]["size"], tokens, layers, heads, method, view, normalize
+        )
+
+    def _map(self, k: int, shape, tokens, layers, heads, method, view, normalize) -> np.ndarray:
         values = self._vector(tokens, layers, heads, method, k)
-        return _normalized(self._paint(k, values, view, self._geometry[k]["size"]), normalize)
+        return _normalized(self._paint(k, values, view, shape), normalize)
+
+    def _shown(self, k: int, longest: int) -> tuple[Image.Image, tuple[int, int]]:
+        """Image `k` and its (height, width) scaled down to `longest` pixels, for drawing: maps
+        of a 12-megapixel photo at full size took minutes and gigabytes in a panel grid."""
+        height, width = self._geometry[k]["size"]
+        scale = min(1.0, longest / max(height, width))
+        shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+        return self.images[k].convert("RGB").resize(shape[::-1]), shape
 
     def _paint(self, k: int, values: np.ndarray, view, shape: tuple[int, int]) -> np.ndarray:
         """Token weights of image `k` as weight per original pixel, drawn at `shape`."""
@@ -725,12 +754,14 @@ class AttentionMap:
 
         With several images and `image=None`, one panel per image, each scaled to its maximum.
         """
+        _check_style(cmap, alpha)
         indices = [self._image(image)] if image is not None or len(self.images) < 2 else None
         indices = indices or list(range(len(self.images)))
         fig, axes = _figure(1, len(indices), 4.5)
         for ax, k in zip(axes[0], indices, strict=True):
-            heat = self.heatmap(tokens, layers, heads, method, image=k, view=view)
-            shown = _overlay_axes(ax, self.images[k], heat, cmap, alpha)
+            picture, shape = self._shown(k, PLOT_SIZE)
+            heat = self._map(k, shape, tokens, layers, heads, method, view, True)
+            shown = _overlay_axes(ax, picture, heat, cmap, alpha)
             if len(indices) > 1:
                 ax.set_title(f"image {k}", fontsize=9)
         _colorbar(fig, shown, axes, 0.046)
@@ -752,6 +783,7 @@ class AttentionMap:
     ):
         """One small overlay per layer (`by="layer"`, heads reduced by `heads`) or per head of
         `layer` (`by="head"`, default: all layers averaged), on one color scale."""
+        _check_style(cmap, alpha, columns=columns)
         if by == "layer":
             panels = [(f"layer {i}", dict(layers=i, heads=heads)) for i in self._layers(None)]
         elif by == "head":
@@ -759,8 +791,12 @@ class AttentionMap:
         else:
             raise AttentionError(f"by must be 'layer' or 'head', got {by!r}")
         k = self._image(image)
-        maps = [self.heatmap(tokens, image=k, view=view, normalize=False, **kw) for _, kw in panels]
-        fig = _panel_grid(self.images[k], panels, maps, columns, cmap, alpha)
+        picture, shape = self._shown(k, PANEL_SIZE)
+        maps = [
+            self._map(k, shape, tokens, kw["layers"], kw["heads"], "mean", view, False)
+            for _, kw in panels
+        ]
+        fig = _panel_grid(picture, panels, maps, columns, cmap, alpha)
         fig.suptitle(f"{self._title(tokens)} — per {by}", fontsize=10)
         return fig
 
@@ -780,16 +816,13 @@ class AttentionMap:
     ):
         """A strip for the whole answer: one small overlay per token (the first `limit`), on one
         color scale."""
+        _check_style(cmap, alpha, columns=columns, limit=limit)
         k = self._image(image)
         chosen = self._tokens(tokens)[:limit]
-        panels = [(repr(self.tokens[i]), dict(tokens=i)) for i in chosen]
-        maps = [
-            self.heatmap(
-                **kw, layers=layers, heads=heads, method=method, image=k, view=view, normalize=False
-            )
-            for _, kw in panels
-        ]
-        fig = _panel_grid(self.images[k], panels, maps, columns, cmap, alpha)
+        panels = [(repr(self.tokens[i]), i) for i in chosen]
+        picture, shape = self._shown(k, PANEL_SIZE)
+        maps = [self._map(k, shape, i, layers, heads, method, view, False) for _, i in panels]
+        fig = _panel_grid(picture, panels, maps, columns, cmap, alpha)
         fig.suptitle(f"per token — {_describe(layers, heads, method)}", fontsize=10)
         return fig
 
@@ -802,8 +835,18 @@ class AttentionMap:
     # --- files
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write the map, its answer and its images to one .npz file (atomically)."""
+        """Write the map, its answer and its images to one .npz file (atomically). An existing
+        attention file at `path` is replaced; any other file is left alone."""
+        if not isinstance(path, str | os.PathLike) or not str(path).strip():
+            raise AttentionError(f"save needs a file path, e.g. 'attention.npz'; got {path!r}")
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise AttentionError(f"cannot save attention to '{path}': it is a folder; name a file")
+        if path.exists() and not _is_attention_file(path):
+            raise AttentionError(
+                f"'{path}' exists and is not a llava_nb attention file; save under another name, "
+                "or delete that file first"
+            )
         meta = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
@@ -836,12 +879,22 @@ class AttentionMap:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AttentionMap:
         """Read a map written by `save`."""
+        if not isinstance(path, str | os.PathLike) or not str(path).strip():
+            raise AttentionError(f"load needs a file path, e.g. 'attention.npz'; got {path!r}")
         path = Path(path).expanduser()
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                if meta.get("format") != FILE_FORMAT:
+                if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
                     raise ValueError("not an attention file")
+                version = meta.get("version")
+                if not isinstance(version, int) or isinstance(version, bool):
+                    raise ValueError(f"version {version!r} is not a number")
+                if version > FILE_VERSION:
+                    raise AttentionError(
+                        f"'{path}' was saved by a newer llava_nb (file version {version}); "
+                        "upgrade llava_nb to read it"
+                    )
                 geometry = [
                     {
                         "size": tuple(g["size"]),
@@ -850,7 +903,7 @@ class AttentionMap:
                     }
                     for g in meta["geometry"]
                 ]
-                return cls(
+                loaded = cls(
                     weights=data["weights"],
                     self_weights=data["self_weights"],
                     token_ids=data["token_ids"].tolist(),
@@ -860,15 +913,42 @@ class AttentionMap:
                     geometry=geometry,
                     model_id=meta.get("model_id", ""),
                 )
+            loaded._check_shapes()
+            return loaded
         except FileNotFoundError:
             raise AttentionError(f"attention file '{path}' not found; check the path") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except IsADirectoryError:
+            raise AttentionError(f"'{path}' is a folder; name an attention file") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+                zipfile.BadZipFile) as e:  # fmt: skip
             raise AttentionError(
                 f"'{path}' is not a llava_nb attention file ({e}); save one with att.save()"
             ) from None
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _is_attention_file(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(str(data["meta"])).get("format") == FILE_FORMAT
+    except Exception:  # anything unreadable as one is not one
+        return False
+
+
+def _selected(selection, n: int, what: str, context: str, kinds: str) -> list[int]:
+    """Indices 0..n-1 chosen by an index, a slice or a list of indices."""
+    if isinstance(selection, slice):
+        try:
+            return list(range(n))[selection]
+        except (TypeError, ValueError) as e:  # slice(0, 5, 0), slice("a", None)
+            raise AttentionError(f"bad {what} slice {selection!r} ({e}); {context}") from None
+    if isinstance(selection, int | np.integer):
+        selection = [selection]
+    if not isinstance(selection, list | tuple | range | np.ndarray):
+        raise AttentionError(f"{what}s must be {kinds}, got {selection!r}")
+    return [_index(i, n, what, context) for i in selection]
 
 
 def _index(i, n: int, what: str, context: str) -> int:
@@ -931,6 +1011,19 @@ def _panel_grid(image, panels, maps, columns: int, cmap: str, alpha: float):
     return fig
 
 
+def _check_style(cmap, alpha, **counts) -> None:
+    """Plot settings checked up front: matplotlib's own errors run to several lines."""
+    from matplotlib import colormaps
+
+    if not isinstance(cmap, str) or cmap not in colormaps:
+        raise AttentionError(f"unknown cmap {cmap!r}; use a matplotlib colormap name, e.g. 'jet'")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        raise AttentionError(f"alpha must be a number from 0 to 1, got {alpha!r}")
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AttentionError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def _colorbar(fig, shown, axes, fraction: float) -> None:
     bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=fraction, pad=0.02)
     bar.set_label("attention (max = 1)")
@@ -949,8 +1042,6 @@ def overlay(image: Image.Image, heat: np.ndarray, cmap: str = "jet", alpha: floa
 
 # ---------------------------------------------------------------- the widget
 
-EXPLORE_SIZE = 512  # longest side of the image in the widget, in pixels
-
 
 @functools.cache
 def _explorer_class():
@@ -965,7 +1056,12 @@ def _explorer_class():
             self.k = attention._image(image)
             attention._vector(None, layers, heads, method, self.k)  # bad selections fail now
             n = attention.num_layers
-            depth = attention._layers(layers)
+            depth, heads = attention._layers(layers), attention._head(heads)
+            if depth != list(range(depth[0], depth[-1] + 1)):
+                raise AttentionError(
+                    f"explore shows a range of layers, not {layers!r}; pass one layer or a slice "
+                    "with step 1 (e.g. slice(-8, None)), or use plot_layers"
+                )
             self.method = widgets.Dropdown(options=METHODS, value=method, description="method")
             self.heads = widgets.Dropdown(
                 options=[*HEADS, *range(attention.num_heads)], value=heads, description="heads"
@@ -990,10 +1086,7 @@ def _explorer_class():
                 button.on_click(lambda _, i=i: self.select(i))
             for control in (self.method, self.heads, self.layers):
                 control.observe(lambda _: self.select(self.selected), names="value")
-            height, width = attention._geometry[self.k]["size"]
-            scale = min(1.0, EXPLORE_SIZE / max(height, width))
-            self.shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-            self.picture = attention.images[self.k].convert("RGB").resize(self.shape[::-1])
+            self.picture, self.shape = attention._shown(self.k, EXPLORE_SIZE)
             tokens = widgets.Box(
                 [self.answer, *self.buttons], layout=widgets.Layout(flex_flow="row wrap")
             )
@@ -1005,10 +1098,9 @@ def _explorer_class():
             """Show the map of one token (None: the whole answer)."""
             att, self.selected = self.attention, token
             low, high = self.layers.value
-            values = att._vector(
-                token, slice(low, high + 1), self.heads.value, self.method.value, self.k
-            )
-            heat = _normalized(att._paint(self.k, values, self.view, self.shape), True)
+            layers = slice(low, high + 1)
+            heads, method = self.heads.value, self.method.value
+            heat = att._map(self.k, self.shape, token, layers, heads, method, self.view, True)
             buffer = io.BytesIO()
             overlay(self.picture, heat).save(buffer, format="PNG")
             self.image.value = buffer.getvalue()

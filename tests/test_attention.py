@@ -8,6 +8,9 @@ processor made it from, and what a user sees.
 from __future__ import annotations
 
 import io
+import json
+import re
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -354,18 +357,22 @@ def test_selections(recorded):
     assert same.max() == pytest.approx(1.0) and same.min() >= 0
 
 
+def synthetic(weights, self_weights, pieces, labels=None) -> AttentionMap:
+    """A map of the given (tokens, layers, heads, 2) weights on one 2 x 1 image, no views."""
+    return AttentionMap(
+        weights=np.asarray(weights, np.float32),
+        self_weights=np.asarray(self_weights, np.float32),
+        token_ids=list(range(len(pieces))),
+        pieces=pieces,
+        labels=labels or [None] * len(pieces),
+        images=[Image.new("RGB", (2, 1))],
+        geometry=[{"size": (1, 2), "tokens": 2, "views": []}],
+    )
+
+
 def test_rollout_by_hand():
     """Two layers, one head, two image tokens: flow keeps 0.5 + 0.5 * self at each layer."""
-    geometry = [{"size": (1, 2), "tokens": 2, "views": []}]
-    att = AttentionMap(
-        weights=np.array([[[[0.2, 0.1]], [[0.4, 0.3]]]], np.float32),
-        self_weights=np.array([[[0.5], [0.2]]], np.float32),
-        token_ids=[1],
-        pieces=["a"],
-        labels=[None],
-        images=[Image.new("RGB", (2, 1))],
-        geometry=geometry,
-    )
+    att = synthetic([[[[0.2, 0.1]], [[0.4, 0.3]]]], [[[0.5], [0.2]]], ["a"])
     top = 0.5 * np.array([0.4, 0.3])  # layer 1
     kept = 0.5 + 0.5 * 0.2
     bottom = kept * 0.5 * np.array([0.2, 0.1])  # then layer 0
@@ -385,11 +392,46 @@ def test_bad_selections_are_one_line_errors(recorded):
         "unknown method 'grad'": dict(method="grad"),
         "image 3 is out of range": dict(image=3),
         "unknown view 'tiles'": dict(view="tiles"),
+        "heads must be 'mean', 'max' or a head index, got [0, 1]": dict(heads=[0, 1]),
+        "tokens must be an index, slice, list or text, got 1.0": dict(tokens=1.0),
+        "layers must be an index, slice or list, got 1.0": dict(layers=1.0),
+        "bad token slice slice(0, 5, 0) (slice step cannot be zero)": dict(tokens=slice(0, 5, 0)),
     }
     for message, kwargs in cases.items():
         with pytest.raises(AttentionError) as error:
             att.heatmap(**kwargs)
         assert message in str(error.value) and "\n" not in str(error.value)
+    plots = {
+        "unknown cmap 'Jet'; use a matplotlib colormap name": ("plot", dict(cmap="Jet")),
+        "alpha must be a number from 0 to 1, got 2": ("plot_layers", dict(alpha=2)),
+        "limit must be a whole number >= 1, got 0": ("plot_tokens", dict(limit=0)),
+        "columns must be a whole number >= 1, got '2'": ("plot_layers", dict(columns="2")),
+    }
+    for message, (name, kwargs) in plots.items():
+        with pytest.raises(AttentionError, match=re.escape(message)):
+            getattr(att, name)(**kwargs)
+
+
+def test_text_selects_words_and_special_tokens_by_name():
+    pieces = ["They", " are", " all", " red", ""]
+    att = synthetic(np.ones((5, 1, 1, 2)), np.ones((5, 1, 1)), pieces, [None] * 4 + ["</s>"])
+    assert att._tokens("all") == [2]  # a word like any other, not "every token"
+    assert att._tokens("</s>") == [4] and att._tokens(None) == [0, 1, 2, 3]
+
+
+def test_plots_of_a_big_photo_are_drawn_at_display_size(models):
+    big = shape_image(3000, 4000, (1000, 1000, 2000, 2000))
+    chat = ln.Chat(models["llava"], max_new_tokens=2)
+    att = chat.ask("What color is the shape?", big, attention=True).attention
+    assert att.heatmap().shape == (3000, 4000)  # the map itself stays at the photo's size
+    drawn = {
+        "plot": (att.plot(), (768, 1024)),
+        "plot_layers": (att.plot_layers(), (192, 256)),
+        "plot_tokens": (att.plot_tokens(), (192, 256)),
+    }
+    for name, (fig, shape) in drawn.items():
+        shapes = {ax.images[-1].get_array().shape[:2] for ax in fig.axes if ax.images}
+        assert shapes == {shape}, name
 
 
 # ---------------------------------------------------------------- plots, widget, files
@@ -439,6 +481,15 @@ def test_explore_follows_clicks_without_the_model(recorded):
     assert widget.selected is None and widget.image.value == whole
 
 
+def test_explore_shows_exactly_the_selection_or_refuses_it():
+    att = synthetic(np.random.rand(2, 4, 3, 2), np.random.rand(2, 4, 3), ["a", "b"])
+    assert att.explore(heads=-1).heads.value == 2  # as heatmap(heads=-1): the last head
+    assert att.explore(layers=slice(None, None, -1)).layers.value == (0, 3)  # any order
+    for layers in ([0, 3], slice(0, None, 2)):
+        with pytest.raises(AttentionError, match="explore shows a range of layers"):
+            att.explore(layers=layers)
+
+
 def test_save_and_load(recorded, tmp_path):
     att = recorded
     path = att.save(tmp_path / "maps" / "att.npz")
@@ -452,6 +503,46 @@ def test_save_and_load(recorded, tmp_path):
         AttentionMap.load(tmp_path / "bad.npz")
     with pytest.raises(AttentionError, match="not found"):
         AttentionMap.load(tmp_path / "missing.npz")
+    att.save(path)  # an attention file is replaced
+
+
+def test_save_never_replaces_another_file_and_load_refuses_broken_ones(recorded, tmp_path):
+    att = recorded
+    chat = tmp_path / "chat.json"
+    chat.write_text('{"format": "llava_nb.chat"}')
+    for bad, message in (
+        (chat, "exists and is not a llava_nb attention file; save under another name"),
+        (tmp_path, "it is a folder; name a file"),
+        (None, "save needs a file path"),
+        ("", "save needs a file path"),
+    ):
+        with pytest.raises(AttentionError, match=message):
+            att.save(bad)
+    assert chat.read_text() == '{"format": "llava_nb.chat"}'
+    whole = Path(att.save(tmp_path / "att.npz")).read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.savez(tmp_path / "list.npz", meta=np.array("[1, 2]"))
+
+    def edited(name: str, **changes) -> Path:
+        with np.load(tmp_path / "att.npz") as data:
+            arrays = dict(data)
+        meta = json.loads(str(arrays["meta"]))
+        arrays.update(changes.pop("arrays", {}))
+        arrays["meta"] = np.array(json.dumps({**meta, **changes}))
+        np.savez(tmp_path / name, **arrays)
+        return tmp_path / name
+
+    newer = edited("newer.npz", version=99)
+    fewer = edited("fewer.npz", pieces=["x"])
+    narrow = edited("narrow.npz", arrays={"weights": att.weights[..., :3]})
+    for path in ("cut.npz", "empty.npz", "list.npz", fewer, narrow):
+        with pytest.raises(AttentionError, match="is not a llava_nb attention file"):
+            AttentionMap.load(tmp_path / path)
+    with pytest.raises(AttentionError, match="saved by a newer llava_nb .file version 99.; upgr"):
+        AttentionMap.load(newer)
+    with pytest.raises(AttentionError, match="load needs a file path"):
+        AttentionMap.load(None)
 
 
 # ---------------------------------------------------------------- front ends
