@@ -556,6 +556,20 @@ def test_qlora_trains_a_4bit_base(tiny_llava, tmp_path):
     assert not torch.allclose(logits(tuned, batch), before, atol=1e-3)
 
 
+def test_qlora_evaluation_leaves_training_as_it_was(tiny_llava, tmp_path):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer the first time it runs
+    without gradients (an evaluation), and its repacked form has no backward: the training
+    after the first evaluation went on with wrong gradients."""
+    losses = {}
+    for name, held_out in (("without", None), ("with", squares(3, offset=8))):
+        run = ln.finetune(
+            tiny_llava, squares(8), held_out, method="qlora", max_steps=6, eval_every=2,
+            dropout=0.0, output_dir=tmp_path / name, **SETTINGS,
+        )  # fmt: skip
+        losses[name] = [round(h["loss"], 5) for h in run.history if "loss" in h]
+    assert len(losses["with"]) == 6 and losses["with"] == losses["without"]
+
+
 # ---------------------------------------------------------------- several processes
 
 

@@ -167,7 +167,11 @@ def _load_for_training(model_id: str, method: str, device: str):
             llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
         )
     with quiet_loading():
-        return AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+    for module in model.modules():  # on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # layer for inference the first time
+            module.support_avx512bf16_for_cpu = False  # it runs without gradients (evaluation),
+    return model  # and its repacked form has no backward: training went on with wrong gradients
 
 
 def _wrap(model, stage: str, method: str, r: int, alpha: int, dropout: float, target: str, vision):
