@@ -174,6 +174,28 @@ def test_use_adapter_hot_swaps_and_the_chat_remembers(run, tiny_llava, tmp_path)
     assert tuned_chat.adapter == saved.adapter  # a failed swap keeps the adapter in use
 
 
+def test_an_adapter_for_other_layer_names_is_refused_not_merged(run, tiny_llava, tmp_path):
+    """As a LoRA of a plain LLaMA (model.layers.N, not model.language_model.layers.N): peft
+    only warns, and the merged checkpoint would be the base unchanged."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(run.adapter_path, other)
+    (other / "llava_nb_run.json").unlink()
+    weights = load_file(other / "adapter_model.safetensors")
+    save_file(
+        {k.replace("language_model.", ""): v for k, v in weights.items()},
+        other / "adapter_model.safetensors",
+    )
+    with pytest.raises(AdapterError, match="does not fit .*unexpected weights such as base_model"):
+        ln.merge_adapter(tiny_llava, other, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(AdapterError, match="does not fit this model .*unexpected weights"):
+        ln.Chat(ln.Model(tiny_llava)).use_adapter(other)
+
+
 def test_an_adapter_that_does_not_fit_leaves_the_model_as_it_was(run, tiny_llava, tmp_path):
     import shutil
     import warnings
@@ -222,6 +244,7 @@ def test_a_damaged_adapter_folder_gets_one_line(run, tiny_llava, tmp_path):
         (damaged("none", "adapter_model.safetensors", None), "holds no adapter weights"),
         (damaged("cut", "adapter_model.safetensors", "x" * 20), "safetensors' is damaged"),
         (damaged("run", "llava_nb_run.json", "{"), "json' is damaged; delete it to use the"),
+        (damaged("list", "llava_nb_run.json", "[]"), "json' is damaged; delete it to use the"),
     ]
     chat = ln.Chat(ln.Model(tiny_llava), max_new_tokens=4)
     for folder, message in cases:
@@ -395,6 +418,11 @@ def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), output_dir="/proc/llava_nb/run")
     with pytest.raises(FinetuneError, match="output_dir must be a folder path, got None"):
         ln.finetune(tiny_llava, squares(3), output_dir=None)
+    for text in ("{", "[]", '{"status": "finished"}'):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "run" / "llava_nb_run.json").write_text(text)
+        with pytest.raises(FinetuneError, match="is damaged; choose a new output_dir or delete"):
+            ln.finetune(tiny_llava, squares(3), output_dir=tmp_path / "run")
     for callbacks in ("x", [print]):
         with pytest.raises(FinetuneError, match="callbacks must be transformers TrainerCallback"):
             ln.finetune(tiny_llava, squares(3), callbacks=callbacks)

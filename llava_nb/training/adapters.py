@@ -70,11 +70,13 @@ def _check_base(folder: Path, config) -> None:
         return  # a plain PEFT adapter from elsewhere: shapes are checked when loading
     try:
         record = json.loads(run.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise AdapterError(
             f"'{run}' is damaged; delete it to use the folder as a plain PEFT adapter"
-        ) from None
-    shape = record.get("config", {}).get("base_shape")
+        )
+    shape = record["config"].get("base_shape")
     if shape and shape != fingerprint(config):
         base = record["config"].get("base")
         raise AdapterError(
@@ -109,6 +111,19 @@ def _inject(model, folder: Path, name: str) -> None:
             "another base model"
         ) from None
     model.eval()
+
+
+def _check_all_loaded(tuned, folder: Path) -> None:
+    """peft only warns when an adapter's weights miss the model's layers; merged, such an
+    adapter would write the base unchanged under a new name."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = set(load_peft_weights(str(folder), device="cpu"))
+    expected = set(get_peft_model_state_dict(tuned))
+    if saved - expected:
+        raise ValueError(f"unexpected weights such as {min(saved - expected)}")
+    if expected - saved:
+        raise ValueError(f"missing weights such as {min(expected - saved)}")
 
 
 def _remove(model, name: str) -> None:
@@ -207,9 +222,11 @@ def merge_adapter(model: Any, adapter: str | os.PathLike, output_dir: str | os.P
         )
         try:
             tuned = PeftModel.from_pretrained(base, str(folder))
+            _check_all_loaded(tuned, folder)
         except (ValueError, RuntimeError, KeyError) as e:
             raise AdapterError(
-                f"adapter '{adapter}' does not fit '{model_id}' ({first_line(e)})"
+                f"adapter '{adapter}' does not fit '{model_id}' ({first_line(e)}); it was built "
+                "for another base model"
             ) from None
         merged = tuned.merge_and_unload()
         out.mkdir(parents=True, exist_ok=True)

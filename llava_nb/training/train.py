@@ -226,11 +226,12 @@ def _read_run(output_dir: Path) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError):
-        raise FinetuneError(
-            f"'{file}' is damaged; choose a new output_dir or delete that folder"
-        ) from None
+        record = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise FinetuneError(f"'{file}' is damaged; choose a new output_dir or delete that folder")
+    return record
 
 
 def _write_run(output_dir: Path, record: dict[str, Any]) -> None:
@@ -274,7 +275,7 @@ def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any
                 "choose a new output_dir"
             )
         return None
-    previous = {**OPTIONAL, **record.get("config", {})}
+    previous = {**OPTIONAL, **record["config"]}
     for key in {**OPTIONAL, **config}:
         was, now = previous.get(key), config.get(key, OPTIONAL.get(key))
         if was != now:
