@@ -12,7 +12,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from llava_nb.errors import first_line
@@ -21,6 +21,7 @@ from llava_nb.models import GenerationError, ModelError, check_settings
 
 PREFIX = "openai:"
 LIST_TIMEOUT_S = 30.0  # listing models is instant on a live server: longer means none answers
+RETRY_S = 2.0  # between tries while a server answers 503 without saying how long to wait
 NOT_A_SERVER = "check the URL: an OpenAI-compatible server's, which usually ends in /v1"
 
 
@@ -114,7 +115,8 @@ class RemoteModel:
             base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0
         )
         try:
-            served = [str(m.id) for m in client.models.list(timeout=LIST_TIMEOUT_S)]
+            listing = self.while_loading(lambda: client.models.list(timeout=LIST_TIMEOUT_S))
+            served = [str(m.id) for m in listing]
         except openai.AuthenticationError:
             raise ModelError(
                 f"{self.base_url} refused the API key; pass api_key= (llava-nb chat: --api-key) "
@@ -132,7 +134,8 @@ class RemoteModel:
         except openai.APIError as e:
             status = getattr(e, "status_code", None)
             why = f"answered{f' (HTTP {status})' if status else ''}: {_message_error(e)}"
-            raise ModelError(f"{self.base_url} {why}; {NOT_A_SERVER}") from None
+            fix = "try again later" if status == 503 else NOT_A_SERVER  # still loading, after all
+            raise ModelError(f"{self.base_url} {why}; {fix}") from None
         except (ValueError, TypeError, AttributeError):  # a web page, or JSON of another shape
             why = "does not answer as a model server"
             raise ModelError(f"{self.base_url} {why}; {NOT_A_SERVER}") from None
@@ -146,6 +149,28 @@ class RemoteModel:
                 f"{', '.join(served)}"
             )
         return client
+
+    def while_loading(self, call: Callable[[], Any], stop: threading.Event | None = None) -> Any:
+        """`call()`, again while the server answers 503 (its model still loading: llama.cpp's
+        server, or ours), waiting as its Retry-After asks, up to `load_timeout`; None if
+        `stop` is set meanwhile."""
+        import openai
+
+        deadline = time.monotonic() + self.load_timeout
+        told = False
+        while True:
+            try:
+                return call()
+            except openai.APIStatusError as e:
+                delay = _retry_after(e)
+                if delay is None or time.monotonic() + delay > deadline:
+                    raise
+                if not told:
+                    why = f"{self.base_url} is not ready ({_message_error(e)})"
+                    print(f"llava_nb: {why}; waiting up to {self.load_timeout:.0f} s", flush=True)
+                    told = True
+                if (stop or threading.Event()).wait(delay):
+                    return None
 
     def unload(self) -> None:
         """Close the connection (the server keeps its weights)."""
@@ -268,27 +293,9 @@ class RemoteGeneration:
         return GenerationError(f"{self._model.base_url} {why}")
 
     def _open(self):
-        """Send the request; while the server answers 503 with Retry-After (its model is still
-        loading), wait as it asks, up to the model's `load_timeout`, then give up."""
-        import openai
-
-        deadline = time.monotonic() + self._model.load_timeout
-        told = False
-        while True:
-            try:
-                return self._model.client.chat.completions.create(**self._request)
-            except openai.APIStatusError as e:
-                delay = _retry_after(e)
-                if delay is None or time.monotonic() + delay > deadline:
-                    raise
-                if not told:
-                    print(
-                        f"llava_nb: {self._model.base_url} is still loading its model; waiting",
-                        flush=True,
-                    )
-                    told = True
-                if self._stop.wait(delay):
-                    return None
+        """Send the request (waiting while the server loads its model); None if stopped."""
+        create = self._model.client.chat.completions.create
+        return self._model.while_loading(lambda: create(**self._request), self._stop)
 
     def wait(self) -> str:
         for _ in self:
@@ -297,11 +304,12 @@ class RemoteGeneration:
 
 
 def _retry_after(error: Exception) -> float | None:
-    """Seconds a 503 asks us to wait (its Retry-After header), else None: not worth waiting."""
+    """Seconds to wait after a 503: as its Retry-After header asks, else RETRY_S (llama.cpp's
+    "Loading model" sends none); None for other errors, which are not worth waiting on."""
     response = getattr(error, "response", None)
     if getattr(error, "status_code", None) != 503 or response is None:
         return None
     try:
         return min(max(float(response.headers.get("retry-after", "")), 0.1), 30.0)
     except ValueError:
-        return None
+        return RETRY_S

@@ -106,7 +106,8 @@ MODELS = (200, "application/json", json.dumps({"object": "list", "data": [{"id":
 @pytest.fixture
 def web_server():
     """`web_server(routes)`: a context manager running a real HTTP server on loopback that
-    answers each path (GET or POST) as `routes` says, (status, content type, body), and any
+    answers each path (GET or POST) as `routes` says, (status, content type, body) or a list of
+    them to answer in turn, and any
     other path with a 404 page; it yields its URL, ending in /v1. /v1/models lists one model
     unless routes say otherwise. For servers that are not OpenAI's, or spoil its stream;
     the answers on `cut_short` paths end before the length they announced."""
@@ -119,7 +120,10 @@ def web_server():
             def _answer(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 page = (404, "text/html", b"<html><body>Not Found</body></html>")
-                status, kind, body = routes.get(self.path, page)
+                answer = routes.get(self.path, page)
+                if isinstance(answer, list):  # answers in turn, the last one from then on
+                    answer = answer.pop(0) if len(answer) > 1 else answer[0]
+                status, kind, body = answer
                 self.send_response(status)
                 self.send_header("content-type", kind)
                 self.send_header("content-length", str(len(body) + 100 * (self.path in cut_short)))

@@ -8,7 +8,7 @@ import pytest
 import llava_nb as ln
 from llava_nb.models import GenerationError, ModelError, get_model
 from llava_nb.remote import RemoteModel, is_remote
-from tests.conftest import completion, events
+from tests.conftest import MODELS, completion, events
 
 
 def _closed_port() -> int:
@@ -128,7 +128,27 @@ def test_a_remote_chat_waits_while_the_server_loads_its_model(tiny_llava, monkey
     finally:
         loading_may_finish.set()
         holder.join()
-    assert "is still loading its model; waiting" in capsys.readouterr().out
+    assert "is loading; retry in a few seconds); waiting up to 600 s" in capsys.readouterr().out
+
+
+def test_a_server_loading_without_retry_after_is_waited_for(web_server, monkeypatch, capsys):
+    """llama.cpp's server answers a bare 503 "Loading model" (no Retry-After) while it loads,
+    to the model listing and to questions."""
+    import llava_nb.remote as remote
+
+    monkeypatch.setattr(remote, "RETRY_S", 0.05)
+    loading = (503, "application/json", b'{"error": {"code": 503, "message": "Loading model"}}')
+    routes = {
+        "/v1/models": [loading, loading, MODELS],
+        "/v1/chat/completions": [loading, events(CHUNK)],
+    }
+    with web_server(routes) as url:
+        assert ln.Chat(url).ask("Hello?") == "Hi"
+    waited = f"{url} is not ready (Loading model); waiting up to 600 s"
+    assert capsys.readouterr().out.count(waited) == 2  # once connecting, once asking
+    refused = r"answered \(HTTP 503\): Loading model; try again later"
+    with web_server({"/v1/models": loading}) as url, pytest.raises(ModelError, match=refused):
+        ln.Chat(ln.Model(url, load_timeout=0.2)).ask("Hello?")
 
 
 def test_a_server_that_stays_unavailable_is_one_clear_error(tiny_llava, monkeypatch):
