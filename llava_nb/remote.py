@@ -17,10 +17,11 @@ from typing import Any
 
 from llava_nb.errors import first_line
 from llava_nb.images import image_to_data_uri
-from llava_nb.models import GenerationError, ModelError, check_settings
+from llava_nb.models import SHORTER, ContextFullError, GenerationError, ModelError, check_settings
 
 PREFIX = "openai:"
 LIST_TIMEOUT_S = 30.0  # listing models is instant on a live server: longer means none answers
+MAX_TOKENS = 2**31 - 1  # servers keep max_tokens in 32 bits: llama.cpp wraps 2**40 around to 0
 RETRY_S = 2.0  # between tries while a server answers 503 without saying how long to wait
 NOT_A_SERVER = "check the URL: an OpenAI-compatible server's, which usually ends in /v1"
 
@@ -202,7 +203,7 @@ class RemoteModel:
         request = {
             "model": self.remote_model,
             "messages": [_openai_message(m) for m in messages],
-            "max_tokens": settings["max_new_tokens"],
+            "max_tokens": min(settings["max_new_tokens"], MAX_TOKENS),
             "temperature": settings["temperature"],
             "top_p": settings["top_p"],
             "stream": True,
@@ -273,8 +274,14 @@ class RemoteGeneration:
                 raise self._failed(f"sent no streamed answer; {NOT_A_SERVER}")
         except openai.APIConnectionError:
             raise self._failed("lost the connection while answering; check that it runs") from None
+        except openai.AuthenticationError as e:
+            why = f"refused the API key ({_message_error(e)}); pass api_key= or set OPENAI_API_KEY"
+            raise self._failed(why) from None
         except openai.APIStatusError as e:
             why = f"refused the question (HTTP {e.status_code}): {_message_error(e)}"
+            if _context_full(e):  # the same error as a local model's, and its fix
+                fix = "" if SHORTER in why else f"; {SHORTER}"
+                raise self._failed(why + fix, ContextFullError) from None
             raise self._failed(why) from None
         except openai.APIError as e:  # an error event in the middle of the stream
             raise self._failed(f"failed while answering: {_message_error(e)}") from None
@@ -287,10 +294,10 @@ class RemoteGeneration:
             if not self.done:  # stopped, interrupted or abandoned: keep the partial answer
                 self.stopped, self.done, self.finish_reason = True, True, "interrupted"
 
-    def _failed(self, why: str) -> GenerationError:
+    def _failed(self, why: str, kind: type[GenerationError] = GenerationError) -> GenerationError:
         """The error for an answer the server spoiled; what came before it is kept."""
         self.done = True
-        return GenerationError(f"{self._model.base_url} {why}")
+        return kind(f"{self._model.base_url} {why}")
 
     def _open(self):
         """Send the request (waiting while the server loads its model); None if stopped."""
@@ -301,6 +308,18 @@ class RemoteGeneration:
         for _ in self:
             pass
         return self.text
+
+
+def _context_full(error: Exception) -> bool:
+    """A 400 for a prompt over the model's context: OpenAI's code (ours too), llama.cpp's type,
+    or vLLM's message."""
+    if getattr(error, "status_code", None) != 400:
+        return False
+    body = getattr(error, "body", None)
+    body = body.get("error", body) if isinstance(body, dict) else {}
+    kinds = (body.get("code"), body.get("type")) if isinstance(body, dict) else ()
+    known = any(kind in ("context_length_exceeded", "exceed_context_size_error") for kind in kinds)
+    return known or "maximum context length" in _message_error(error)
 
 
 def _retry_after(error: Exception) -> float | None:

@@ -1,5 +1,6 @@
 """RemoteModel: the Model interface over an OpenAI-compatible server."""
 
+import json
 import socket
 import time
 
@@ -182,6 +183,36 @@ def test_a_server_error_is_quoted_by_its_first_line_or_its_type():
 
     assert _message_error(RuntimeError("model is busy\nTraceback ...")) == "model is busy"
     assert _message_error(RuntimeError("")) == "RuntimeError"  # not an IndexError
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"code": 400, "type": "exceed_context_size_error", "message": "request (536 tokens) "
+         "exceeds the available context size (512 tokens), try increasing it"},  # llama.cpp
+        {"code": "context_length_exceeded", "message": "the prompt is too long"},  # OpenAI
+        {"code": 400, "message": "This model's maximum context length is 4096 tokens."},  # vLLM
+    ],
+)  # fmt: skip
+def test_a_server_context_overflow_is_a_context_full_error(web_server, error):
+    from llava_nb.models import SHORTER, ContextFullError
+
+    body = json.dumps({"error": error}).encode()
+    route = {"/v1/chat/completions": (400, "application/json", body)}
+    refused = "refused the question .HTTP 400.: "
+    with web_server(route) as url, pytest.raises(ContextFullError, match=refused) as err:
+        ln.Chat(url).ask("Hello?")
+    assert str(err.value).endswith(f"; {SHORTER}")
+
+
+def test_a_key_refused_while_answering_names_the_fix_and_huge_lengths_are_capped(web_server):
+    refused = (401, "application/json", b'{"error": {"message": "Invalid API Key"}}')
+    with web_server({"/v1/chat/completions": refused}) as url:
+        with pytest.raises(GenerationError, match=r"refused the API key \(Invalid API Key\); pass"):
+            ln.Chat(url).ask("Hello?")
+        hello = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+        answer = ln.Model(url).generate(hello, max_new_tokens=2**40)
+        assert answer._request["max_tokens"] == 2**31 - 1  # llama.cpp wraps 2**40 around to 0
 
 
 def test_a_proxy_error_page_is_quoted_by_its_title_or_text(web_server):
