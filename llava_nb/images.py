@@ -13,6 +13,7 @@ import http.client
 import io
 import os
 import re
+import stat
 import sys
 import time
 import urllib.error
@@ -27,6 +28,7 @@ from llava_nb.errors import LlavaError, first_line
 MAX_PIXELS = 64_000_000  # far above any vision tower's input; refuses decompression bombs
 MAX_ASPECT = 100  # processors scale the short side up to the tower's size: 1x5000 px took 6 GB
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # cap on downloaded bytes
+MAX_FILE_BYTES = 512 * 1024 * 1024  # cap on a local file: 64 MP at 16 bits x 4 channels, raw
 FLOAT_ONE_AT_MOST = 2  # float pixels up to this are in 0-1 (a little over: clipped), else 0-255
 FETCH_TIMEOUT_S = 10  # seconds, so a dead server cannot hang a notebook cell
 FETCH_DEADLINE_S = 60  # for the whole download: a server trickling bytes cannot hang it either
@@ -110,8 +112,21 @@ def load_image(source: object, *, namespace: Mapping[str, object] | None = None)
 
 def _read_file(source: str | os.PathLike) -> tuple[bytes, str]:
     label = f"image file {_short(os.fspath(source))}"
+    path = Path(source).expanduser()
     try:
-        return Path(source).expanduser().read_bytes(), label
+        info = path.stat()  # before opening: opening a pipe would wait for a writer
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero was read until memory ran out
+            raise ImageError(
+                f"{label} is not a regular file (a device or pipe); pass an image file"
+            )
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(
+                f"{label} is {info.st_size / 2**20:,.0f} MB, more than an image of "
+                f"{MAX_PIXELS / 1e6:.0f} megapixels takes; pass an image file"
+            )
+        return path.read_bytes(), label
     except FileNotFoundError:
         raise ImageError(
             f"{label} not found; check the path (relative paths start at {os.getcwd()})"

@@ -253,6 +253,19 @@ def test_every_mode_becomes_rgb(mode: str) -> None:
 # --- failures ------------------------------------------------------------------------------
 
 
+def test_devices_pipes_and_huge_files_are_refused_unread(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe")  # opening it would wait for a writer forever
+    for special in ("/dev/zero", tmp_path / "pipe"):  # /dev/zero was read until memory ran out
+        with pytest.raises(ImageError, match="is not a regular file .a device or pipe.; pass an"):
+            load_image(special)
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(600 * 2**20)  # sparse: no disk used
+    with pytest.raises(ImageError, match="is 600 MB, more than an image of 64 megapixels takes"):
+        load_image(tmp_path / "huge.png")
+
+
 def test_missing_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ImageError, match=r"image file 'cat\.jpg' not found; check the path") as err:
