@@ -41,6 +41,19 @@ class Turn:
     interrupted: bool = False  # the answer was stopped before it ended
 
 
+def same_turns(a: list[Turn], b: list[Turn]) -> bool:
+    """Whether two conversations hold what a chat file keeps alike (images by their pixels):
+    opening a file over a chat that equals it loses nothing."""
+
+    def kept(turns: list[Turn]) -> list[tuple]:
+        return [
+            (t.question, t.answer, t.interrupted, [(i.size, i.tobytes()) for i in t.images])
+            for t in turns
+        ]
+
+    return kept(a) == kept(b)
+
+
 class Answer(str):
     """An answer: a plain `str` (notebooks render it as Markdown) that can carry `.attention`,
     the `AttentionMap` of where it looked (asked with attention=True; None otherwise)."""

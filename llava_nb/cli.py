@@ -33,13 +33,16 @@ SERVE_EXTRA = f"{PROG} serve needs the serve extra: pip install 'llava_nb[serve]
 SERVE_MODULES = ("fastapi", "uvicorn", "starlette")
 
 CHAT_HELP = """\
-/image PATH   attach an image (a path or an http(s) URL) to the next question
+/image PATH   attach an image (a path or an http(s) URL) to the next question;
+              /image none drops the images attached so far
 /undo         forget the last question and its answer
 /reset        forget the whole conversation (the model stays loaded)
 /history      show the conversation so far
 /save FILE    save the conversation, images included, to a JSON file
 /open FILE    continue a conversation saved with /save (this session's model answers)
 /model        show the model's status; /model NAME switches model, keeping the conversation
+/adapter      show the fine-tuned adapter in use; /adapter FOLDER uses one, /adapter none the
+              base model
 /help         this list
 /quit         quit (or Ctrl-D)
 Ctrl-C stops an answer (the partial answer stays in the conversation). Start a question with //
@@ -340,6 +343,7 @@ class ChatSession:
         return CONTROL.sub("\ufffd", text) if self.stdout.isatty() else text
 
     def _info(self, text: str) -> None:
+        text = CONTROL.sub("\ufffd", text) if self.stderr.isatty() else text  # a file's names
         print(f"{PROG}: {text}", file=self.stderr, flush=True)
 
     def _fail(self, error: object) -> None:
@@ -440,7 +444,7 @@ class ChatSession:
             with redirect_stdout(self.stderr):  # the model's loading lines are progress
                 pieces = chat.stream(question, list(self.pending))
         except LlavaError as e:
-            self._fail(e)
+            self._fail(f"{e}{self._pending_hint()}")
             return
         except KeyboardInterrupt:
             self._out(INTERRUPTED + self._end)
@@ -456,7 +460,7 @@ class ChatSession:
         except LlavaError as e:
             if printed:
                 self._out("\n")
-            self._fail(e)
+            self._fail(f"{e}{self._pending_hint() if len(chat.history) == turns else ''}")
         else:
             answer = chat.history[-1].answer if len(chat.history) > turns else printed
             rest = answer[len(printed) :] if answer.startswith(printed) else ""
@@ -464,6 +468,13 @@ class ChatSession:
         finally:
             if len(chat.history) > turns:  # the question was asked: its images are in the chat
                 self.pending.clear()
+
+    def _pending_hint(self) -> str:
+        """After a failed question: the attached images stay for the next one, unless dropped
+        (a server that takes no images refuses every question while they are attached)."""
+        if not self.pending:
+            return ""
+        return f" ({_count(len(self.pending), 'image')} still attached: /image none drops them)"
 
     def _load(self, model: Any) -> bool:
         """Load `model` now (progress on stderr); say why not when it fails."""
@@ -474,6 +485,9 @@ class ChatSession:
             self._fail(e)
             return False
         except KeyboardInterrupt:
+            if getattr(model, "loaded", False):  # a load cannot stop halfway: it finished
+                self._info(f"{model.model_id} finished loading (a load cannot stop halfway)")
+                return True
             self._info("loading stopped; the model loads with the next question")
             return False
         return True
@@ -507,6 +521,10 @@ class ChatSession:
         from llava_nb.images import load_image
 
         source = self._one_argument("image", rest, "PATH")
+        if source.lower() == "none":
+            dropped, self.pending = len(self.pending), []
+            self._info(f"dropped {_count(dropped, 'attached image')}")
+            return
         self.pending.append(load_image(source))
         count = len(self.pending)
         self._info(
@@ -538,25 +556,45 @@ class ChatSession:
         for turn in turns:
             images = f" [{_count(len(turn.images), 'image')}]" if turn.images else ""
             stopped = INTERRUPTED if turn.interrupted else ""
-            answer = self._shown(turn.answer)  # an opened file's answers too
-            self._out(f"you:{images} {turn.question}\nllava: {answer}{stopped}\n")
+            question, answer = self._shown(turn.question), self._shown(turn.answer)  # a file's too
+            self._out(f"you:{images} {question}\nllava: {answer}{stopped}\n")
 
     def _cmd_save(self, rest: str) -> None:
         path = self.chat.save(self._one_argument("save", rest, "FILE"))
         self._info(f"saved the conversation ({_count(len(self.chat.history), 'turn')}) to {path}")
 
     def _cmd_open(self, rest: str) -> None:
-        from llava_nb.chat import Chat
+        from llava_nb.chat import Chat, same_turns
 
         path = self._one_argument("open", rest, "FILE")
         opened = Chat.load(path, model=self.chat.model)  # this session's model answers
+        held = self.chat.history
+        if held and not same_turns(held, opened.history):  # never lose an unsaved conversation
+            raise LlavaError(
+                f"this conversation has {_count(len(held), 'turn')}; /save it or /reset first, "
+                f"then /open {rest}"
+            )
         saved_with = _saved_model(path)
         opened.settings = dict(self.chat.settings)  # and this session's settings
         self.chat = opened
-        note = ""
+        notes = []
         if saved_with and saved_with != self.chat.model.model_id:
-            note = f"; it was saved with {saved_with} (/model {saved_with} switches to it)"
+            notes.append(f"it was saved with {saved_with} (/model {saved_with} switches to it)")
+        if opened.adapter and not os.path.isdir(opened.adapter):
+            notes.append(
+                f"its adapter {opened.adapter} is not here (/adapter none: the base model)"
+            )
+        note = "".join(f"; {n}" for n in notes)
         self._info(f"opened {path} ({_count(len(opened.history), 'turn')}){note}")
+
+    def _cmd_adapter(self, rest: str) -> None:
+        if not rest:
+            self._info(f"adapter: {self.chat.adapter or 'none (the base model)'}")
+            return
+        folder = self._one_argument("adapter", rest, "FOLDER")
+        with redirect_stdout(self.stderr):  # the model's loading lines are progress
+            self.chat.use_adapter(None if folder.lower() == "none" else folder)
+        self._info(f"answering with {self.chat.adapter or 'the base model'}")
 
     def _cmd_model(self, rest: str) -> None:
         if rest:

@@ -17,4 +17,4 @@ def first_line(error: BaseException | str, limit: int = 200) -> str:
     if not lines:
         return type(error).__name__
     text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
-    return text[:limit]
+    return text if len(text) <= limit else text[: limit - 1] + "…"  # cut: say so

@@ -557,12 +557,12 @@ class LlavaMagics(Magics):
         print(f"llava_nb: saved chat '{args.chat}' ({_turns(chat)}) to {path}")
 
     def _cmd_open(self, args) -> None:
-        from llava_nb.chat import Chat
+        from llava_nb.chat import Chat, same_turns
 
         chat = Chat.load(args.file)
         held = self.chats[args.chat].history if args.chat in self.chats else []
         turns = len(held)
-        if turns and _content(held) != _content(chat.history):  # never replace a conversation
+        if turns and not same_turns(held, chat.history):  # never replace a conversation
             # the user may not have saved (one equal to the file is saved: a rerun cell opens it)
             reset = "%llava reset" + ("" if args.chat == DEFAULT_CHAT else f" {args.chat}")
             raise LlavaError(
@@ -611,14 +611,6 @@ class LlavaMagics(Magics):
                 for n in names
             }
             return _table([{"key": n, "value": value} for n, value in shown.items()])
-
-
-def _content(turns: list) -> list[tuple]:
-    """What a chat file keeps of each turn, images as pixels, to compare two conversations."""
-    return [
-        (t.question, t.answer, t.interrupted, [(i.size, i.tobytes()) for i in t.images])
-        for t in turns
-    ]
 
 
 def _turns(chat) -> str:

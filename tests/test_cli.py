@@ -219,17 +219,73 @@ def test_piped_stdin_prints_just_the_answers(tiny_llava, grace):
     assert len(lines) == 2 and "missing.jpg" in lines[0] and "removed" in lines[1]
 
 
-def test_control_characters_reach_a_terminal_as_placeholders(web_server):
+def test_control_characters_reach_a_terminal_as_placeholders(web_server, tmp_path):
     answer = "Hi \x1b]0;pwned\x07\x1b[2Jthere"  # retitle the window, clear the screen
     chunk = completion("chat.completion.chunk", {"delta": {"content": answer}})
     end = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "stop"})
     with web_server({"/v1/chat/completions": events(chunk, end)}) as url:
         child = _spawn("--model", f"openai:{url}")
         assert _say(child, "Hello?") == "Hi \ufffd]0;pwned\ufffd\ufffd[2Jthere\n\n"
+        _say(child, "/reset")
+        crafted = tmp_path / "crafted.json"  # a chat file's questions and names, too
+        Chat(f"openai:{url}").save(crafted)
+        data = json.loads(crafted.read_text())
+        data["model"] = "evil\x1b]0;pwned\x07"
+        data["turns"] = [{"question": "a\x1b[2Jb", "images": [], "answer": "c"}]
+        crafted.write_text(json.dumps(data))
+        assert "evil\ufffd]0;pwned\ufffd" in _say(child, f"/open {crafted}")
+        assert _say(child, "/history") == "you: a\ufffd[2Jb\nllava: c\n"
         _quit_with_ctrl_d(child)
         result = _run("chat", "--model", f"openai:{url}", stdin="Hello?\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == answer + "\n"  # piped: exactly what the model said
+
+
+def test_open_keeps_an_unsaved_conversation_and_names_a_missing_adapter(tiny_llava, tmp_path):
+    saved, other = tmp_path / "saved.json", tmp_path / "other.json"
+    Chat(tiny_llava, max_new_tokens=2).save(other)
+    lost = json.loads(other.read_text()) | {"adapter": str(tmp_path / "gone")}
+    (tmp_path / "lost.json").write_text(json.dumps(lost))
+    script = [
+        "Hello?", f"/save {saved}", f"/open {saved}",  # the very conversation: nothing lost
+        "More?", f"/open {other}",  # refused: "More?" is not saved
+        "/reset", f"/open {tmp_path / 'lost.json'}", "Hello?", "/adapter none", "Hello?",
+    ]  # fmt: skip
+    result = _run("chat", "--model", tiny_llava, "--max-new-tokens", "2", stdin="\n".join(script))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
+    assert lines[1] == f"llava-nb: opened {saved} (1 turn)"
+    assert lines[2] == (
+        f"llava-nb: this conversation has 2 turns; /save it or /reset first, then /open {other}"
+    )
+    assert lines[4] == (
+        f"llava-nb: opened {tmp_path / 'lost.json'} (0 turns); its adapter {tmp_path / 'gone'} "
+        "is not here (/adapter none: the base model)"
+    )
+    assert "adapter folder" in lines[5] and "not found" in lines[5]
+    assert lines[6:] == ["llava-nb: answering with the base model"]
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 3  # 3 answers
+
+
+def test_images_a_server_refuses_can_be_dropped(web_server, square):
+    refused = (500, "application/json", b'{"error": {"message": "image input is not supported"}}')
+    chunk = completion(
+        "chat.completion.chunk", {"delta": {"content": "Hi"}, "finish_reason": "stop"}
+    )
+    with web_server({"/v1/chat/completions": [refused, refused, events(chunk)]}) as url:
+        script = "What is this?\nAnd now?\n/image none\nAnd now?\n"
+        result = _run("chat", "--model", url, "--image", square, stdin=script)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
+    attached = " (1 image still attached: /image none drops them)"
+    assert lines[0].endswith("image input is not supported" + attached)
+    assert lines[1].endswith(attached) and lines[2] == "llava-nb: dropped 1 attached image"
+    assert result.stdout == "Hi\n"
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_nb", "--help"], capture_output=True, text=True, env=_env()
+    )
+    assert result.returncode == 0 and "usage: llava-nb" in result.stdout
 
 
 def test_help_and_usage_errors(tiny_llava):
