@@ -206,6 +206,7 @@ def check_local_path(model_id: str) -> Path:
 
 def _load_config(model_id: str):
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import StrictDataclassError  # a config's own checks failed
     from transformers import AutoConfig
 
     local = check_local_path(model_id)
@@ -214,7 +215,7 @@ def _load_config(model_id: str):
             raise ModelError(f"folder '{model_id}' has no config.json; point at a saved checkpoint")
         try:
             return AutoConfig.from_pretrained(local)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, StrictDataclassError) as e:
             raise ModelError(
                 f"the config.json in '{model_id}' cannot be read ({first_line(e)}); "
                 "save the checkpoint again"
@@ -228,7 +229,7 @@ def _load_config(model_id: str):
         )
     try:
         return AutoConfig.from_pretrained(model_id)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, StrictDataclassError) as e:
         raise ModelError(
             f"model '{model_id}' not found ({first_line(e)}); check the id or pass a local folder"
         ) from None

@@ -1,6 +1,7 @@
 """Model: lazy loading, status, unload, quantization, errors, and the generation worker."""
 
 import gc
+import json
 import sys
 import threading
 import time
@@ -148,6 +149,10 @@ def test_missing_folder_and_non_llava_checkpoints(tmp_path):
     with pytest.raises(ModelError, match="'llama' model, not LLaVA"):
         model.load()
     assert model.status()["state"] == "unloaded"
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({**config, "hidden_size": 65}))
+    with pytest.raises(ModelError, match="config.json in .* cannot be read .*hidden size .65."):
+        Model(str(tmp_path / "llama")).load()  # the config's own checks: not a ValueError
 
 
 def _damaged(tiny_llava, folder, damage):
