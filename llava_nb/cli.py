@@ -52,6 +52,12 @@ to begin it with a slash."""
 # ---------------------------------------------------------------- parsing
 
 
+def _model_name(text: str) -> str:
+    if not text.strip():  # not the default: that may build the demo model, minutes of CPU
+        raise argparse.ArgumentTypeError("is empty; name a hub id, a folder or a server URL")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -74,6 +80,7 @@ def _add_model_options(p: argparse.ArgumentParser, what: str) -> None:
         "--model",
         "-m",
         metavar="M",
+        type=_model_name,
         help=f"{what}; default: $LLAVA_NB_MODEL, else llava-hf/llava-1.5-7b-hf",
     )
     quant = p.add_mutually_exclusive_group()

@@ -118,6 +118,8 @@ class RemoteModel:
         try:
             listing = self.while_loading(lambda: client.models.list(timeout=LIST_TIMEOUT_S))
             served = [str(m.id) for m in listing]
+            aliases = [getattr(m, "aliases", None) for m in listing]
+            known = served + [str(a) for names in aliases if isinstance(names, list) for a in names]
         except openai.AuthenticationError:
             raise ModelError(
                 f"{self.base_url} refused the API key; pass api_key= (llava-nb chat: --api-key) "
@@ -144,7 +146,7 @@ class RemoteModel:
             self.remote_model = served[0]
         if self.remote_model is None:
             raise ModelError(f"{self.base_url} lists no models; pass remote_model=NAME")
-        if served and self.remote_model not in served:
+        if served and self.remote_model not in known:  # llama.cpp lists --alias names too
             raise ModelError(
                 f"{self.base_url} has no model '{self.remote_model}'; it serves: "
                 f"{', '.join(served)}"

@@ -302,6 +302,7 @@ def test_help_and_usage_errors(tiny_llava):
         ["chat", "--bogus"],
         ["chat", "--4bit", "--8bit"],
         ["chat", "--max-new-tokens", "0"],
+        ["chat", "--model", ""],
         ["chat", "--model", tiny_llava, "--image", "missing.jpg"],
         ["serve", "--port", "http"],
     ):

@@ -215,6 +215,15 @@ def test_a_key_refused_while_answering_names_the_fix_and_huge_lengths_are_capped
         assert answer._request["max_tokens"] == 2**31 - 1  # llama.cpp wraps 2**40 around to 0
 
 
+def test_a_model_may_be_named_by_an_alias_the_server_lists(web_server):
+    listing = {"object": "list", "data": [{"id": "smol", "aliases": ["smol", "smollm"]}]}
+    models = (200, "application/json", json.dumps(listing).encode())
+    with web_server({"/v1/models": models, "/v1/chat/completions": events(CHUNK)}) as url:
+        assert ln.Chat(ln.Model(url, remote_model="smollm")).ask("Hello?") == "Hi"  # llama.cpp
+        with pytest.raises(ModelError, match="has no model 'other'; it serves: smol"):
+            ln.Chat(ln.Model(url, remote_model="other")).ask("Hello?")
+
+
 def test_a_proxy_error_page_is_quoted_by_its_title_or_text(web_server):
     page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502</h1></body></html>"
     for body, quoted in (
