@@ -25,6 +25,7 @@ from llava_nb.errors import LlavaError, first_line
 STATIC = Path(__file__).parent / "static"
 THUMBNAIL_PX = 256  # longest side of the thumbnails the front end shows
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a notebook's websocket drops messages over 10 MiB
+KEPT_DROPS = 16  # how many drops' refusals are kept (their files may still be arriving)
 UPDATE_INTERVAL_S = 0.05  # how often a growing answer is sent to the front end
 LOADING_TICK_S = 0.5  # how often the status line counts seconds while the model loads
 
@@ -102,9 +103,10 @@ class ChatPanel(anywidget.AnyWidget):
         super().__init__(_esm=js, _css=css)
         self.chat = chat
         self._images: list[Image.Image] = []  # attached, not sent yet
-        self._refused: list[str] = []  # the refusals of the last drop or pick, joined
+        self._refused: dict[Any, list[str]] = {}  # drop (pick, paste) id -> its refusals
         self._thumbs: dict[int, tuple[Image.Image, str]] = {}  # id -> (image, thumbnail)
-        self._live = None  # the turn being answered
+        self._live = None  # the turn the chat is answering (whoever asked it)
+        self._lock = threading.RLock()  # the chat's events and this panel's worker both sync
         self._pieces: list[str] = []  # its answer so far
         self._shown = 0.0  # when the live answer was last sent
         self._worker: threading.Thread | None = None
@@ -125,41 +127,51 @@ class ChatPanel(anywidget.AnyWidget):
 
     def _on_chat(self, event: str, turn, piece: str) -> None:
         """Follows the chat, whoever drives it (this panel's worker, a cell, Python code)."""
-        if event == "start":
-            self._live, self._pieces, self._shown = turn, [], 0.0
-            with self.hold_sync():
-                self.live_question = {"question": turn.question, "images": self._thumbs_of(turn)}
-                self.live_answer = ""
-                self.status = self._status_text()
-        elif event == "piece" and turn is self._live:  # (a second question at once: not shown)
-            self._pieces.append(piece)
-            if time.monotonic() - self._shown >= UPDATE_INTERVAL_S:
-                self.live_answer = "".join(self._pieces)
-                self._shown = time.monotonic()
-        elif event != "piece":  # end, undo, reset
+        if event == "piece":
+            if turn is self._live:  # (a second question at once: not shown)
+                self._pieces.append(piece)
+                if time.monotonic() - self._shown >= UPDATE_INTERVAL_S:
+                    self.live_answer = "".join(self._pieces)
+                    self._shown = time.monotonic()
+            return
+        with self._lock:
+            if event == "start":
+                self._live, self._pieces, self._shown = turn, [], 0.0
+            else:  # end, undo, reset
+                self._live = None
             self._sync()
 
     def _sync(self) -> None:
-        """Send the chat as it is now: its turns, its settings, the model's status."""
-        history = self.chat.history
-        with self.hold_sync():
-            self.turns = [
-                {
-                    "question": turn.question,
-                    "images": self._thumbs_of(turn),
-                    "answer": turn.answer,
-                    "interrupted": turn.interrupted,
-                }
-                for turn in history
-            ]
-            self.live_question, self.live_answer = {}, ""
-            self.temperature = float(self.chat.settings["temperature"])
-            self.max_new_tokens = int(self.chat.settings["max_new_tokens"])
-            self.status = self._status_text()
-        self._pieces = []
-        kept = {id(image) for turn in history for image in turn.images}
-        kept |= {id(image) for image in self._images}
-        self._thumbs = {key: value for key, value in self._thumbs.items() if key in kept}
+        """Send the chat as it is now: its turns, the turn it is answering (if any: this panel's
+        question refused meanwhile must not hide another view's), its settings, the model's
+        status."""
+        with self._lock:
+            history, live = self.chat.history, self._live
+            if live is None:
+                self._pieces = []
+            with self.hold_sync():
+                self.turns = [
+                    {
+                        "question": turn.question,
+                        "images": self._thumbs_of(turn),
+                        "answer": turn.answer,
+                        "interrupted": turn.interrupted,
+                    }
+                    for turn in history
+                ]
+                self.live_question = (
+                    {"question": live.question, "images": self._thumbs_of(live)}
+                    if live is not None
+                    else {}
+                )
+                self.live_answer = "".join(self._pieces)
+                self.temperature = float(self.chat.settings["temperature"])
+                self.max_new_tokens = int(self.chat.settings["max_new_tokens"])
+                self.status = self._status_text()
+            shown = history if live is None else [*history, live]
+            kept = {id(image) for turn in shown for image in turn.images}
+            kept |= {id(image) for image in self._images}
+            self._thumbs = {key: value for key, value in self._thumbs.items() if key in kept}
 
     def _thumbs_of(self, turn) -> list[str]:
         return [self._thumb(image) for image in turn.images]
@@ -199,7 +211,8 @@ class ChatPanel(anywidget.AnyWidget):
             if kind == "send":
                 self._ask(str(content.get("text", "")))
             elif kind == "attach":
-                self._attach(buffers, str(content.get("name") or "image"), content.get("batch"))
+                name, refused = str(content.get("name") or "image"), content.get("refused") or []
+                self._attach(buffers, name, content.get("drop"), [str(line) for line in refused])
             elif kind == "detach":
                 self._detach(int(content.get("index", -1)))
             elif kind == "stop":
@@ -217,6 +230,8 @@ class ChatPanel(anywidget.AnyWidget):
         from llava_nb.models import check_settings
 
         settings = {name: self.chat.settings[name] for name in SETTINGS}
+        if change["new"] == settings[change["name"]]:
+            return  # the chat's own value, shown (or put back after a refusal)
         settings[change["name"]] = change["new"]
         try:
             check_settings(**settings)
@@ -225,14 +240,26 @@ class ChatPanel(anywidget.AnyWidget):
             setattr(self, change["name"], change["old"])
             return
         self.chat.settings[change["name"]] = change["new"]
+        self.error = ""  # accepted: an earlier refusal no longer holds
 
-    def _attach(self, buffers: list, name: str, batch: bool = False) -> None:
-        """Attach one file; `batch`: a later file of the same drop or pick, whose refusal joins
-        the earlier ones' in the error line (kept here: the line may have changed meanwhile)."""
+    def _attach(self, buffers: list, name: str, drop: Any, refused: list[str]) -> None:
+        """Attach one file of a drop, pick or paste; `drop`: the id the front end gave it.
+
+        A drop's files arrive one message each, in the order their reads finish, so another
+        drop's may come in between: each drop's refusals are kept under its id and joined on the
+        error line. `refused`: the front end's own (files too big to send), with the first file.
+        """
         from llava_nb.images import load_image
 
-        if not batch:
-            self._refused = []
+        key = object() if drop is None else str(drop)  # no id: a drop of its own
+        if key in self._refused:
+            lines = self._refused[key]
+            before = len(lines)
+        else:  # the drop's first file
+            lines = self._refused[key] = list(refused)
+            before = 0
+            while len(self._refused) > KEPT_DROPS:  # the oldest drop is done with
+                del self._refused[next(iter(self._refused))]
         try:
             if len(buffers) != 1:
                 raise PanelError(f"expected one image file, got {len(buffers)}; attach again")
@@ -243,10 +270,12 @@ class ChatPanel(anywidget.AnyWidget):
                 )
             image = load_image(bytes(buffers[0]))  # the same checks and limits as elsewhere
         except LlavaError as e:
-            self._refused.append(f"{name}: {e}")
-            raise PanelError("; ".join(self._refused)) from None
-        self._images.append(image)
-        self.attachments = [self._thumb(image) for image in self._images]
+            lines.append(f"{name}: {e}")
+        else:
+            self._images.append(image)
+            self.attachments = [self._thumb(image) for image in self._images]
+        if len(lines) > before:  # a refusal of this file, or the front end's with the first
+            self.error = "; ".join(lines)
 
     def _detach(self, index: int) -> None:
         if 0 <= index < len(self._images):

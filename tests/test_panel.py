@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -187,6 +188,11 @@ def test_settings_from_the_front_end_go_to_the_chat(tiny_llava):
     chat.reset()
     assert panel.max_new_tokens == 20
 
+    panel.max_new_tokens = -3
+    assert panel.error.startswith("max_new_tokens must be") and panel.max_new_tokens == 20
+    panel.max_new_tokens = 30  # accepted: the refusal leaves the error line
+    assert panel.error == "" and chat.settings["max_new_tokens"] == 30
+
 
 # ---------------------------------------------------------------- one chat, several views
 
@@ -206,6 +212,34 @@ def test_questions_asked_elsewhere_stream_into_the_panel(endless_llava, photo):
 
     chat.undo()
     assert panel.turns == []
+
+
+def test_a_question_refused_in_a_second_panel_keeps_the_answer_in_view(endless_llava):
+    """Two panels on one chat: Enter in B while A's answer streams is refused in B, and B
+    still shows A's question and its answer as it grows (not an empty chat until it ends)."""
+    chat = ln.Chat(endless_llava, max_new_tokens=1000)
+    chat.model.load()
+    first, second = ChatPanel(chat), ChatPanel(chat)
+    message(first, "send", text="Tell me everything.")
+    deadline = time.monotonic() + WAIT_S
+    while not second.live_answer and time.monotonic() < deadline:
+        time.sleep(0.01)
+    message(second, "send", text="Me too?")
+    finish(second, error=None)
+    assert "still answering" in second.error and second.draft == "Me too?"
+    assert second.live_question == first.live_question
+    assert second.live_question["question"] == "Tell me everything."
+    shown = second.live_answer
+    assert shown
+    while second.live_answer == shown and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert second.live_answer.startswith(shown) and len(second.live_answer) > len(shown)
+
+    message(first, "stop")
+    finish(first)
+    assert second.live_question == {} and second.live_answer == ""
+    assert [t["question"] for t in second.turns] == ["Tell me everything."]
+    assert second.turns[0]["answer"] == chat.history[0].answer
 
 
 def test_two_panels_on_two_chats_do_not_mix(tiny_llava):
@@ -301,15 +335,29 @@ def test_stop_while_the_model_loads_gives_the_question_back(tiny_llava, photo_by
     assert len(panel.attachments) == 1
 
 
-def test_several_refused_files_are_all_named(tiny_llava):
+def test_several_refused_files_are_all_named(tiny_llava, photo_bytes):
     panel = ChatPanel(model=tiny_llava)
-    message(panel, "attach", [b"text"], name="notes.txt")
+    message(panel, "attach", [b"text"], name="notes.txt", drop="v-1", refused=[])
     panel.error = ""  # dismissed (or changed) between the drop's files: they still join
-    message(panel, "attach", [b""], name="empty.png", batch=True)  # the same drop
+    # another drop's file read faster than the first drop's second: it comes in between
+    message(panel, "attach", [photo_bytes], name="pasted.jpg", drop="v-2", refused=[])
+    message(panel, "attach", [b""], name="empty.png", drop="v-1", refused=[])
     assert panel.error.startswith("notes.txt: image bytes (4 bytes) is not a readable image")
-    assert "; empty.png: " in panel.error
-    message(panel, "attach", [b"again"], name="later.txt")  # a new drop: its own error
-    assert panel.error.startswith("later.txt: ") and "notes.txt" not in panel.error
+    assert "; empty.png: " in panel.error and len(panel.attachments) == 1
+
+    # the browser refuses files too big to send: its line comes with the drop's first file
+    too_big = "huge.jpg is 9.0 MB, more than the 8.0 MB a notebook connection carries"
+    message(panel, "attach", [photo_bytes], name="ok.jpg", drop="v-3", refused=[too_big])
+    assert panel.error == too_big and len(panel.attachments) == 2
+    panel.error = ""
+    message(panel, "attach", [photo_bytes], name="ok2.jpg", drop="v-3", refused=[])
+    assert panel.error == ""  # a good file: the line stays as the user left it
+    message(panel, "attach", [b"again"], name="later.txt", drop="v-3", refused=[])
+    assert panel.error.startswith(f"{too_big}; later.txt: ") and "notes.txt" not in panel.error
+
+    message(panel, "attach", [b"x"], name="other.txt", drop="w-1", refused=[too_big])
+    assert panel.error.startswith(f"{too_big}; other.txt: ")  # a new drop: its own line
+    assert "later.txt" not in panel.error and "notes.txt" not in panel.error
 
 
 def test_a_model_that_fails_to_load_shows_why_and_keeps_the_attachments(
@@ -354,7 +402,12 @@ panel._handle_custom_msg({{"type": "send", "text": "Hello?"}}, [])
 panel._worker.join()
 print(panel.error, panel.busy)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # one malloc arena: each thread's own (64 MB of address space) would make the cap's margin,
+    # and so which allocation fails, a matter of timing ("can't start new thread" under load)
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     lines = [line for line in out.stdout.splitlines() if not line.startswith("llava_nb:")]
     expected = f"out of memory loading {path} on cpu; try --4bit (quantization='4bit')"
     assert lines == [expected, f"{expected} False"], out.stdout + out.stderr

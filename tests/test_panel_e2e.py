@@ -143,7 +143,7 @@ def jupyter(request, endless_llava, tmp_path):
         log.close()
 
 
-DROP_AND_PASTE = """async () => {
+DROP_AND_PASTE = """async (what) => {
     const panel = document.querySelector(".llava-panel");
     const canvas = Object.assign(document.createElement("canvas"), {width: 40, height: 30});
     const context = canvas.getContext("2d");
@@ -155,15 +155,35 @@ DROP_AND_PASTE = """async () => {
         list.forEach((file) => transfer.items.add(file));
         return transfer;
     };
-    const dropped = files(new File([png], "red.png", {type: "image/png"}));
-    const options = {dataTransfer: dropped, bubbles: true, cancelable: true};
-    panel.dispatchEvent(new DragEvent("dragover", options));
-    panel.dispatchEvent(new DragEvent("drop", options));
-    const pasted = files(new File([png], "pasted.png", {type: "image/png"}));
-    panel.querySelector("textarea").dispatchEvent(
-        new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
-    const text = files(new File(["hello"], "notes.txt", {type: "text/plain"}));
-    panel.dispatchEvent(new DragEvent("drop", {...options, dataTransfer: text}));
+    if (what === "drop") {
+        const dropped = files(new File([png], "red.png", {type: "image/png"}));
+        const options = {dataTransfer: dropped, bubbles: true, cancelable: true};
+        panel.dispatchEvent(new DragEvent("dragover", options));
+        panel.dispatchEvent(new DragEvent("drop", options));
+    } else if (what === "paste") {
+        const pasted = files(new File([png], "pasted.png", {type: "image/png"}));
+        panel.querySelector("textarea").dispatchEvent(
+            new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
+    } else {  // two files that are no images, in one drop
+        const text = new File(["hello"], "notes.txt", {type: "text/plain"});
+        const empty = new File([], "empty.png", {type: "image/png"});
+        const options = {dataTransfer: files(text, empty), bubbles: true, cancelable: true};
+        panel.dispatchEvent(new DragEvent("drop", options));
+    }
+}"""
+
+# The read of a file so named waits until window.__release() is called (a slow disk, a big file):
+# the order in which a drop's files and another drop's reach the kernel, pinned.
+HOLD_READ = """(name) => {
+    const read = File.prototype.arrayBuffer;
+    const released = new Promise((resolve) => { window.__release = resolve; });
+    File.prototype.arrayBuffer = async function () {
+        if (this.name === name) {
+            await released;
+            File.prototype.arrayBuffer = read;
+        }
+        return read.call(this);
+    };
 }"""
 
 
@@ -289,6 +309,7 @@ def stream_then_stop(page, panel, question: str) -> None:
     tokens.type("9e2")  # typed keys stay in the panel: 0 0 would restart the kernel
     tokens.press("Tab")
     expect(tokens).to_have_value("900")  # all of it, not parseInt's 9
+    expect(panel.locator(".llava-error")).to_be_hidden()  # accepted: the refusal is gone
     box = panel.locator("textarea.llava-input")
     box.fill(question)
     box.press("Enter")
@@ -332,11 +353,19 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         other = page.locator(".llava-panel").nth(1)  # a panel on another chat: its own turns
         expect(other.locator(".llava-user")).to_have_text(["What is in this picture?"])
 
-        # images dropped on the panel and pasted into it attach; a file that is no image shows
-        # a readable error in the panel; x removes an attachment
-        page.evaluate(DROP_AND_PASTE)
-        expect(panel.locator(".llava-attachment img")).to_have_count(2)
+        # images dropped on the panel and pasted into it attach; files that are no image show
+        # a readable error in the panel, all of one drop's on one line, even when another
+        # drop's file arrives between them; x removes an attachment
+        page.evaluate(DROP_AND_PASTE, "drop")
+        expect(panel.locator(".llava-attachment img")).to_have_count(1)
+        page.evaluate(HOLD_READ, "empty.png")
+        page.evaluate(DROP_AND_PASTE, "two bad files")
         error = panel.locator(".llava-error")
+        expect(error).to_contain_text("notes.txt: image bytes (5 bytes) is not a readable image")
+        page.evaluate(DROP_AND_PASTE, "paste")  # read while the drop's empty.png is not yet
+        expect(panel.locator(".llava-attachment img")).to_have_count(2)
+        page.evaluate("() => window.__release()")
+        expect(error).to_contain_text("; empty.png: image bytes (0 bytes) is not a readable")
         expect(error).to_contain_text("notes.txt: image bytes (5 bytes) is not a readable image")
         error.click()  # dismissed
         expect(error).to_be_hidden()
@@ -353,6 +382,15 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
             "shrink it first"
         )
         expect(panel.locator(".llava-attachment")).to_have_count(0)
+        error.click()
+        expect(error).to_be_hidden()
+        text = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}
+        picker.set_input_files(files=[huge, text])  # the browser's refusal and the kernel's
+        expect(error).to_have_text(
+            "huge.jpg is 8.6 MB, more than the 8.0 MB a notebook connection carries; "
+            "shrink it first; notes.txt: image bytes (5 bytes) is not a readable image "
+            "(unknown image format); pass a complete PNG/JPEG/WebP/GIF file"
+        )
         error.click()
 
         # attach an image through the file picker; Shift+Enter is a new line, Enter sends
@@ -445,6 +483,71 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         expect(panel.locator(".llava-error")).to_have_text(
             "the kernel is gone (restarted?); run the panel's cell again"
         )
+        assert not errors, errors
+
+
+AT_BOTTOM = """(messages) => messages.scrollHeight > messages.clientHeight + 400
+    && [...messages.querySelectorAll("img")].every((img) => img.complete)
+    && messages.scrollHeight - messages.scrollTop - messages.clientHeight < 2"""
+
+LAST_QUESTION_IN_VIEW = """([messages, text]) => {
+    const question = [...messages.querySelectorAll(".llava-user")].at(-1);
+    const outer = messages.getBoundingClientRect(), inner = question.getBoundingClientRect();
+    return question.innerText.trim() === text
+        && inner.top >= outer.top - 1 && inner.bottom <= outer.bottom + 1;
+}"""
+
+
+def test_panel_on_a_long_chat_shows_its_end(browser, jupyter, endless_llava, tmp_path):
+    """A panel opened on a chat with a long history starts at its last turn (thumbnails
+    loaded), and a question sent while the user reads further up is scrolled into view."""
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from llava_nb.images import image_to_data_uri
+
+    url, work = jupyter
+    picture = image_to_data_uri(Image.new("RGB", (120, 160), "#36c"))
+    lines = "\n".join(str(i) for i in range(24))  # tall, but short in tokens (590 of 1024)
+    turns = [
+        {"question": f"Question {n}?", "images": [picture] if n in (1, 6) else [], "answer": lines}
+        for n in range(1, 7)
+    ]
+    settings = {"max_new_tokens": 12, "temperature": 0, "top_p": 1, "seed": None}
+    chat = {"format": "llava_nb.chat", "version": 1, "model": endless_llava, "settings": settings}
+    (work / "long.json").write_text(json.dumps({**chat, "turns": turns}))
+
+    screenshot = screenshot_path(tmp_path, "chat_panel_long.png")
+    with browser_page(browser, screenshot) as (page, errors):
+        page.goto(url)
+        page.wait_for_selector(".jp-Notebook .jp-Cell")
+        kernel_idle(page)
+        run_new_cell(
+            page, f"import llava_nb as ln\nln.ChatPanel(ln.Chat.load({str(work / 'long.json')!r}))"
+        )
+        panel = page.locator(".llava-panel").first
+        expect(panel.locator(".llava-user")).to_have_count(6)
+        messages = panel.locator(".llava-messages")
+        page.wait_for_function(AT_BOTTOM, arg=messages.element_handle())
+
+        # the user scrolls up to read, then asks: the question comes into view, and so does
+        # the answer's end
+        messages.evaluate(
+            """(messages) => new Promise((scrolled) => {
+                if (messages.scrollTop === 0) return scrolled();
+                messages.addEventListener("scroll", scrolled, {once: true});
+                messages.scrollTop = 0;
+            })"""
+        )
+        box = panel.locator("textarea.llava-input")
+        box.fill("And now?")
+        box.press("Enter")
+        page.wait_for_function(LAST_QUESTION_IN_VIEW, arg=[messages.element_handle(), "And now?"])
+        expect(panel.locator(".llava-assistant:not([data-live])")).to_have_count(7)  # answered
+        expect(panel.locator(".llava-assistant").last.locator(".llava-text")).not_to_be_empty()
+        page.wait_for_function(AT_BOTTOM, arg=messages.element_handle())
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"screenshot: {screenshot}")
         assert not errors, errors
 
 

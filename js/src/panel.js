@@ -144,14 +144,23 @@ function render({ model, el }) {
     }
   }
 
-  function nearBottom() {
-    return messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
+  // The messages follow the newest until the user scrolls up to read, and again once they scroll
+  // back down or send. Followed from the start: the panel is drawn before it is on the page
+  // (no height yet), so its first layout, like any resize, scrolls to the bottom as well.
+  let following = true;
+  function toBottom() {
+    if (following) messages.scrollTop = messages.scrollHeight;
   }
   function keepBottom(update) {
-    const follow = nearBottom();
     update();
-    if (follow) messages.scrollTop = messages.scrollHeight;
+    toBottom();
   }
+  messages.addEventListener("scroll", () => {
+    following = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
+  });
+  const resized = new ResizeObserver(toBottom);
+  resized.observe(messages);
+  messages.addEventListener("load", toBottom, true); // a thumbnail's height comes once it loads
 
   function drawMessages() {
     keepBottom(() => {
@@ -216,23 +225,35 @@ function render({ model, el }) {
     const text = input.value.trim();
     if (!text || model.get("busy")) return;
     input.value = "";
+    following = true; // the question and its answer are what the user wants to see now
+    toBottom();
     post({ type: "send", text });
   }
 
+  // Each drop, pick or paste has an id: its files go one message each, as their reads finish,
+  // so another drop's may come in between; the kernel joins each drop's refusals by its id.
+  const viewId = Math.random().toString(36).slice(2); // the panel may be shown twice
+  let drops = 0;
   async function upload(files) {
     const limit = model.get("max_upload_bytes");
     const big = files.filter((file) => file.size > limit);
+    const refused = [];
     if (big.length) {
       const what = big.map((file) => `${file.name} is ${megabytes(file.size)}`).join(", ");
       const why = `more than the ${megabytes(limit)} a notebook connection carries`;
-      model.set("error", `${what}, ${why}; shrink ${big.length > 1 ? "them" : "it"} first`);
-      model.save_changes();
+      refused.push(`${what}, ${why}; shrink ${big.length > 1 ? "them" : "it"} first`);
     }
-    const batch = files.filter((file) => file.size <= limit);
-    for (const [index, file] of batch.entries()) {
+    const small = files.filter((file) => file.size <= limit);
+    if (!small.length) {
+      model.set("error", refused.join("; ")); // nothing for the kernel to check
+      model.save_changes();
+      return;
+    }
+    const drop = `${viewId}-${++drops}`;
+    for (const [index, file] of small.entries()) {
       const buffer = await file.arrayBuffer();
-      // the kernel gathers the batch's refusals into one error line
-      post({ type: "attach", name: file.name, batch: index > 0 || big.length > 0 }, [buffer]);
+      // this browser's refusals go with the first file, joined with the kernel's in one line
+      post({ type: "attach", name: file.name, drop, refused: index ? [] : refused }, [buffer]);
     }
   }
 
@@ -244,7 +265,7 @@ function render({ model, el }) {
         model.save_changes();
         node.value = model.get(name);
       } else if (Number.isFinite(value) && node.value.trim() !== "") {
-        model.set(name, value); // the kernel checks the range, and says what is wrong
+        model.set(name, value); // the kernel checks the range: says what is wrong, or clears it
         model.save_changes();
       } else {
         node.value = model.get(name);
@@ -320,9 +341,9 @@ function render({ model, el }) {
   drawMessages();
   drawState();
   drawAttachments();
-  messages.scrollTop = messages.scrollHeight;
 
   return () => {
+    resized.disconnect();
     model.off("change:turns", onMessages);
     model.off("change:live_question", onMessages);
     model.off("change:live_answer", drawLiveAnswer);
