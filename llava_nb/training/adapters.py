@@ -63,19 +63,12 @@ def _check_readable(folder: Path) -> None:
 
 
 def _check_base(folder: Path, config) -> None:
-    from llava_nb.training.train import RUN_FILE, fingerprint
+    from llava_nb.training.train import fingerprint, read_run
 
-    run = folder / RUN_FILE
-    if not run.is_file():
+    fix = "delete it to use the folder as a plain PEFT adapter"
+    record = read_run(folder, AdapterError, fix)
+    if record is None:
         return  # a plain PEFT adapter from elsewhere: shapes are checked when loading
-    try:
-        record = json.loads(run.read_text())
-    except (OSError, ValueError, RecursionError):
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        raise AdapterError(
-            f"'{run}' is damaged; delete it to use the folder as a plain PEFT adapter"
-        )
     shape = record["config"].get("base_shape")
     if shape and shape != fingerprint(config):
         base = record["config"].get("base")

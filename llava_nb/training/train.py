@@ -221,8 +221,9 @@ def _wrap(model, stage: str, method: str, r: int, alpha: int, dropout: float, ta
 # ---------------------------------------------------------------- the run folder
 
 
-def _read_run(output_dir: Path) -> dict[str, Any] | None:
-    file = output_dir / RUN_FILE
+def read_run(folder: Path, error: type[LlavaError], fix: str) -> dict[str, Any] | None:
+    """The run file in `folder` (None: there is none); `error` saying `fix` if it is damaged."""
+    file = folder / RUN_FILE
     if not file.is_file():
         return None
     try:
@@ -230,8 +231,12 @@ def _read_run(output_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, RecursionError):
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        raise FinetuneError(f"'{file}' is damaged; choose a new output_dir or delete that folder")
+        raise error(f"'{file}' is damaged; {fix}")
     return record
+
+
+def _read_run(output_dir: Path) -> dict[str, Any] | None:
+    return read_run(output_dir, FinetuneError, "choose a new output_dir or delete that folder")
 
 
 def _write_run(output_dir: Path, record: dict[str, Any]) -> None:
