@@ -32,6 +32,7 @@ MAX_FILE_BYTES = 512 * 1024 * 1024  # cap on a local file: 64 MP at 16 bits x 4 
 FLOAT_ONE_AT_MOST = 2  # float pixels up to this are in 0-1 (a little over: clipped), else 0-255
 FETCH_TIMEOUT_S = 10  # seconds, so a dead server cannot hang a notebook cell
 FETCH_DEADLINE_S = 60  # for the whole download: a server trickling bytes cannot hang it either
+POSTSCRIPT = (b"%!PS", b"\xc5\xd0\xd3\xc6")  # EPS, plain and in DOS binary: Pillow's marks
 USER_AGENT = "llava_nb (Python urllib)"  # some hosts refuse the default one
 ACCEPTED = (
     "a path, an http(s) URL, a data:image URI, bytes, a PIL image, a numpy array, "
@@ -52,9 +53,10 @@ def _short(text: str) -> str:
     return repr(_cut(text))
 
 
-def _unreadable(label: str, err: Exception, fix: str = "") -> str:
+def _unreadable(label: str, err: Exception) -> str:
     why = "unknown image format" if isinstance(err, UnidentifiedImageError) else first_line(err, 80)
-    fix = fix or "pass a complete PNG/JPEG/WebP/GIF file"
+    closed = "closed image" in why  # a PIL image after its .close()
+    fix = "open it again" if closed else "pass a complete PNG/JPEG/WebP/GIF file"
     return f"{label} is not a readable image ({why}); {fix}"
 
 
@@ -71,7 +73,7 @@ def load_image(source: object, *, namespace: Mapping[str, object] | None = None)
             raise ImageError(f"variable {source!r}: {err}") from err
     if isinstance(source, Image.Image):  # as the notebook shows it: no EXIF rotation
         label = f"PIL image (mode {source.mode}, {source.width}x{source.height})"
-        return _finish(source, label, fix="convert it with image.convert('RGB') first")
+        return _finish(source, label)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         return _decode(data, f"image bytes ({len(data):,} bytes)")
@@ -167,6 +169,11 @@ def _fetch(url: str) -> bytes:
 
 
 def _decode(data: bytes, label: str) -> Image.Image:
+    if data.startswith(POSTSCRIPT):
+        raise ImageError(
+            f"{label} is PostScript (EPS), which Pillow reads by running Ghostscript on it; "
+            "convert it to PNG first"
+        )
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -176,10 +183,9 @@ def _decode(data: bytes, label: str) -> Image.Image:
     return _finish(img, label, upright=True)
 
 
-def _finish(img: Image.Image, label: str, upright: bool = False, fix: str = "") -> Image.Image:
+def _finish(img: Image.Image, label: str, upright: bool = False) -> Image.Image:
     """Check the size and shape, decode fully, and convert to RGB; `upright`: a file's pixels,
-    turned as its EXIF orientation says (a viewer shows it so); `fix`: what to do when the
-    pixels cannot be read, if not to pass a complete file."""
+    turned as its EXIF orientation says (a viewer shows it so)."""
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise _too_big(label, f"{width}x{height}, ")
@@ -194,7 +200,7 @@ def _finish(img: Image.Image, label: str, upright: bool = False, fix: str = "") 
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img) if upright else img.copy())  # never aliased
     except Exception as err:
-        raise ImageError(_unreadable(label, err, fix)) from err
+        raise ImageError(_unreadable(label, err)) from err
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -202,12 +208,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
-            arr = arr / 257  # 16-bit range
-        elif img.mode == "F" and arr.max(initial=0) <= FLOAT_ONE_AT_MOST:
-            arr = arr * 255  # float in [0, 1]
-        img = Image.fromarray(np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8))
+        # one float32 copy (exact to 2**24), scaled in place: float64 copies of a 64 MP
+        # 16-bit PNG took 1.7 GB
+        arr = np.array(img, dtype=np.float32)
+        high = arr.max(initial=0)
+        if img.mode.startswith("I;16") or high > 255:
+            arr /= 257  # 16-bit range
+        elif img.mode == "F" and high <= FLOAT_ONE_AT_MOST:
+            arr *= 255  # float in [0, 1]
+        np.nan_to_num(arr, copy=False).clip(0, 255, out=arr).round(out=arr)
+        img = Image.fromarray(arr.astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")  # La: no direct way
         img = Image.new("RGB", rgba.size, "white")

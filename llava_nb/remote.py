@@ -3,10 +3,20 @@
 vLLM, Ollama, llama.cpp's server and `llava-nb serve` all speak the chat-completions API, so a
 notebook can stay light while the weights live on a GPU server. The official `openai` client
 does the HTTP and the streaming (extra `llava_nb[remote]`).
+
+Greedy answers (temperature under 1e-5) are sent temperature 0, which servers decode greedily
+(llama.cpp's samples at any temperature above 0, however small). A sampled answer is sent
+`temperature`, `top_p` and `seed` only, as OpenAI's API has nothing more; the rest of sampling
+is the server's own: top-k, min-p, penalties (llama.cpp's server: top-k 40, min-p 0.05;
+`llava-nb serve`: transformers' top-k 50, as a local `Model`). So a seeded sample differs from
+a local one in kind, not only in its random numbers. Extra fields such as `top_k` are not sent:
+strict servers refuse fields they do not know. Images go as PNG, pixel for pixel, up to 2
+megapixels; larger ones (camera photos) as JPEG.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -15,15 +25,26 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from PIL import Image
+
 from llava_nb.errors import first_line
 from llava_nb.images import image_to_data_uri
-from llava_nb.models import SHORTER, ContextFullError, GenerationError, ModelError, check_settings
+from llava_nb.models import (
+    GREEDY_BELOW,
+    SHORTER,
+    ContextFullError,
+    GenerationError,
+    ModelError,
+    check_settings,
+)
 
 PREFIX = "openai:"
 LIST_TIMEOUT_S = 30.0  # listing models is instant on a live server: longer means none answers
 MAX_TOKENS = 2**31 - 1  # servers keep max_tokens in 32 bits: llama.cpp wraps 2**40 around to 0
 RETRY_S = 2.0  # between tries while a server answers 503 without saying how long to wait
 NOT_A_SERVER = "check the URL: an OpenAI-compatible server's, which usually ends in /v1"
+LOSSLESS_PIXELS = 2_000_000  # images up to this go as PNG, larger ones (photos) as JPEG
+SAMPLING = "temperature, top_p, seed; top-k, min-p and penalties are the server's defaults"
 
 
 def is_remote(model_id: object) -> bool:
@@ -33,8 +54,8 @@ def is_remote(model_id: object) -> bool:
 
 def _message_error(error: Exception) -> str:
     body = getattr(error, "body", None)
-    if isinstance(body, dict):
-        body = body.get("error", body)
+    if isinstance(body, dict):  # OpenAI's {"error": {"message": ...}}, FastAPI's {"detail": ...}
+        body = body.get("error", body.get("detail", body))
         if isinstance(body, dict) and body.get("message"):
             return str(body["message"])
     if isinstance(body, str) and body.strip():  # a proxy's page: its title, or its text
@@ -95,6 +116,7 @@ class RemoteModel:
             "quantization": None,
             "memory": 0,
             "remote_model": self.remote_model,
+            "sampling": SAMPLING,
         }
 
     def load(self) -> RemoteModel:
@@ -155,8 +177,8 @@ class RemoteModel:
 
     def while_loading(self, call: Callable[[], Any], stop: threading.Event | None = None) -> Any:
         """`call()`, again while the server answers 503 (its model still loading: llama.cpp's
-        server, or ours), waiting as its Retry-After asks, up to `load_timeout`; None if
-        `stop` is set meanwhile."""
+        server, or ours) or 429 with a Retry-After, waiting as that asks, up to `load_timeout`
+        (a wait past it: the error at once); None if `stop` is set meanwhile."""
         import openai
 
         deadline = time.monotonic() + self.load_timeout
@@ -172,7 +194,7 @@ class RemoteModel:
                     why = f"{self.base_url} is not ready ({_message_error(e)})"
                     print(f"llava_nb: {why}; waiting up to {self.load_timeout:.0f} s", flush=True)
                     told = True
-                if (stop or threading.Event()).wait(delay):
+                if (stop or threading.Event()).wait(min(delay, 30.0)):  # asks again within 30 s
                     return None
 
     def unload(self) -> None:
@@ -202,11 +224,12 @@ class RemoteModel:
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
         self.load()
+        greedy = settings["temperature"] < GREEDY_BELOW  # as a local model decodes
         request = {
             "model": self.remote_model,
             "messages": [_openai_message(m) for m in messages],
             "max_tokens": min(settings["max_new_tokens"], MAX_TOKENS),
-            "temperature": settings["temperature"],
+            "temperature": 0.0 if greedy else settings["temperature"],  # llama.cpp samples
             "top_p": settings["top_p"],
             "stream": True,
         }
@@ -215,18 +238,28 @@ class RemoteModel:
         return RemoteGeneration(self, request)
 
 
+def _image_url(image: Image.Image) -> str:
+    """Lossless PNG, so the server sees what a local model would (JPEG changed seeded
+    answers); JPEG above LOSSLESS_PIXELS: PNG is ten times larger for a photo, sent again
+    with every question, and the model shrinks such an image far more than JPEG blurs it."""
+    lossless = image.width * image.height <= LOSSLESS_PIXELS
+    return image_to_data_uri(image, "PNG" if lossless else "JPEG")
+
+
 def _openai_message(message: dict[str, Any]) -> dict[str, Any]:
     """A processor-format chat message (PIL images inline) in OpenAI's format (data URIs)."""
     parts = []
     for part in message["content"]:
         if part["type"] == "image":
-            url = image_to_data_uri(part["image"], "JPEG")  # compact; LLaVA sees 336 px anyway
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(part["image"])}})
         else:
             parts.append({"type": "text", "text": part["text"]})
     if message["role"] == "assistant":
         return {"role": "assistant", "content": "".join(p.get("text", "") for p in parts)}
     return {"role": message["role"], "content": parts}
+
+
+MIDWAY = "stopped answering midway without saying why (its log may say); ask again"
 
 
 class RemoteGeneration:
@@ -274,12 +307,19 @@ class RemoteGeneration:
             self.done = True
             if not self.text and self.finish_reason is None:  # no event was an answer's
                 raise self._failed(f"sent no streamed answer; {NOT_A_SERVER}")
+            if self.finish_reason is None:  # llama.cpp sends an error as an `error:` line,
+                raise self._failed(MIDWAY)  # which SSE clients skip: the stream just ends
+        except openai.APITimeoutError:  # up, but silent: a long prompt on a busy GPU, say
+            why = f"sent nothing for {self._model.timeout:g} s while answering; if it is busy, "
+            raise self._failed(why + "pass a longer timeout= to ln.Model") from None
         except openai.APIConnectionError:
             raise self._failed("lost the connection while answering; check that it runs") from None
         except openai.AuthenticationError as e:
             why = f"refused the API key ({_message_error(e)}); pass api_key= or set OPENAI_API_KEY"
             raise self._failed(why) from None
         except openai.APIStatusError as e:
+            if moved := _redirected(e.response):  # a 301-303 turned the POST into a GET
+                raise self._failed(f"redirects to {moved}; use that URL") from None
             why = f"refused the question (HTTP {e.status_code}): {_message_error(e)}"
             if _context_full(e):  # the same error as a local model's, and its fix
                 fix = "" if SHORTER in why else f"; {SHORTER}"
@@ -325,12 +365,26 @@ def _context_full(error: Exception) -> bool:
 
 
 def _retry_after(error: Exception) -> float | None:
-    """Seconds to wait after a 503: as its Retry-After header asks, else RETRY_S (llama.cpp's
-    "Loading model" sends none); None for other errors, which are not worth waiting on."""
+    """Seconds to wait after a 503 or 429: as its Retry-After header asks, else (503 only)
+    RETRY_S (llama.cpp's "Loading model" sends none); None for other errors, which are not
+    worth waiting on."""
     response = getattr(error, "response", None)
-    if getattr(error, "status_code", None) != 503 or response is None:
+    status = getattr(error, "status_code", None)
+    if status not in (429, 503) or response is None:
         return None
     try:
-        return min(max(float(response.headers.get("retry-after", "")), 0.1), 30.0)
-    except ValueError:
-        return RETRY_S
+        seconds = float(response.headers.get("retry-after", "nan"))
+    except ValueError:  # an HTTP date
+        seconds = math.nan
+    if math.isnan(seconds):  # "nan" too: a wait of NaN returns at once, over and over
+        return RETRY_S if status == 503 else None
+    return max(seconds, 0.1)
+
+
+def _redirected(response: Any) -> str | None:
+    """The base URL a 301, 302 or 303 sent a question to: httpx, as browsers, follows them
+    with a GET, which the server refuses (405), so only the user can fix it."""
+    history = getattr(response, "history", None) or []
+    if not any(r.status_code in (301, 302, 303) for r in history):
+        return None
+    return str(response.url).removesuffix("/chat/completions")

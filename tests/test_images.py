@@ -441,3 +441,102 @@ def test_import_is_cheap() -> None:
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+# --- crafted files ---------------------------------------------------------------------------
+
+
+def test_sixteen_bit_pixels_are_scaled_without_float64_copies() -> None:
+    """A 64-megapixel 16-bit PNG (124 KB of zeros) took 1.7 GB and 5 s in float64 copies."""
+    import tracemalloc
+
+    gray16 = Image.fromarray(np.full((1000, 1000), 40000, np.uint16))
+    tracemalloc.start()
+    try:
+        out = load_image(gray16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 257, rounded
+    assert peak < 12 * 1000 * 1000  # bytes per pixel; float64 copies took 24
+
+
+def test_postscript_is_refused_without_running_ghostscript(tmp_path: Path) -> None:
+    """Pillow reads EPS by running Ghostscript on the file: a server given a data URI
+    would run it on a stranger's PostScript."""
+    from PIL import EpsImagePlugin
+
+    ran = tmp_path / "ghostscript-ran"
+    fake_gs = tmp_path / "gs"
+    fake_gs.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    fake_gs.chmod(0o755)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    (tmp_path / "drawing.eps").write_bytes(eps)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EpsImagePlugin, "gs_binary", str(fake_gs))
+        for source in (eps, tmp_path / "drawing.eps"):
+            with pytest.raises(ImageError, match=r"is PostScript \(EPS\), .*; convert it to PNG"):
+                load_image(source)
+    assert not ran.exists()
+
+
+def test_a_broken_or_closed_pil_image_names_the_right_fix(tmp_path: Path) -> None:
+    """A PIL image opened lazily from a cut file, or closed, cannot be converted either:
+    telling the user to convert it was a dead end."""
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = png_bytes(Image.fromarray(noise))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    cut = Image.open(tmp_path / "cut.png")
+    with pytest.raises(ImageError, match=r"truncated.*; pass a complete PNG") as err:
+        load_image(cut)
+    assert "convert" not in one_line(err)
+    closed = Image.open(io.BytesIO(data))
+    closed.close()
+    with pytest.raises(ImageError, match=r"\(Operation on closed image\); open it again") as err:
+        load_image(closed)
+    assert "convert" not in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("header_only", r"unknown image format"),  # a PNG signature and IHDR, nothing more
+        ("idat_cut", r"truncated"),  # 3000x3000 announced, half its pixel data
+        ("idat_garbage", r"broken data stream"),
+        ("no_idat", r"cannot load this image"),
+        ("bomb_20000", r"more than 64,000,000 pixels"),  # 58 bytes announcing 400 MP
+        ("bomb_65535x1", r"65535x1, one side over 100 times the other"),
+    ],
+)
+def test_crafted_pngs_are_refused_in_one_line(
+    server: str, tmp_path: Path, name: str, why: str
+) -> None:
+    """Each way in (bytes, a path, a URL: the server serves tmp_path) gives the same refusal."""
+    data = crafted_png(name)
+    (tmp_path / f"{name}.png").write_bytes(data)
+    for source in (data, tmp_path / f"{name}.png", f"{server}/{name}.png"):
+        with pytest.raises(ImageError, match=why) as err:
+            load_image(source)
+        one_line(err)
+
+
+def crafted_png(name: str) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    def png(width: int, height: int, *chunks: bytes) -> bytes:
+        ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        return b"\x89PNG\r\n\x1a\n" + ihdr + b"".join(chunks) + chunk(b"IEND", b"")
+
+    if name == "header_only":
+        return png(8000, 8000)[:33]
+    if name == "idat_cut":
+        pixels = zlib.compress(bytes((1 + 3 * 3000) * 3000), 9)
+        return png(3000, 3000, chunk(b"IDAT", pixels[: len(pixels) // 2]))
+    if name == "idat_garbage":
+        return png(100, 100, chunk(b"IDAT", b"garbage"))
+    if name == "no_idat":
+        return png(100, 100)
+    width, height = {"bomb_20000": (20000, 20000), "bomb_65535x1": (65535, 1)}[name]
+    return png(width, height, chunk(b"IDAT", b"x"))

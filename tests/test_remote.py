@@ -84,6 +84,10 @@ def test_a_remote_chat_through_llava_nb_serve_equals_the_local_chat(tiny_llava, 
         for question, image in [("What is this?", photo), ("And the color?", None)]:
             assert remote.ask(question, image=image) == local.ask(question, image=image)
         assert remote.model.remote_model == served.model_id
+        for seed in (5, 6, 8):  # sampled: the same pixels, the same seed, the same answer
+            kw = {"image": photo, "temperature": 0.9, "seed": seed, "max_new_tokens": 12}
+            asked = [ln.Chat(m).ask("What is this?", **kw) for m in (remote.model, tiny_llava)]
+            assert asked[0] == asked[1]
         pieces = remote.stream("Go on.", max_new_tokens=400)
         next(pieces)
         pieces.close()  # leaving early closes the stream; the partial answer is kept
@@ -141,7 +145,7 @@ def test_a_server_loading_without_retry_after_is_waited_for(web_server, monkeypa
     loading = (503, "application/json", b'{"error": {"code": 503, "message": "Loading model"}}')
     routes = {
         "/v1/models": [loading, loading, MODELS],
-        "/v1/chat/completions": [loading, events(CHUNK)],
+        "/v1/chat/completions": [loading, events(CHUNK, END)],
     }
     with web_server(routes) as url:
         assert ln.Chat(url).ask("Hello?") == "Hi"
@@ -218,7 +222,7 @@ def test_a_key_refused_while_answering_names_the_fix_and_huge_lengths_are_capped
 def test_a_model_may_be_named_by_an_alias_the_server_lists(web_server):
     listing = {"object": "list", "data": [{"id": "smol", "aliases": ["smol", "smollm"]}]}
     models = (200, "application/json", json.dumps(listing).encode())
-    with web_server({"/v1/models": models, "/v1/chat/completions": events(CHUNK)}) as url:
+    with web_server({"/v1/models": models, "/v1/chat/completions": events(CHUNK, END)}) as url:
         assert ln.Chat(ln.Model(url, remote_model="smollm")).ask("Hello?") == "Hi"  # llama.cpp
         with pytest.raises(ModelError, match="has no model 'other'; it serves: smol"):
             ln.Chat(ln.Model(url, remote_model="other")).ask("Hello?")
@@ -253,6 +257,7 @@ def test_a_url_that_is_not_a_model_server_is_one_clear_error(web_server):
 
 
 CHUNK = completion("chat.completion.chunk", {"delta": {"content": "Hi"}, "finish_reason": None})
+END = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "stop"})
 ANSWER = completion(
     "chat.completion", {"message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
 )
@@ -295,3 +300,183 @@ def test_a_host_that_never_answers_is_given_up_on(monkeypatch):
         with pytest.raises(ModelError, match=f"{url} did not answer within 1 s; check the URL"):
             ln.Chat(url).ask("Hello?")
         assert time.monotonic() - started < 10
+
+
+@pytest.fixture
+def stand_in():
+    """`stand_in(answers)`: an OpenAI-compatible stand-in on loopback (http.server) that
+    answers its chat completions in turn with `answers`, (status, headers, body) each (the last
+    from then on), and records their JSON bodies in `.requests`; /old/v1/... redirects to
+    /v1/... with the status `.redirect`, and a GET of /v1/chat/completions gets 405, as from
+    vLLM; each answer waits `.delay` seconds first. It yields the stand-in; `.url` ends in
+    /v1."""
+    import contextlib
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    @contextlib.contextmanager
+    def serve(answers: list[tuple[int, dict[str, str], bytes]]):
+        state = SimpleNamespace(requests=[], redirect=301, delay=0.0)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in {"content-length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/old/"):
+                    self._send(state.redirect, {"location": self.path.removeprefix("/old")}, b"")
+                elif self.path == "/v1/models":
+                    self._send(200, {"content-type": "application/json"}, MODELS[2])
+                else:
+                    self._send(405, {"content-type": "application/json"},
+                               b'{"detail": "Method Not Allowed"}')  # fmt: skip
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path.startswith("/old/"):
+                    self.do_GET()
+                    return
+                state.requests.append(json.loads(body))
+                time.sleep(state.delay)
+                self._send(*(answers.pop(0) if len(answers) > 1 else answers[0]))
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        try:
+            yield state
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    return serve
+
+
+SSE = {"content-type": "text/event-stream"}
+ANSWERED = (200, SSE, events(CHUNK, END, "[DONE]")[2])
+
+
+def test_greedy_is_sent_as_temperature_zero_and_sampling_as_asked(stand_in):
+    """Under 1e-5 a local model decodes greedily; llama.cpp's server samples at any
+    temperature above 0. No top_k is sent: OpenAI's API has none, and strict servers refuse
+    fields they do not know."""
+    with stand_in([ANSWERED]) as server:
+        chat = ln.Chat(server.url)
+        assert chat.ask("Hello?", temperature=1e-6) == "Hi"
+        assert chat.ask("Again?", temperature=0.7, top_p=0.9, seed=3) == "Hi"
+    greedy, sampled = server.requests
+    assert greedy["temperature"] == 0
+    assert {k: sampled[k] for k in ("temperature", "top_p", "seed")} == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 3,
+    }
+    assert "top_k" not in sampled
+    assert "top-k" in chat.model.status()["sampling"]
+
+
+def test_a_stream_that_stops_without_finishing_is_one_clear_error(stand_in):
+    """llama.cpp's server reports an error met while streaming as an `error: {...}` line,
+    which SSE clients skip: the stream just ends, and the answer was kept as if complete."""
+    error = json.dumps({"code": 500, "message": "context shift is disabled"})
+    cut = f"data: {CHUNK}\n\nerror: {error}\n\n".encode()
+    with stand_in([(200, SSE, cut)]) as server:
+        chat = ln.Chat(server.url)
+        with pytest.raises(GenerationError, match=f"{server.url} stopped answering midway"):
+            chat.ask("Hello?")
+        assert chat.history == []
+
+
+def test_a_rate_limit_with_retry_after_is_waited_for(stand_in, capsys, monkeypatch):
+    import llava_nb.remote as remote
+
+    limited = (429, {"content-type": "application/json", "retry-after": "1"},
+               b'{"error": {"message": "Rate limit reached"}}')  # fmt: skip
+    with stand_in([limited, ANSWERED]) as server:
+        started = time.monotonic()
+        assert ln.Chat(server.url).ask("Hello?") == "Hi"
+        assert 1 <= time.monotonic() - started < 10
+    assert "is not ready (Rate limit reached); waiting up to 600 s" in capsys.readouterr().out
+    monkeypatch.setattr(remote, "RETRY_S", 0.5)
+    nan = (503, {**limited[1], "retry-after": "nan"}, limited[2])  # was retried without a pause
+    with stand_in([nan, ANSWERED]) as server:
+        started = time.monotonic()
+        assert ln.Chat(server.url).ask("Hello?") == "Hi"
+        assert time.monotonic() - started >= 0.5
+    much_later = (429, {**limited[1], "retry-after": "3600"}, limited[2])
+    with stand_in([much_later]) as server, pytest.raises(GenerationError, match="HTTP 429"):
+        started = time.monotonic()
+        ln.Chat(server.url).ask("Hello?")  # an hour is past load_timeout: refused at once
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_redirect_that_drops_the_question_names_the_url_to_use(stand_in, status):
+    """An http -> https or moved-server redirect turns the question's POST into a GET (as
+    browsers do); the server then answers 405, which named neither the cause nor the fix."""
+    with stand_in([ANSWERED]) as server:
+        server.redirect = status
+        old = server.url.replace("/v1", "/old/v1")
+        chat = ln.Chat(old)
+        fix = f"{old} redirects to {server.url}; use that URL"
+        with pytest.raises(GenerationError, match=f"^{fix}"):
+            chat.ask("Hello?")
+        assert chat.history == [] and server.requests == []
+        server.redirect = 308  # keeps the method: the question arrives
+        assert ln.Chat(old).ask("Hello?") == "Hi"
+
+
+def test_images_reach_the_server_as_the_local_model_sees_them(stand_in, photo):
+    """Images were sent as JPEG: the server saw other pixels, and a seeded answer about an
+    image differed from the local one. Camera-sized ones still go as JPEG (PNG: ten times
+    the bytes, sent again with every question; the model shrinks them far more anyway)."""
+    import numpy as np
+
+    from llava_nb.images import image_from_data_uri
+
+    camera = photo.resize((2000, 1500))
+    with stand_in([ANSWERED]) as server:
+        chat = ln.Chat(server.url)
+        chat.ask("What is this?", image=photo)
+        chat.ask("And this?", image=camera)
+    sent = [
+        part["image_url"]["url"]
+        for message in server.requests[-1]["messages"]
+        for part in message["content"]
+        if isinstance(message["content"], list) and part["type"] == "image_url"
+    ]
+    assert sent[0].startswith("data:image/png;")
+    assert np.array_equal(np.asarray(image_from_data_uri(sent[0])), np.asarray(photo))
+    assert sent[1].startswith("data:image/jpeg;") and len(sent[1]) < 1_000_000
+
+
+def test_a_fastapi_error_body_is_quoted_by_its_detail(web_server):
+    """FastAPI answers {"detail": "..."} (vLLM's unknown routes, say), which was quoted as the
+    openai client words it: "Error code: 404"."""
+    not_found = (404, "application/json", b'{"detail": "Not Found"}')
+    refused = r"refused the question \(HTTP 404\): Not Found$"
+    with (
+        web_server({"/v1/chat/completions": not_found}) as url,
+        pytest.raises(GenerationError, match=refused),
+    ):
+        ln.Chat(url).ask("Hello?")
+
+
+def test_a_server_silent_past_the_timeout_is_named_so(stand_in):
+    """It said "lost the connection": the server was up, only slow (a long prompt on a busy
+    GPU); the fix is a longer timeout."""
+    with stand_in([ANSWERED]) as server:
+        server.delay = 2
+        chat = ln.Chat(ln.Model(server.url, timeout=0.5))
+        silent = f"{server.url} sent nothing for 0.5 s while answering; if it is busy, pass a"
+        with pytest.raises(GenerationError, match=silent):
+            chat.ask("Hello?")
+        assert chat.history == []
