@@ -431,7 +431,8 @@ def _flat(record: dict, base: Path | None, prompt: str) -> SampleTurn:
 
 
 def _inline_images(messages: Any) -> list[Any]:
-    """The images that chat messages carry in their image parts, in order."""
+    """The images that chat messages carry in their image parts, in order, under any key that
+    transformers' chat templates read ("image", "url", "path")."""
     parts = [
         part
         for message in (messages if isinstance(messages, list) else [])
@@ -439,7 +440,8 @@ def _inline_images(messages: Any) -> list[Any]:
         for part in message["content"]
         if isinstance(part, dict) and part.get("type") == "image"
     ]
-    return [p.get("image") for p in parts if p.get("image") is not None]
+    found = (next((p[k] for k in ("image", "url", "path") if p.get(k)), None) for p in parts)
+    return [image for image in found if image is not None]
 
 
 def _as_conversations(messages: Any) -> Any:

@@ -162,6 +162,29 @@ def test_chat_messages_rows_load_as_conversations(images):
     assert "not a readable image" in report.problems[2].message
 
 
+def test_image_parts_in_transformers_chat_format_name_their_image(images):
+    """transformers' chat templates take an image part's picture under "image", "url" or
+    "path"; rows written for them load with that image (relative to image_folder)."""
+    rows = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", key: "red.png"},
+                        {"type": "text", "text": "What?"},
+                    ],
+                },
+                {"role": "assistant", "content": "Red."},
+            ]
+        }
+        for key in ("image", "url", "path")
+    ]
+    data = ln.data.load(rows, image_folder=images)
+    assert [s.images for s in data] == [[str(images / "red.png")]] * 3
+    assert data.validate().ok
+
+
 def test_validate_with_a_model_finds_rows_too_long(images, tiny_llava):
     rows = [
         {"image": str(images / "red.png"), "question": "Color?", "answer": "Red."},

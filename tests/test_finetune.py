@@ -270,6 +270,102 @@ def test_a_damaged_adapter_folder_gets_one_line(run, tiny_llava, tmp_path):
     assert chat.ask(QUESTION)
 
 
+def test_a_file_given_for_the_adapter_folder_names_the_folder(run, tiny_llava, tmp_path):
+    folder = Path(run.adapter_path).resolve()
+    model = ln.Model(tiny_llava)
+    chat = ln.Chat(model, max_new_tokens=2)
+    for name in ("adapter_model.safetensors", "llava_nb_run.json", "adapter_config.json"):
+        file = folder / name
+        message = rf"'{file}' is a file, not an adapter folder; pass its folder '{folder}'"
+        with pytest.raises(AdapterError, match=message):
+            chat.use_adapter(file)
+        with pytest.raises(AdapterError, match=message):
+            ln.merge_adapter(tiny_llava, file, tmp_path / "merged")
+        with pytest.raises(AdapterError, match=message):
+            ln.compare(model, file, [QUESTION])
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]
+    generation = model.generate(messages, max_new_tokens=2, adapter=str(folder / name))
+    with pytest.raises(AdapterError, match=f"{message}$"):
+        generation.wait()
+    notes = tmp_path / "notes.txt"  # a file with no adapter beside it
+    notes.write_text("mine")
+    with pytest.raises(AdapterError, match="notes.txt' is a file, not an adapter folder; pass a"):
+        chat.use_adapter(notes)
+    assert chat.adapter is None and not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_of_an_unsupported_kind_is_refused_with_the_reason(tiny_llava, tmp_path):
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    prompt = tmp_path / "prompt"
+    config = PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    get_peft_model(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava), config
+    ).save_pretrained(prompt)
+    message = "is a PROMPT_TUNING adapter: .*no weights .*; train a LoRA adapter"
+    chat = ln.Chat(ln.Model(tiny_llava), max_new_tokens=2)
+    with pytest.raises(AdapterError, match=message) as error:
+        chat.use_adapter(prompt)
+    assert "\n" not in str(error.value)
+    assert chat.adapter is None and not hasattr(chat.model.model, "peft_config")
+    with pytest.raises(AdapterError, match=message):
+        ln.merge_adapter(tiny_llava, prompt, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    (prompt / "adapter_config.json").write_text('{"peft_type": "NO_SUCH_KIND"}')
+    with pytest.raises(
+        AdapterError,
+        match=r"config.json. names an adapter kind this peft .* does not know \(.NO_SUCH_KIND.\)",
+    ):
+        chat.use_adapter(prompt)
+
+
+def test_an_adapter_missing_weights_is_refused_and_read_once(
+    run, tiny_llava, tmp_path, monkeypatch
+):
+    """Loaded on a chat's model or merged, one check: every weight the adapter's layers need,
+    and nothing else (peft fills a missing LoRA weight with its random start, and only warns)."""
+    import shutil
+
+    import peft.utils.save_and_load as peft_io
+    from safetensors.torch import save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run.adapter_path, partial)
+    weights = load_file(partial / "adapter_model.safetensors")
+    gone = min(k for k in weights if "lora_A" in k)
+    del weights[gone]
+    save_file(weights, partial / "adapter_model.safetensors")
+    message = f"does not fit .*missing weights such as {gone}"
+    with pytest.raises(AdapterError, match=message.replace("base_model.model.", "")):
+        ln.Chat(ln.Model(tiny_llava)).use_adapter(partial)
+    with pytest.raises(AdapterError, match=message):
+        ln.merge_adapter(tiny_llava, partial, tmp_path / "merged")
+
+    reads = []
+    real = peft_io.safe_load_file
+    monkeypatch.setattr(peft_io, "safe_load_file", lambda *a, **k: reads.append(a) or real(*a, **k))
+    ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged")
+    assert len(reads) == 1
+
+
+def test_a_second_adapter_swaps_in_without_peft_warnings(run, tiny_llava, tmp_path):
+    """Several adapters on one model is the design: peft's "multiple adapters" warning is noise."""
+    import shutil
+    import warnings
+
+    second = tmp_path / "second"
+    shutil.copytree(run.adapter_path, second)
+    chat = ln.Chat(ln.Model(tiny_llava), max_new_tokens=4)
+    chat.use_adapter(run.adapter_path)
+    first = chat.ask(QUESTION, square("red"))
+    chat.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", module="peft")
+        chat.use_adapter(second)
+    assert chat.ask(QUESTION, square("red")) == first
+
+
 def test_an_adapter_for_another_base_is_refused(run, tiny_llava_next):
     chat = ln.Chat(tiny_llava_next)
     with pytest.raises(AdapterError, match="built for another base model"):
@@ -391,6 +487,38 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_a_double_interrupt_before_a_resume_loads_keeps_the_adapter(
+    tiny_llava, tmp_path, monkeypatch, capsys
+):
+    """Stop pressed twice while a resumed run is still loading its checkpoint: the model holds
+    fresh weights, not the run's; the adapter and the record stay as they were."""
+    from transformers import Trainer, TrainerCallback
+
+    class StopAtOnceAfterStep3(TrainerCallback):  # as a second interrupt does
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    settings = dict(max_steps=4, save_every=2, output_dir=tmp_path / "run", **SETTINGS)
+    first = ln.finetune(tiny_llava, squares(8), callbacks=[StopAtOnceAfterStep3()], **settings)
+    assert first.status == "interrupted" and first.step == 3
+    adapter = (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
+    record = (tmp_path / "run" / "llava_nb_run.json").read_text()
+
+    def interrupted_twice(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "_load_from_checkpoint", interrupted_twice)
+    with pytest.raises(KeyboardInterrupt):
+        ln.finetune(tiny_llava, squares(8), **{**settings, "progress": True})
+    monkeypatch.undo()
+    assert "stopped while resuming; " in capsys.readouterr().err
+    assert (tmp_path / "run" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (tmp_path / "run" / "llava_nb_run.json").read_text() == record
+    assert ln.finetune(tiny_llava, squares(8), **settings).status == "finished"
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -432,6 +560,12 @@ def test_bad_input_says_what_to_fix(tiny_llava, tmp_path):
         ln.finetune(tiny_llava, squares(3), progress="no")
     with pytest.raises(FinetuneError, match="no training data"):
         ln.finetune(tiny_llava)
+    with pytest.raises(FinetuneError, match=r"unknown setting 'steps' \(did you mean max_steps"):
+        ln.finetune(tiny_llava, squares(3), steps=3)
+    with pytest.raises(FinetuneError, match="unknown setting 'image_folder'; .*ln.data.load"):
+        ln.finetune(tiny_llava, "train.json", image_folder="images/")
+    with pytest.raises(FinetuneError, match="unknown setting 'wibble'; the settings are model, "):
+        ln.finetune(tiny_llava, squares(3), wibble=1)
     with pytest.raises(FinetuneError, match="fine-tuning needs local weights, not a server"):
         ln.finetune("openai:http://127.0.0.1:9/v1", squares(3))
     assert not (tmp_path / "a").exists()
@@ -670,7 +804,11 @@ def test_finetune_cell_magic(shell, tiny_llava, tmp_path, capsys):
         ("data: $rows\nlr: 1e-3\nbatch_size: 1.5", "llava_nb: batch_size must be a whole numb"),
         ("data: [unclosed", "llava_nb: %%llava_finetune: the body is not valid YAML at line 1"),
         ("data: $nothing", "llava_nb: %%llava_finetune: no notebook variable named 'nothing'"),
-        ("data: x.json\nsteps: 3", "llava_nb: %%llava_finetune: unknown key 'steps'"),
+        (
+            "data: x.json\nsteps: 3",
+            "llava_nb: %%llava_finetune: unknown key 'steps' (did you mean max_",
+        ),
+        ("data: $rows\n[a, b]: 3", "llava_nb: %%llava_finetune: line 2 has no key name; use key:"),
         ("data: $rows\nr: 4\nr: 8", "llava_nb: %%llava_finetune: 'r' is set twice (line 3); keep"),
         ("max_steps: 3", "llava_nb: %%llava_finetune: no data; add a line data: train.json"),
     ):

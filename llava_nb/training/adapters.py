@@ -7,8 +7,8 @@ reloaded. The model's class does not change: everything that reads the model kee
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,14 @@ def check_adapter(path: str | os.PathLike) -> Path:
     if not isinstance(path, str | os.PathLike) or not str(path).strip():
         raise AdapterError(f"an adapter is a folder path (a finetune output_dir), got {path!r}")
     folder = Path(path).expanduser()
+    if folder.is_file():  # the weights or the run file, picked in a file browser
+        beside = folder.parent / "adapter_config.json"
+        fix = (
+            f"its folder '{beside.parent.resolve()}'"
+            if beside.is_file()
+            else "a finetune output_dir"
+        )
+        raise AdapterError(f"'{path}' is a file, not an adapter folder; pass {fix}")
     if not folder.is_dir():
         raise AdapterError(f"adapter folder '{path}' not found; check the path (a finetune run)")
     if not (folder / "adapter_config.json").is_file():
@@ -37,29 +45,43 @@ def check_adapter(path: str | os.PathLike) -> Path:
 
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_DAMAGED = "; train it again, or point at another adapter"
 
 
-def _check_readable(folder: Path) -> None:
-    """Before PEFT reads the folder: its config parses and its weights are complete (PEFT would
-    look a missing file up on the hub, and a cut-off one fails deep in safetensors)."""
-    from safetensors import safe_open
+def _read_adapter(folder: Path, base_config) -> tuple[Any, dict[str, Any]]:
+    """The adapter's PEFT config and weights (read once, on the CPU), checked before any of it
+    goes into a model: both files complete (PEFT would look a missing file up on the hub, and a
+    cut-off one fails deep in safetensors), a kind that changes weights, built for this base."""
+    import peft
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
 
-    damaged = "; train it again, or point at another adapter"
+    file = folder / "adapter_config.json"
     try:
-        json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
+        config = PeftConfig.from_pretrained(str(folder))
+    except KeyError as e:  # peft's table of kinds has no such peft_type
         raise AdapterError(
-            f"'{folder / 'adapter_config.json'}' is damaged ({first_line(e)}){damaged}"
+            f"'{file}' names an adapter kind this peft {peft.__version__} does not know ({e}); "
+            "upgrade peft, or point at another adapter"
         ) from None
+    except (OSError, ValueError, TypeError) as e:
+        raise AdapterError(f"'{file}' is damaged ({first_line(e)}){_DAMAGED}") from None
+    if config.is_prompt_learning or config.is_adaption_prompt:
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        raise AdapterError(
+            f"'{folder}' is a {kind} adapter: it adds learned prompt tokens and has no weights "
+            "to swap into or merge with the model; train a LoRA adapter (ln.finetune)"
+        )
+    config.inference_mode = True
+    _check_base(folder, base_config)
     weights = next((folder / n for n in WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
-        raise AdapterError(f"'{folder}' holds no adapter weights ({WEIGHTS[0]}){damaged}")
-    if weights.suffix == ".safetensors":
-        try:
-            with safe_open(str(weights), framework="pt"):
-                pass
-        except Exception as e:  # safetensors' own error type, or OSError
-            raise AdapterError(f"'{weights}' is damaged ({first_line(e)}){damaged}") from None
+        raise AdapterError(f"'{folder}' holds no adapter weights ({WEIGHTS[0]}){_DAMAGED}")
+    try:
+        state = load_peft_weights(str(folder), device="cpu")
+    except Exception as e:  # safetensors' own error type, torch's unpickling, or OSError
+        raise AdapterError(f"'{weights}' is damaged ({first_line(e)}){_DAMAGED}") from None
+    return config, state
 
 
 def _check_base(folder: Path, config) -> None:
@@ -84,19 +106,30 @@ def _key(folder: Path) -> str:
     return f"{folder}@{stamp}"  # an adapter trained again in the same folder loads afresh
 
 
-def _inject(model, folder: Path, name: str) -> None:
-    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
+def _load_weights(model, state: dict[str, Any], name: str) -> None:
+    """Put an adapter's weights into the layers PEFT made for it: all of them and nothing else.
+    PEFT only warns when names miss: a LoRA layer would keep its random start, and a merged
+    checkpoint would be the base unchanged under a new name."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    config = PeftConfig.from_pretrained(str(folder))
-    config.inference_mode = True
-    state = load_peft_weights(str(folder), device=str(model.device))
+    expected, saved = set(get_peft_model_state_dict(model, adapter_name=name)), set(state)
+    if saved - expected:
+        raise ValueError(f"unexpected weights such as {min(saved - expected)}")
+    if expected - saved:
+        raise ValueError(f"missing weights such as {min(expected - saved)}")
+    set_peft_model_state_dict(model, state, adapter_name=name)
+
+
+def _inject(model, folder: Path, name: str) -> None:
+    from peft import inject_adapter_in_model
+
+    config, state = _read_adapter(folder, model.config)
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
     try:
-        inject_adapter_in_model(config, model, adapter_name=name)
-        result = set_peft_model_state_dict(model, state, adapter_name=name)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"unexpected weights such as {result.unexpected_keys[0]}")
+        with warnings.catch_warnings():  # several adapters on one model is the design here
+            warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+            inject_adapter_in_model(config, model, adapter_name=name)
+        _load_weights(model, state, name)
     except (ValueError, RuntimeError, KeyError) as e:
         _remove(model, name)
         raise AdapterError(
@@ -104,19 +137,6 @@ def _inject(model, folder: Path, name: str) -> None:
             "another base model"
         ) from None
     model.eval()
-
-
-def _check_all_loaded(tuned, folder: Path) -> None:
-    """peft only warns when an adapter's weights miss the model's layers; merged, such an
-    adapter would write the base unchanged under a new name."""
-    from peft.utils import get_peft_model_state_dict, load_peft_weights
-
-    saved = set(load_peft_weights(str(folder), device="cpu"))
-    expected = set(get_peft_model_state_dict(tuned))
-    if saved - expected:
-        raise ValueError(f"unexpected weights such as {min(saved - expected)}")
-    if expected - saved:
-        raise ValueError(f"missing weights such as {min(expected - saved)}")
 
 
 def _remove(model, name: str) -> None:
@@ -150,11 +170,11 @@ def activate(model, path: str | os.PathLike | None) -> None:
         try:
             folder = check_adapter(path)
         except AdapterError as e:  # a chat's adapter, deleted since: the chat can go on without
+            if isinstance(path, str | os.PathLike) and os.path.exists(path):
+                raise  # there, but not an adapter folder: the message says what to pass
             raise AdapterError(f"{e}; use_adapter(None) answers with the base model") from None
         key = _key(folder)
         if key not in adapters:
-            _check_readable(folder)
-            _check_base(folder, model.config)
             name = f"llava_nb_{len(adapters)}"
             with torch.inference_mode(False):
                 _inject(model, folder, name)
@@ -206,16 +226,15 @@ def merge_adapter(model: Any, adapter: str | os.PathLike, output_dir: str | os.P
         raise AdapterError(f"output folder '{output_dir}' is not empty; choose a new folder")
     model_id = base_id(model)
     processor, config = load_processor_and_config(model_id)
-    _check_readable(folder)
-    _check_base(folder, config)
+    adapter_config, state = _read_adapter(folder, config)
     device = pick_device()
     with quiet_loading():
         base = AutoModelForImageTextToText.from_pretrained(
             model_id, dtype=_pick_dtype(device), device_map={"": device}
         )
         try:
-            tuned = PeftModel.from_pretrained(base, str(folder))
-            _check_all_loaded(tuned, folder)
+            tuned = PeftModel(base, adapter_config)
+            _load_weights(tuned, state, "default")
         except (ValueError, RuntimeError, KeyError) as e:
             raise AdapterError(
                 f"adapter '{adapter}' does not fit '{model_id}' ({first_line(e)}); it was built "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Hashable
 from typing import Any
 
 from llava_nb.errors import LlavaError
@@ -35,8 +36,10 @@ def _no_repeated_keys(loader, node):
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, Hashable):  # [a, b]: 1 or a nested mapping as a key
+            raise LlavaError(f"%%llava_finetune: line {line} has no key name; use key: value lines")
         if key in seen:
-            line = key_node.start_mark.line + 1
             raise LlavaError(f"%%llava_finetune: {key!r} is set twice (line {line}); keep one")
         seen.add(key)
     return loader.construct_mapping(node)
@@ -45,6 +48,8 @@ def _no_repeated_keys(loader, node):
 def parse_body(cell: str) -> dict[str, Any]:
     """The body as a dict of finetune arguments; a one-line error for anything else."""
     import yaml
+
+    from llava_nb.training.train import unknown_setting
 
     class Loader(yaml.SafeLoader):
         pass
@@ -66,7 +71,7 @@ def parse_body(cell: str) -> dict[str, Any]:
     known = _parameters()
     for key in body:
         if key not in known:
-            raise LlavaError(f"%%llava_finetune: unknown key {key!r}; use {', '.join(known)}")
+            raise LlavaError(f"%%llava_finetune: {unknown_setting(key, known, 'key')}")
     if "data" not in body:
         raise LlavaError("%%llava_finetune: no data; add a line data: train.json")
     return body

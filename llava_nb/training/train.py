@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import difflib
+import functools
+import inspect
 import json
 import math
 import os
@@ -295,27 +298,34 @@ def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any
 # ---------------------------------------------------------------- interrupts
 
 
-class _Stop:
-    """Turns the first interrupt (kernel interrupt, Ctrl-C) into "save and stop after this step";
-    a second one stops at once, except while a checkpoint is being written (cut short, it could
-    not be resumed from): training stops right after that anyway."""
+class _RunControl:
+    """What the run knows beside Trainer: whether a step has begun (a failure before the first
+    one is the checkpoint's loading) and whether an interrupt asked it to stop. The first
+    interrupt (kernel interrupt, Ctrl-C) means "save and stop after this step"; a second one
+    stops at once, except while a checkpoint is being written (cut short, it could not be
+    resumed from): training stops right after that anyway."""
 
     def __init__(self) -> None:
+        self.stepped = False
         self.requested = False
         self.saving = False
 
     def callback(self):
+        """The TrainerCallback that keeps this up to date and stops the run when asked."""
         from transformers import TrainerCallback
 
-        stop = self
+        run = self
 
-        class StopOnInterrupt(TrainerCallback):
+        class RunControl(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                run.stepped = True
+
             def on_step_end(self, args, state, control, **kwargs):
-                if stop.requested:
+                if run.requested:
                     control.should_save = True
                     control.should_training_stop = True
 
-        return StopOnInterrupt()
+        return RunControl()
 
     @contextlib.contextmanager
     def installed(self, enabled: bool):
@@ -413,6 +423,35 @@ def _usable(data: Dataset, processor, limit: int, name: str, quiet: bool) -> lis
     return rows
 
 
+def unknown_setting(name: Any, known: list[str], what: str = "setting") -> str:
+    """What to say of a setting `finetune` does not take: the likely one meant, or the list."""
+    if name == "image_folder":
+        return (
+            f"unknown {what} {name!r}; it belongs to the data: pass "
+            "data=ln.data.load('train.json', image_folder='images/')"
+        )
+    close = difflib.get_close_matches(str(name).lower(), known, n=1)
+    if close:
+        return f"unknown {what} {name!r} (did you mean {close[0]}?); see help(ln.finetune)"
+    return f"unknown {what} {name!r}; the settings are {', '.join(known)}"
+
+
+def _known_settings(function):
+    """A keyword `function` does not take gets a one-line FinetuneError naming it, not
+    Python's bare TypeError."""
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        known = list(inspect.signature(function).parameters)
+        for name in kwargs:
+            if name not in known:
+                raise FinetuneError(unknown_setting(name, known))
+        return function(*args, **kwargs)
+
+    return checked
+
+
+@_known_settings
 def finetune(
     model: Any = None,
     data: Any = None,
@@ -662,7 +701,7 @@ def _train(
     checkpoint, *, eval_every, save_every, progress, callbacks,
 ) -> FinetuneRun:  # fmt: skip
     import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from llava_nb.training.collate import Collator, TrainingSet
     from llava_nb.training.progress import Progress, Recorder
@@ -718,13 +757,7 @@ def _train(
     resumed = int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
     earlier = [h for h in (record or {}).get("history", []) if h["step"] <= resumed]
     recorder = Recorder(earlier)
-    stop = _Stop()
-
-    class Began(TrainerCallback):  # a failure before the first step: the checkpoint's loading
-        stepped = False
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            Began.stepped = True
+    run_control = _RunControl()
 
     class LlavaTrainer(Trainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -738,11 +771,11 @@ def _train(
             return optimizer
 
         def _save_checkpoint(self, *args, **kwargs):
-            stop.saving = True
+            run_control.saving = True
             try:
                 return super()._save_checkpoint(*args, **kwargs)
             finally:
-                stop.saving = False
+                run_control.saving = False
 
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
@@ -755,7 +788,7 @@ def _train(
         train_dataset=TrainingSet(processor, data, rows),
         eval_dataset=TrainingSet(processor, eval_data, eval_rows) if eval_data else None,
         data_collator=Collator(processor.tokenizer.pad_token_id),
-        callbacks=[recorder, stop.callback(), Began(), *callbacks],
+        callbacks=[recorder, run_control.callback(), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
     if progress:
@@ -770,22 +803,28 @@ def _train(
     result = None
     start = time.perf_counter()
     try:
-        with stop.installed(world == 1):
+        with run_control.installed(world == 1):
             if eval_data is not None and checkpoint is None:
                 trainer.evaluate()  # the curve starts at the base model's eval loss
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:  # a second interrupt: keep the adapter so far, no checkpoint
+        if checkpoint is not None and not run_control.stepped:  # the model is not the run's yet
+            if main:
+                _write_run(out, record)  # as it was: the adapter and the record stay
+                if progress:
+                    print(f"llava_nb: stopped while resuming; {out} is as it was", file=sys.stderr)
+            raise
         status = "interrupted"
     except Exception as e:
         if main and record is not None:
             _write_run(out, record)  # as it was, so the run still resumes
-        if checkpoint is not None and not Began.stepped:
+        if checkpoint is not None and not run_control.stepped:
             raise FinetuneError(
                 f"'{checkpoint}' cannot be resumed ({first_line(e)}); delete that folder to "
                 "resume from an earlier checkpoint, or choose a new output_dir"
             ) from None
         raise
-    if stop.requested:
+    if run_control.requested:
         status = "interrupted"
     state = trainer.state
     metrics: dict[str, Any] = dict(result.metrics) if result is not None else {}
