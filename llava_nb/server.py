@@ -12,9 +12,9 @@ Endpoints:
   ``stream_options.include_usage``. As in OpenAI's API, ``temperature`` defaults to 1 (send 0
   for greedy answers) and ``max_tokens`` to the rest of the context. The ``model`` field may be
   left out; a name other than the served one gets 404. What it cannot honour is refused with
-  400 rather than ignored: ``tools``, a ``response_format`` other than text, ``logprobs``,
-  ``logit_bias``, ``presence_penalty`` / ``frequency_penalty``, ``modalities`` other than text,
-  ``audio`` (their empty or zero defaults, which SDKs may send, pass).
+  400 rather than ignored: ``n`` > 1, ``tools``, a ``response_format`` other than text,
+  ``logprobs``, ``logit_bias``, ``presence_penalty`` / ``frequency_penalty``, ``modalities``
+  other than text, ``audio`` (their empty or zero defaults, which SDKs may send, pass).
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served.
 - ``GET /health``: 200 once the model is loaded, 503 (with Retry-After) while it loads.
 - ``GET /``: a small chat page (``llava_nb/web/index.html``).
@@ -61,8 +61,10 @@ from starlette.requests import ClientDisconnect
 
 from llava_nb.errors import LlavaError
 from llava_nb.images import (
+    FETCH_DEADLINE_S,
     FETCH_TIMEOUT_S,
     MAX_IMAGE_BYTES,
+    MAX_PIXELS,
     USER_AGENT,
     ImageError,
     image_from_data_uri,
@@ -73,6 +75,9 @@ from llava_nb.models import ContextFullError
 logger = logging.getLogger("llava_nb.server")
 
 MAX_IMAGES_PER_REQUEST = 16
+# Images are decoded whole before the model shrinks them: 16 PNGs of 64 MP (a 4 MB request)
+# took 8 GB. The images of one request share this budget.
+MAX_PIXELS_PER_REQUEST = 2 * MAX_PIXELS
 MAX_STOP_STRINGS = 16
 MAX_REDIRECTS = 3
 MAX_INT_DIGITS = 100  # a longer number in a request is a mistake (and slow to convert)
@@ -304,10 +309,32 @@ def _public_addresses(host: str, port: int, param: str) -> list[str]:
     return list(dict.fromkeys(str(a) for a in addresses))
 
 
+def _split_url(url: str, param: str, base: str = "") -> urllib.parse.SplitResult:
+    """`url` (joined to `base`, for a redirect) in parts; a malformed one is the client's 400."""
+    try:
+        return urllib.parse.urlsplit(urllib.parse.urljoin(base, url))
+    except ValueError as e:  # "Invalid IPv6 URL", a bracketed host that is no IP address, ...
+        where = f"image URL {base[:80]!r} redirects to" if base else "image URL"
+        raise ApiError(
+            400, f"{where} {url[:80]!r}, which is not a valid URL ({e})", param=param
+        ) from None
+
+
+def _hang_up(opened: list[socket.socket], late: threading.Event) -> None:
+    """At the fetch's deadline: the socket timeout is per read, so a host sending a byte now
+    and then (in its headers or its body) would hold a worker thread for hours."""
+    late.set()
+    for sock in opened:
+        with contextlib.suppress(OSError):  # closed already
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def _fetch_public_image(url: str, param: str):
-    """GET an http(s) image from a public address: pinned to the vetted IP, size-capped."""
+    """GET an http(s) image from a public address: pinned to the vetted IP, size-capped,
+    within FETCH_DEADLINE_S in all."""
+    deadline = time.monotonic() + FETCH_DEADLINE_S
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
+        parts = _split_url(url, param)
         https = parts.scheme.lower() == "https"
         try:
             host, port = parts.hostname, parts.port or (443 if https else 80)
@@ -318,27 +345,38 @@ def _fetch_public_image(url: str, param: str):
         addresses = _public_addresses(host, port, param)
         kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
         connection = kind(host, port, timeout=FETCH_TIMEOUT_S)
+        opened: list[socket.socket] = []  # for _hang_up: a response may outlive its connection
 
-        def connect(_address, timeout=FETCH_TIMEOUT_S, source_address=None, _to=(addresses, port)):
+        def connect(
+            _address, timeout=FETCH_TIMEOUT_S, source_address=None, _to=(addresses, port, opened)
+        ):
             """Connect to the addresses just checked, not to a fresh lookup (DNS rebinding)."""
             error: OSError = OSError("no address")
             for address in _to[0]:
                 try:
-                    return socket.create_connection((address, _to[1]), timeout, source_address)
+                    sock = socket.create_connection((address, _to[1]), timeout, source_address)
                 except OSError as e:
                     error = e
+                else:
+                    _to[2].append(sock)
+                    return sock
             raise error
 
         connection._create_connection = connect
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        late = threading.Event()
+        watchdog = threading.Timer(deadline - time.monotonic(), _hang_up, (opened, late))
+        watchdog.start()
         try:
             connection.request("GET", target, headers={"User-Agent": USER_AGENT})
+            if late.is_set():  # while connecting: there was nothing to hang up yet
+                raise TimeoutError
             response = connection.getresponse()
             location = response.getheader("Location")
             if response.status in (301, 302, 303, 307, 308) and location:
-                url = urllib.parse.urljoin(url, location)
+                url = _split_url(location, param, base=url).geturl()
                 continue
             if response.status != 200:
                 raise ApiError(
@@ -347,11 +385,21 @@ def _fetch_public_image(url: str, param: str):
                     param=param,
                 )
             data = response.read(MAX_IMAGE_BYTES + 1)
+            if late.is_set():  # what came before the hang-up
+                raise TimeoutError
         except (OSError, http.client.HTTPException) as e:
+            if late.is_set():
+                raise ApiError(
+                    400,
+                    f"image URL {url[:80]!r} took over {FETCH_DEADLINE_S} s to send; use a "
+                    "faster host, or send the image inline as a data:image/...;base64 URI",
+                    param=param,
+                ) from None
             raise ApiError(
                 400, f"cannot fetch image URL {url[:80]!r} ({e}); check the URL", param=param
             ) from None
         finally:
+            watchdog.cancel()
             connection.close()
         if len(data) > MAX_IMAGE_BYTES:
             raise _too_large(f"the image at {url[:80]!r}", MAX_IMAGE_BYTES)
@@ -557,7 +605,7 @@ class _Job:
         }
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {
+        chunk = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
@@ -565,12 +613,16 @@ class _Job:
             "system_fingerprint": None,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
+        if self.include_usage:  # as OpenAI: null in each chunk but the last one
+            chunk["usage"] = None
+        return chunk
 
     async def stream(self, send: Callable[[str], Awaitable[None]]) -> None:
         """Send the answer as SSE data lines: role, content deltas, finish, [usage], [DONE]."""
 
         def dump(obj: Any) -> str:
-            return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+            text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+            return text.translate(_LINE_BREAKS_ESCAPED)
 
         await send(dump(self.chunk({"role": "assistant", "content": ""})))
 
@@ -592,6 +644,11 @@ class _Job:
             await send(dump(usage))
         await send("[DONE]")
         self.service.stats["completed"] += 1
+
+
+# Line breaks to str.splitlines (so to httpx's iter_lines) that JSON leaves raw: in an SSE
+# data line they would cut it in two for such clients. (JSON escapes those below U+0020.)
+_LINE_BREAKS_ESCAPED = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
 
 
 class _EventStream(Response):
@@ -809,7 +866,7 @@ class _Service:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         system: list[str] = []
         out: list[dict[str, Any]] = []
-        images = [0]
+        images: Counter[str] = Counter()  # images and their pixels so far
         for i, message in enumerate(raw):
             param = f"messages[{i}]"
             if not isinstance(message, dict):
@@ -817,10 +874,13 @@ class _Service:
             role = message.get("role")
             content = message.get("content")
             if role in ("system", "developer"):
-                system.append(_text_only(content, f"{param}.content"))
+                text = _text_only(content, f"{param}.content")
+                if text.strip():  # apps send "" for no system prompt: it must change nothing
+                    system.append(text)
                 continue
             if role == "assistant":
-                parts = [{"type": "text", "text": _text_only(content, f"{param}.content", True)}]
+                text = _text_only(content, f"{param}.content", assistant=True)
+                parts = [{"type": "text", "text": text}]
             elif role == "user":
                 parts = self._user_parts(content, f"{param}.content", images)
             else:
@@ -845,7 +905,7 @@ class _Service:
                 first.append({"type": "text", "text": prefix})
         return out
 
-    def _user_parts(self, content: Any, param: str, images: list[int]) -> list[dict[str, Any]]:
+    def _user_parts(self, content: Any, param: str, images: Counter[str]) -> list[dict[str, Any]]:
         if isinstance(content, str):
             return [{"type": "text", "text": _checked_text(content, param)}]
         if not isinstance(content, list) or not content:
@@ -865,14 +925,24 @@ class _Service:
                     raise ApiError(
                         400, f"{where}.image_url.url must be a non-empty string", param=where
                     )
-                images[0] += 1
-                if images[0] > MAX_IMAGES_PER_REQUEST:
+                images["count"] += 1
+                if images["count"] > MAX_IMAGES_PER_REQUEST:
                     raise ApiError(
                         400,
                         f"more than {MAX_IMAGES_PER_REQUEST} images in one request; send fewer",
                         param=where,
                     )
-                parts.append({"type": "image", "image": self._image(url, f"{where}.image_url")})
+                image = self._image(url, f"{where}.image_url")
+                images["pixels"] += image.width * image.height
+                if images["pixels"] > MAX_PIXELS_PER_REQUEST:
+                    raise ApiError(
+                        400,
+                        f"the images in one request are over {MAX_PIXELS_PER_REQUEST // 10**6} "
+                        "megapixels together; downscale them or send fewer",
+                        param=f"{where}.image_url",
+                        code="image_too_large",
+                    )
+                parts.append({"type": "image", "image": image})
             else:
                 raise ApiError(
                     400,
@@ -1019,20 +1089,28 @@ def _checked_text(text: Any, param: str) -> str:
     return text
 
 
-def _text_only(content: Any, param: str, allow_empty: bool = False) -> str:
-    """A system or assistant message's text (a string, or a list of text parts)."""
-    if content is None and allow_empty:
+def _text_only(content: Any, param: str, *, assistant: bool = False) -> str:
+    """A system or assistant message's text (a string, or a list of text parts).
+
+    An assistant's content may also be null, or hold refusal parts (OpenAI's API allows both,
+    and a client replays its answers as they came)."""
+    if content is None and assistant:
         return ""
     if isinstance(content, str):
         return _checked_text(content, param)
     if isinstance(content, list):
+        kinds = ("text", "refusal") if assistant else ("text",)  # each part's text is part[kind]
         texts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in kinds:
+                allowed = " and ".join(map(repr, kinds))
                 raise ApiError(
-                    400, f"{param}[{j}]: only text parts are allowed here", param=f"{param}[{j}]"
+                    400,
+                    f"{param}[{j}]: only {allowed} parts are allowed here",
+                    param=f"{param}[{j}]",
                 )
-            texts.append(_checked_text(part.get("text"), f"{param}[{j}]"))
+            texts.append(_checked_text(part.get(kind), f"{param}[{j}]"))
         return "\n".join(texts)
     raise ApiError(400, f"{param} must be a string or a list of text parts", param=param)
 
@@ -1299,7 +1377,7 @@ def create_app(
         if model_id != service.name:
             raise ApiError(
                 404,
-                f"the model {model_id!r} does not exist; this server serves {service.name!r}",
+                f"the model {_shown(model_id)} does not exist; this server serves {service.name!r}",
                 param="model",
                 code="model_not_found",
             )
@@ -1314,6 +1392,13 @@ def create_app(
             raise ApiError(
                 415,
                 "send the request as JSON, with the header 'Content-Type: application/json'",
+                code="unsupported_media_type",
+            )
+        encoding = request.headers.get("content-encoding", "").strip().lower() or "identity"
+        if encoding != "identity":
+            raise ApiError(
+                415,
+                f"Content-Encoding {encoding[:20]!r} is not supported; send the body uncompressed",
                 code="unsupported_media_type",
             )
         try:

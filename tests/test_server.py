@@ -7,7 +7,11 @@ are gibberish, but deterministic under greedy decoding, so they must equal `Chat
 from __future__ import annotations
 
 import contextlib
+import gzip
+import http.server
+import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -658,3 +662,176 @@ def test_fields_the_server_cannot_honour_are_refused(client):
     }
     assert ask(client, [user("hi")], max_tokens=2, extra_body=harmless).choices
     assert ask(client, [user("hi")], max_tokens=2, extra_body={"tool_choice": "auto"}).choices
+
+
+# ---------------------------------------------------------------- a second sweep
+
+
+def test_malformed_image_urls_are_400_not_500(strict_client):
+    for url in ("http://[::1/a.png", "https://[x]/a.png"):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        with pytest.raises(openai.BadRequestError) as error:
+            ask(strict_client, [{"role": "user", "content": [part]}])
+        assert "which is not a valid URL" in error.value.message, url
+        assert error.value.body["param"] == "messages[0].content[0].image_url", url
+
+
+def test_assistant_refusal_parts_are_replayed_as_text(client):
+    """OpenAI's assistant messages may hold refusal parts; a client replaying one must work."""
+    first = user("What is it?", picture("red"))
+    follow_up = {"role": "user", "content": "Why not?"}
+    refusal = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]}
+    as_text = {"role": "assistant", "content": "I cannot."}
+    replayed = ask(client, [first, refusal, follow_up], max_tokens=8)
+    expected = ask(client, [first, as_text, follow_up], max_tokens=8)
+    assert replayed.choices[0].message.content == expected.choices[0].message.content
+
+
+def test_an_unknown_model_id_is_not_echoed_whole(server):
+    response = httpx.get(
+        server[0] + "/v1/models/" + "x" * 5000, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert len(response.json()["error"]["message"]) < 200
+
+
+def test_images_over_the_request_pixel_budget_are_400(client):
+    """Each image is decoded whole: 16 small PNGs of 8000x8000 took 8 GB, so a request's
+    images share one budget of pixels."""
+    big = user("What is it?")
+    blank = image_to_data_uri(Image.new("RGB", (8000, 6000), "white"))  # 48 MP, ~150 kB
+    for _ in range(3):
+        big["content"].insert(0, {"type": "image_url", "image_url": {"url": blank}})
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, [big], max_tokens=2)
+    assert "megapixels" in error.value.message and "downscale" in error.value.message
+    assert error.value.body["param"] == "messages[0].content[2].image_url"
+
+
+def test_streamed_json_survives_clients_that_split_on_unicode_line_breaks(tiny_llava, tmp_path):
+    """httpx's iter_lines (and httpx-sse before 0.4.2) split lines at U+0085, U+2028 and U+2029
+    as str.splitlines does; raw in a data line (from an answer, or here the model's name), one
+    would cut the JSON in two. The server sends them escaped."""
+    odd = tmp_path / "tiny\u2028llava\x85\u2029"
+    odd.symlink_to(tiny_llava, target_is_directory=True)
+    model = Model(str(odd))
+    body = {"messages": [user("hi")], "max_tokens": 3, "stream": True}
+    with serving(create_app(model)) as url:
+        wait_for(lambda: httpx.get(url + "/health").status_code == 200, what="the load")
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert {chunk["model"] for chunk in chunks} == {str(odd)}
+
+
+def test_an_empty_system_message_changes_nothing(client):
+    """Chat apps send {"role": "system", "content": ""} when no system prompt is set."""
+    question = user("What is in the picture?", picture("blue"))
+    expected = ask(client, [question], max_tokens=12)
+    for empty in ("", "  \n", [], [{"type": "text", "text": ""}]):
+        answer = ask(client, [{"role": "system", "content": empty}, question], max_tokens=12)
+        assert answer.choices[0].message.content == expected.choices[0].message.content, empty
+        assert answer.usage.prompt_tokens == expected.usage.prompt_tokens, empty
+
+
+@contextlib.contextmanager
+def image_host():
+    """A real HTTP server on loopback: /trickle sends its body a byte every 0.1 s,
+    /slow-headers its headers, /broken-redirect redirects to a malformed URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/broken-redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://[::1/a.png")
+                self.end_headers()
+                return
+            self.send_response(200)
+            if self.path == "/slow-headers":
+                self.flush_headers()
+                self.wfile.write(b"X-Slow: ")
+            else:
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+            with contextlib.suppress(OSError):  # until the server gives up and hangs up
+                for _ in range(100_000):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    host.daemon_threads = True
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{host.server_address[1]}"
+    finally:
+        host.shutdown()
+        host.server_close()
+
+
+def test_a_trickling_or_misredirecting_image_host_is_a_400(strict_client, monkeypatch):
+    """A host sending a byte now and then held a worker thread for hours (40 such threads
+    stall every request); a redirect to a malformed URL was a 500."""
+    import llava_nb.server
+
+    monkeypatch.setattr(llava_nb.server, "_blocked", lambda _ip: False)  # loopback as public
+    monkeypatch.setattr(llava_nb.server, "FETCH_DEADLINE_S", 1)
+
+    def with_image(url):
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+
+    with image_host() as url:
+        for path in ("/trickle", "/slow-headers"):
+            start = time.monotonic()
+            with pytest.raises(openai.BadRequestError, match="took over 1 s to send") as error:
+                ask(strict_client, with_image(url + path))
+            assert time.monotonic() - start < 5, path
+            assert error.value.body["param"] == "messages[0].content[0].image_url"
+        with pytest.raises(
+            openai.BadRequestError,
+            match="broken-redirect. redirects to .* which is not a valid URL",
+        ):
+            ask(strict_client, with_image(url + "/broken-redirect"))
+
+
+def test_include_usage_puts_a_null_usage_in_every_other_chunk(server, model):
+    """OpenAI's API reference: with include_usage, "all other chunks will also include a usage
+    field, but with a null value"; code reading chunk["usage"] relies on it."""
+    body = {
+        "model": model.model_id,
+        "messages": [user("What is it?")],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for include in (True, False):
+        options = {"stream_options": {"include_usage": include}}
+        with httpx.stream(
+            "POST", server[0] + "/v1/chat/completions", json={**body, **options}, headers=headers
+        ) as response:
+            lines = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+        chunks = [json.loads(line) for line in lines[:-1]]
+        if include:
+            assert all(chunk["usage"] is None for chunk in chunks[:-1])
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+        else:
+            assert not any("usage" in chunk for chunk in chunks)
+
+
+def test_a_compressed_body_is_refused_by_name(server):
+    headers = {
+        "Authorization": f"Bearer {KEY}",
+        "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+    }
+    body = gzip.compress(json.dumps({"messages": [user("hi")]}).encode())
+    response = httpx.post(server[0] + "/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 415
+    assert "Content-Encoding 'gzip'" in response.json()["error"]["message"]
+    assert "uncompressed" in response.json()["error"]["message"]
