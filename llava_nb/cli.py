@@ -5,8 +5,9 @@
     llava-nb serve [--model M] [--host H] [--port P] [--api-key KEY] ...
 
 `chat` is another front end over the same `Chat` the notebook magics use. Answers stream to
-stdout; prompts, banners, progress and errors go to stderr, so with piped stdin
-(`echo "What is this?" | llava-nb chat --image a.jpg`) stdout holds just the answers.
+stdout; everything else (prompts, banners, progress, errors, and what /help, /history and
+/model show) goes to stderr, so `echo "What is this?" | llava-nb chat --image a.jpg > a.txt`
+leaves just the answers in a.txt.
 
 Importing this module is cheap: torch and transformers load with the model.
 """
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import re
 import shlex
 import sys
-from contextlib import closing, redirect_stdout
-from typing import Any, TextIO
+from contextlib import closing, redirect_stderr, redirect_stdout
+from typing import Any, NoReturn, TextIO
 
 from llava_nb import __version__
 from llava_nb.errors import LlavaError
@@ -31,6 +33,34 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but newline and ta
 INTERRUPTED = " [interrupted]"
 SERVE_EXTRA = f"{PROG} serve needs the serve extra: pip install 'llava_nb[serve]'"
 SERVE_MODULES = ("fastapi", "uvicorn", "starlette")
+EXAMPLES = {  # a value for each option, to show in its usage error
+    "--model": "llava-hf/llava-1.5-7b-hf",
+    "--device": "cpu",
+    "--api-key": "KEY",
+    "--remote-model": "NAME",
+    "--image": "photo.jpg",
+    "--max-new-tokens": "256",
+    "--temperature": "0.7",
+    "--top-p": "0.9",
+    "--seed": "0",
+    "--host": "0.0.0.0",
+    "--port": "8000",
+    "--max-concurrency": "4",
+    "--allowed-local-media-path": "images/",
+}
+NOTEBOOK_FIXES = (  # shared messages name a notebook's fix; a terminal user needs these
+    ("%llava config model=...", "--model M"),
+    (" (see %llava models)", ", e.g. llava-hf/llava-1.5-7b-hf"),
+    ("use_adapter(None) answers", "/adapter none answers"),
+    ("chat.save()", "/save FILE"),
+    ("pass api_key= (llava-nb chat: --api-key) or", "start llava-nb chat with --api-key KEY, or"),
+    ("pass api_key= or", "start llava-nb chat with --api-key KEY, or"),
+    ("pass remote_model=NAME", "name one with --remote-model NAME"),
+    ("a path, an http(s) URL or a variable name", "a path or an http(s) URL"),
+    ("try --4bit (quantization='4bit')", "try --4bit"),
+    ("lower max_new_tokens, start a new chat,", "lower --max-new-tokens, /reset,"),
+    ("or in a new chat", "or after /reset"),
+)
 
 CHAT_HELP = """\
 /image PATH   attach an image (a path or an http(s) URL) to the next question;
@@ -52,27 +82,77 @@ to begin it with a slash."""
 # ---------------------------------------------------------------- parsing
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line naming the problem and the fix
+    (`--help` still shows everything)."""
+
+    def error(self, message: str) -> NoReturn:
+        _error(_usage_error(message))
+        raise SystemExit(2)
+
+
+def _usage_error(message: str) -> str:
+    """argparse's message, said as the problem and its fix."""
+    commands = f"{PROG} chat or {PROG} serve"
+    if message.startswith("the following arguments are required: COMMAND"):
+        return f"name a command: {commands} ({PROG} --help says more)"
+    if message.startswith("ambiguous option"):
+        return f"{message}; write the option in full"
+    match = re.fullmatch(r"argument ([^:]+): (.*)", message, re.DOTALL)
+    if not match:
+        return message
+    option, problem = match[1].split("/")[0], match[2]
+    if option == "COMMAND":
+        chosen = re.search(r"invalid choice: ('.*?') \(", problem)
+        return f"unknown command {chosen[1] if chosen else problem}; use {commands}"
+    other = re.fullmatch(r"not allowed with argument (\S+)", problem)
+    if other:
+        return f"{option} and {other[1]} cannot be used together; choose one"
+    if problem.startswith("expected one argument"):
+        problem = "needs a value"
+    example = EXAMPLES.get(option)
+    return f"{option} {problem}" + (f"; e.g. {option} {example}" if example else "")
+
+
 def _model_name(text: str) -> str:
     if not text.strip():  # not the default: that may build the demo model, minutes of CPU
         raise argparse.ArgumentTypeError("is empty; name a hub id, a folder or a server URL")
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _whole_number(low: int, high: float = float("inf"), what: str = "") -> Any:
+    """An argparse type: a whole number from `low` to `high`."""
+    what = what or f"a whole number >= {low}"
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+
+    return whole_number
 
 
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {value}")
-    return value
+def _number(low: float, high: float, what: str, low_included: bool = True) -> Any:
+    """An argparse type: a number from `low` (or above it) to `high`."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (low <= value <= high) or (value == low and not low_included):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+
+    return number
+
+
+_positive_int = _whole_number(1)
+_port = _whole_number(1, 65535, "a port number (1-65535)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -103,18 +183,19 @@ def _add_model_options(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Ask LLaVA vision-language models about images."
-    )
+    parser = _Parser(prog=PROG, description="Ask LLaVA vision-language models about images.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     chat = sub.add_parser(
         "chat",
         help="chat about images in the terminal",
-        description="Chat about images in the terminal. Answers stream as they are generated; "
-        "Ctrl-C stops an answer, Ctrl-D quits. With piped stdin, each line is a question "
-        "(or a /command) and stdout holds only the answers, one per line.",
+        description="Chat about images in the terminal. Answers stream as they are generated;\n"
+        "Ctrl-C stops an answer, Ctrl-D quits.\n\n"
+        "Only answers go to stdout; everything else (prompts, progress, errors, and what\n"
+        "/help, /history and /model show) goes to stderr. With piped stdin each line is a\n"
+        "question (or a /command), stdout holds the answers one per line, and Ctrl-C stops\n"
+        "the run (exit status 130).",
         epilog="Commands in the chat:\n" + CHAT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -128,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the key a server URL needs (default: $OPENAI_API_KEY)",
     )
     chat.add_argument(
+        "--remote-model",
+        metavar="NAME",
+        help="the model to ask on a server URL (default: the first it lists)",
+    )
+    chat.add_argument(
         "--image",
         "-i",
         metavar="PATH",
@@ -136,13 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="an image (path or http(s) URL) for the first question; may be repeated",
     )
     chat.add_argument(
-        "--max-new-tokens", type=int, default=512, metavar="N", help="longest answer (512)"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="longest answer (512)",
     )
     chat.add_argument(
-        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
+        "--temperature",
+        type=_number(0, sys.float_info.max, "a number >= 0 (0 = greedy)"),
+        default=0.0,
+        metavar="T",
+        help="0 = greedy (default)",
     )
-    chat.add_argument("--top-p", type=float, default=1.0, metavar="P", help="when T > 0 (1.0)")
-    chat.add_argument("--seed", type=int, metavar="S", help="random seed, when T > 0")
+    chat.add_argument(
+        "--top-p",
+        type=_number(0, 1, "a number above 0 and at most 1", low_included=False),
+        default=1.0,
+        metavar="P",
+        help="when T > 0 (1.0)",
+    )
+    chat.add_argument(
+        "--seed",
+        type=_whole_number(-(2**63), 2**64 - 1, "a whole number (64 bits)"),
+        metavar="S",
+        help="random seed, when T > 0",
+    )
 
     serve = sub.add_parser(
         "serve",
@@ -179,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors exit 2 here
+    args, unknown = parser.parse_known_args(argv)  # usage errors exit 2 here
+    if unknown:
+        parser.error(_unknown_argument(unknown[0], args.command))
     try:
         if args.command == "serve":
             return _serve(args)
@@ -192,6 +299,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _unknown_argument(argument: str, command: str) -> str:
+    if argument.startswith("-"):
+        return f"unknown option {argument!r}; {PROG} {command} --help lists the options"
+    if command == "chat":
+        return (
+            "questions are not arguments: type them at the prompt, or pipe them in "
+            f"(echo QUESTION | {PROG} chat ...)"
+        )
+    return f"unexpected argument {argument!r}; {PROG} {command} --help lists the arguments"
+
+
 def _silence_stdout() -> None:
     """After a broken pipe, point stdout at /dev/null so the exit-time flush stays quiet."""
     try:
@@ -202,21 +320,40 @@ def _silence_stdout() -> None:
 
 
 def _error(message: object, stream: TextIO | None = None) -> None:
+    print(f"{PROG}: {_for_the_terminal(message)}", file=stream or sys.stderr, flush=True)
+
+
+def _for_the_terminal(message: object) -> str:
+    """One line, one prefix, and the terminal's fix where a shared message names a
+    notebook's."""
     text = " ".join(str(message).split()) or "unknown error"
-    print(f"{PROG}: {text}", file=stream or sys.stderr, flush=True)
+    text = re.sub(r"^(llava[-_]nb: )+", "", text)
+    for notebook, terminal in NOTEBOOK_FIXES:
+        text = text.replace(notebook, terminal)
+    return text
+
+
+def _default_model() -> str:
+    """The default model id; its notice (the offline demo instead) names --model."""
+    from llava_nb.models import default_model_id
+
+    notice = io.StringIO()
+    with redirect_stderr(notice):
+        model = default_model_id()
+    if notice.getvalue().strip():
+        _error(notice.getvalue())
+    return model
 
 
 # ---------------------------------------------------------------- serve
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llava_nb.models import default_model_id
-
     try:
         from llava_nb.server import run_server
 
         run_server(
-            args.model or default_model_id(),
+            args.model or _default_model(),
             host=args.host,
             port=args.port,
             api_key=args.api_key,
@@ -256,7 +393,7 @@ def _chat(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     try:
-        check_settings(**settings)
+        check_settings(**settings)  # the option types checked them already
     except LlavaError as e:
         chat_parser.error(str(e))
     images = []
@@ -264,10 +401,14 @@ def _chat(args: argparse.Namespace) -> int:
         try:
             images.append(load_image(source))
         except LlavaError as e:
-            chat_parser.error(f"argument --image: {e}")
+            chat_parser.error(str(e))
     try:
         model = get_model(
-            args.model, quantization=args.quantization, device=args.device, api_key=args.api_key
+            args.model or _default_model(),
+            quantization=args.quantization,
+            device=args.device,
+            remote_model=args.remote_model,
+            api_key=args.api_key,
         )
         chat = Chat(model, **settings)
     except LlavaError as e:
@@ -282,10 +423,12 @@ def _chat(args: argparse.Namespace) -> int:
                 f"{flags} {verb} for local weights; with a server URL the server loads the "
                 f"model: leave out {flags}"
             )
-    elif args.api_key:
-        chat_parser.error(
-            "--api-key is for a server URL (openai:http://host:port/v1); leave it out"
-        )
+    else:
+        for flag, value in (("--api-key", args.api_key), ("--remote-model", args.remote_model)):
+            if value:
+                chat_parser.error(
+                    f"{flag} is for a server URL (openai:http://host:port/v1); leave it out"
+                )
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # no line or answer dies on a stray byte
             stream.reconfigure(errors="replace")
@@ -307,7 +450,8 @@ class ChatSession:
 
     Interactive (stdin is a terminal): a `you> ` prompt with readline editing, a banner, and the
     model loaded up front. Piped: one question or /command per line, no prompts or banners, and
-    stdout holds only the answers (one per line); everything else goes to stderr.
+    Ctrl-C ends the run. Either way stdout holds only the answers; everything else, what
+    commands show included, goes to stderr.
     """
 
     def __init__(
@@ -335,7 +479,8 @@ class ChatSession:
         self.failed = False  # a question or command failed (piped mode then exits 1)
         self._readline: Any = None
         self._quit = False
-        self._end = "\n\n" if interactive else "\n"  # ends each answer; a blank line at a prompt
+        # ends each answer: a blank line before the next prompt, one answer a line in a file
+        self._end = "\n\n" if interactive and self.stdout.isatty() else "\n"
 
     # --- output
 
@@ -343,11 +488,17 @@ class ChatSession:
         self.stdout.write(text)
         self.stdout.flush()
 
-    def _shown(self, text: str) -> str:
+    def _show(self, text: str) -> None:
+        """What a command shows (not an answer): on stderr, so stdout holds only answers."""
+        self.stdout.flush()
+        self.stderr.write(text)
+        self.stderr.flush()
+
+    def _shown(self, text: str, stream: TextIO | None = None) -> str:
         """Model text for a terminal: control characters (escape sequences that move the
         cursor, clear the screen or retitle the window, from a remote server as much as from
         the model) shown as U+FFFD. Piped output stays exact."""
-        return CONTROL.sub("\ufffd", text) if self.stdout.isatty() else text
+        return CONTROL.sub("\ufffd", text) if (stream or self.stdout).isatty() else text
 
     def _info(self, text: str) -> None:
         text = CONTROL.sub("\ufffd", text) if self.stderr.isatty() else text  # a file's names
@@ -373,7 +524,8 @@ class ChatSession:
             except KeyboardInterrupt:
                 if not self.interactive:
                     return 130
-                empty = not (self._readline and self._readline.get_line_buffer().strip())
+                editing = self._readline is not None and self._line_editing()
+                empty = editing and not self._readline.get_line_buffer().strip()
                 self._prompt_stream().write("\n")
                 if empty and armed:
                     return 0
@@ -386,8 +538,13 @@ class ChatSession:
             armed = False
             try:
                 self.handle(line)
-            except KeyboardInterrupt:  # between the steps of a command or an answer
-                self._out(INTERRUPTED + self._end)
+            except KeyboardInterrupt:  # during a command, or between the steps of an answer
+                if not self.interactive:
+                    return 130
+                if _is_command(line):
+                    self._info(f"{line.split()[0]} stopped")
+                else:
+                    self._out(INTERRUPTED + self._end)
             except BrokenPipeError:
                 raise
             except Exception as e:  # a bug, not bad input: say so, and keep the conversation
@@ -404,11 +561,15 @@ class ChatSession:
     def _prompt_stream(self) -> TextIO:
         return self.stdout if self.stdout.isatty() else self.stderr
 
+    def _line_editing(self) -> bool:
+        """Lines are read with readline (which knows what a Ctrl-C interrupted)."""
+        return self.stdin is sys.stdin and self._prompt_stream() is sys.stdout
+
     def _read(self) -> str | None:
         """The next line without its newline, or None at the end of input."""
         if self.interactive:
             stream = self._prompt_stream()
-            if self.stdin is sys.stdin and stream is sys.stdout:
+            if self._line_editing():
                 try:
                     return input(PROMPT)  # readline editing needs the prompt passed here
                 except EOFError:
@@ -428,11 +589,11 @@ class ChatSession:
         text = line.strip()
         if not text:
             return
-        if text.startswith("/") and not text.startswith("//"):
+        if _is_command(text):
             name, _, rest = text.partition(" ")
             command = getattr(self, f"_cmd_{name[1:]}", None)
             if command is None or not name[1:].isidentifier():
-                self._fail(f"unknown command {name!r}; /help lists the commands")
+                self._fail(_unknown_command(name))
                 return
             try:
                 command(rest.strip())
@@ -455,6 +616,8 @@ class ChatSession:
             return
         except KeyboardInterrupt:
             self._out(INTERRUPTED + self._end)
+            if not self.interactive:
+                raise  # piped: Ctrl-C ends the run
             return
         printed = ""
         try:
@@ -464,6 +627,8 @@ class ChatSession:
                     printed += piece
         except KeyboardInterrupt:
             self._out(INTERRUPTED + self._end)
+            if not self.interactive:
+                raise  # piped: Ctrl-C ends the run
         except LlavaError as e:
             if printed:
                 self._out("\n")
@@ -516,7 +681,7 @@ class ChatSession:
         return words[0] if len(words) == 1 else rest
 
     def _cmd_help(self, rest: str) -> None:
-        self._out(CHAT_HELP + "\n")
+        self._show(CHAT_HELP + "\n")
 
     def _cmd_quit(self, rest: str) -> None:
         self._no_arguments("quit", rest)
@@ -559,12 +724,13 @@ class ChatSession:
         self._no_arguments("history", rest)
         turns = self.chat.history
         if not turns:
-            self._out("(no turns yet)\n")
+            self._show("(no turns yet)\n")
         for turn in turns:
             images = f" [{_count(len(turn.images), 'image')}]" if turn.images else ""
             stopped = INTERRUPTED if turn.interrupted else ""
-            question, answer = self._shown(turn.question), self._shown(turn.answer)  # a file's too
-            self._out(f"you:{images} {question}\nllava: {answer}{stopped}\n")
+            question = self._shown(turn.question, self.stderr)  # a chat file's, too
+            answer = self._shown(turn.answer, self.stderr)
+            self._show(f"you:{images} {question}\nllava: {answer}{stopped}\n")
 
     def _cmd_save(self, rest: str) -> None:
         path = self.chat.save(self._one_argument("save", rest, "FILE"))
@@ -618,7 +784,7 @@ class ChatSession:
         )
         width = max(len(key) for key in status)
         lines = [f"{key:<{width}}  {value}" for key, value in status.items() if value is not None]
-        self._out("\n".join(lines) + "\n")
+        self._show("\n".join(lines) + "\n")
 
     def _switch_model(self, name: str) -> None:
         from llava_nb.models import get_model
@@ -638,6 +804,22 @@ class ChatSession:
             old.unload()  # one model in memory at a time
         turns = _count(len(self.chat.history), "turn")
         self._info(f"now using {new.model_id}; the conversation ({turns}) continues")
+
+
+def _unknown_command(name: str) -> str:
+    """The fix for a line that starts with a slash but no command: a file's path (dragged
+    into the terminal), or a question that starts with a slash."""
+    if os.path.isfile(os.path.expanduser(name)):
+        return f"unknown command {name!r}; /image {name} attaches that file"
+    slash = (
+        "" if name[1:].isidentifier() else " (start a question with // to begin it with a slash)"
+    )
+    return f"unknown command {name!r}; /help lists the commands{slash}"
+
+
+def _is_command(line: str) -> bool:
+    text = line.strip()
+    return text.startswith("/") and not text.startswith("//")
 
 
 def _saved_model(path: str) -> str | None:

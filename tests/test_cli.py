@@ -95,10 +95,14 @@ def _quit_with_ctrl_d(child) -> None:
     assert (child.exitstatus, child.signalstatus) == (0, None)
 
 
-def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+def _run(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
     """`llava-nb ARGS` with piped stdin; stdout and stderr kept apart, as bytes decoded."""
     result = subprocess.run(
-        [*COMMAND, *args], input=stdin.encode(), capture_output=True, env=_env(), timeout=120
+        [*COMMAND, *args],
+        input=stdin.encode(),
+        capture_output=True,
+        env=_env() | (env or {}),
+        timeout=120,
     )
     result.stdout = result.stdout.decode("utf-8")  # bytes: no newline translation
     result.stderr = result.stderr.decode("utf-8", "replace")
@@ -201,6 +205,60 @@ def test_ctrl_c_stops_an_answer_not_the_program(slow_llava, tmp_path):
     assert (child.exitstatus, child.signalstatus) == (0, None)
 
 
+def test_answers_redirected_from_a_terminal_chat(tiny_llava, tmp_path):
+    """`llava-nb chat > answers.txt` at a terminal: the prompt and what commands show stay on
+    the terminal, and Ctrl-C on a half-typed line (no line editing here to tell whether it was
+    empty) clears it without counting toward quitting."""
+    answers = tmp_path / "answers.txt"
+    command = " ".join([*COMMAND, "chat", "--model", tiny_llava, "--max-new-tokens", str(TOKENS)])
+    child = pexpect.spawn(
+        "bash", ["-c", f"{command} > {answers}"], env=_env(), encoding="utf-8", timeout=60
+    )
+    child.expect_exact(PROMPT)
+    expected = Chat(tiny_llava, max_new_tokens=TOKENS).ask("What is this?")
+    child.sendline("What is this?")
+    child.expect_exact(PROMPT)
+    child.sendline("/history")
+    child.expect_exact(PROMPT)
+    assert "you: What is this?\r\nllava: " in child.before
+    for half in ("half a question", "another half"):
+        child.send(half)
+        child.expect_exact(half)
+        child.sendintr()
+        child.expect_exact(PROMPT)
+        assert "quit" not in child.before
+    _quit_with_ctrl_d(child)
+    assert answers.read_text() == expected + "\n"  # one answer a line, as when piped
+
+
+def test_ctrl_c_stops_a_slow_command(tiny_llava):
+    """Ctrl-C during a command (an image URL that never arrives) says that command stopped;
+    no answer marker is written, and the session goes on."""
+    import http.server
+    import threading
+    import time
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(30)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        child = _spawn("--model", tiny_llava, "--max-new-tokens", str(TOKENS))
+        url = f"http://127.0.0.1:{server.server_address[1]}/photo.jpg"
+        child.sendline(f"/image {url}")
+        child.expect_exact(f"/image {url}\r\n")
+        time.sleep(1)  # the fetch has started
+        child.sendintr()
+        child.expect_exact(PROMPT)
+        assert child.before.replace("\r\n", "\n").endswith("llava-nb: /image stopped\n")
+        assert _say(child, "/history") == "(no turns yet)\n"
+        _quit_with_ctrl_d(child)
+    finally:
+        server.shutdown()
+
+
 def test_piped_stdin_prints_just_the_answers(tiny_llava, grace):
     reference = Chat(tiny_llava, max_new_tokens=TOKENS)
     expected = [reference.ask("What is this?", image=grace), reference.ask("Is it a person?")]
@@ -295,20 +353,46 @@ def test_help_and_usage_errors(tiny_llava):
     assert result.returncode == 0
     for option in ("--host", "--port", "--api-key", "--max-concurrency", "--allow-image-urls"):
         assert option in result.stdout
-    assert "--image" in _run("chat", "--help").stdout
+    chat_help = _run("chat", "--help").stdout
+    assert chat_help.startswith("usage: llava-nb chat")
+    for option in ("--model", "--image", "--max-new-tokens", "--temperature", "--top-p", "--seed"):
+        assert option in chat_help
+    assert "/image PATH" in chat_help and "stdout" in chat_help  # the commands, the output rule
 
-    for args in (
-        [],
-        ["chat", "--bogus"],
-        ["chat", "--4bit", "--8bit"],
-        ["chat", "--max-new-tokens", "0"],
-        ["chat", "--model", ""],
-        ["chat", "--model", tiny_llava, "--image", "missing.jpg"],
-        ["serve", "--port", "http"],
-    ):
+    # a bad argument is one line that names the problem and the fix, not argparse's usage block
+    for args, line in (
+        ([], "name a command: llava-nb chat or llava-nb serve (llava-nb --help says more)"),
+        (["bogus"], "unknown command 'bogus'; use llava-nb chat or llava-nb serve"),
+        (["chat", "--bogus"], "unknown option '--bogus'; llava-nb chat --help lists the options"),
+        (["chat", "What is this?"], "questions are not arguments: type them at the prompt, "
+         "or pipe them in (echo QUESTION | llava-nb chat ...)"),
+        (["chat", "--4bit", "--8bit"], "--8bit and --4bit cannot be used together; choose one"),
+        (["chat", "--max-new-tokens", "0"],
+         "--max-new-tokens must be a whole number >= 1, not '0'; e.g. --max-new-tokens 256"),
+        (["chat", "--max-new-tokens", "abc"],
+         "--max-new-tokens must be a whole number >= 1, not 'abc'; e.g. --max-new-tokens 256"),
+        (["chat", "--temperature", "-1"],
+         "--temperature must be a number >= 0 (0 = greedy), not '-1'; e.g. --temperature 0.7"),
+        (["chat", "--temperature", "inf"],
+         "--temperature must be a number >= 0 (0 = greedy), not 'inf'; e.g. --temperature 0.7"),
+        (["chat", "--m", "x"], "ambiguous option: --m could match --model, --max-new-tokens; "
+         "write the option in full"),
+        (["chat", "--top-p", "2"], "--top-p must be a number above 0 and at most 1, not '2'; "
+         "e.g. --top-p 0.9"),
+        (["chat", "--seed", "x"],
+         "--seed must be a whole number (64 bits), not 'x'; e.g. --seed 0"),
+        (["chat", "--model"], "--model needs a value; e.g. --model llava-hf/llava-1.5-7b-hf"),
+        (["chat", "--model", ""], "--model is empty; name a hub id, a folder or a server URL; "
+         "e.g. --model llava-hf/llava-1.5-7b-hf"),
+        (["serve", "--port", "http"], "--port must be a port number (1-65535), not 'http'; "
+         "e.g. --port 8000"),
+    ):  # fmt: skip
         result = _run(*args)
         assert result.returncode == 2, args
-        assert result.stdout == "" and "usage: llava-nb" in result.stderr, args
+        assert (result.stdout, result.stderr) == ("", f"llava-nb: {line}\n"), args
+    result = _run("chat", "--model", tiny_llava, "--image", "missing.jpg")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("llava-nb: image file 'missing.jpg' not found; check the path")
 
 
 def test_importing_the_cli_leaves_torch_unloaded():
@@ -370,7 +454,9 @@ def test_chat_with_a_server_url_takes_an_api_key(tiny_llava):
         args = ["chat", "--model", f"openai:{url}/v1", "--max-new-tokens", str(TOKENS)]
         refused = _run(*args, stdin="What is this?\n")
         assert refused.returncode == 1
-        assert "refused the API key" in refused.stderr and "--api-key" in refused.stderr
+        assert refused.stderr.endswith(
+            "refused the API key; start llava-nb chat with --api-key KEY, or set OPENAI_API_KEY\n"
+        )
         result = _run(*args, "--api-key", "sekret", stdin="What is this?\n")
         assert result.returncode == 0, result.stderr
         assert result.stdout == expected + "\n"
@@ -385,3 +471,109 @@ def test_chat_with_a_server_url_takes_an_api_key(tiny_llava):
     assert result.returncode == 2 and "--api-key is for a server URL" in result.stderr
     result = _run("chat", "--model", "openai:not-a-url")
     assert result.returncode == 2 and "'not-a-url' is not a server URL" in result.stderr
+
+
+def test_a_line_starting_with_a_path_says_how_to_attach_or_ask(square):
+    """A path dragged into the terminal, or a question that starts with a slash."""
+    script = f"{square} What is this?\n/usr/share/nothing.txt?\n/frobnicate\n"
+    result = _run("chat", "--model", "unused/model", stdin=script)
+    assert result.stderr.splitlines() == [
+        f"llava-nb: unknown command '{square}'; /image {square} attaches that file",
+        "llava-nb: unknown command '/usr/share/nothing.txt?'; /help lists the commands "
+        "(start a question with // to begin it with a slash)",
+        "llava-nb: unknown command '/frobnicate'; /help lists the commands",
+    ]
+
+
+def test_piped_stdout_holds_only_the_answers(tiny_llava, tmp_path):
+    """Command output (/help, /history, /model) and status lines go to stderr, so
+    `... | llava-nb chat > answers.txt` keeps one answer per line in the file."""
+    expected = Chat(tiny_llava, max_new_tokens=TOKENS).ask("What is this?")
+    script = "/help\nWhat is this?\n/history\n/model\n/adapter\n/frobnicate\n"
+    result = _run("chat", "--model", tiny_llava, "--max-new-tokens", str(TOKENS), stdin=script)
+    assert result.stdout == expected + "\n"
+    assert "/image PATH" in result.stderr and "you: What is this?\nllava: " in result.stderr
+    assert f"model           {tiny_llava}\n" in result.stderr
+
+
+def test_errors_name_the_terminal_fix_not_a_notebook_one(tiny_llava, tmp_path):
+    """Shared messages that name a notebook's fix (`%llava ...`, `chat.save()`,
+    `use_adapter(None)`) reach the terminal with the chat's own command instead."""
+    not_a_chat = tmp_path / "settings.json"
+    not_a_chat.write_text('{"theme": "dark"}')
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text('{"model_type": "bert"}')
+    lost = tmp_path / "lost.json"
+    Chat(tiny_llava).save(lost)
+    lost.write_text(json.dumps(json.loads(lost.read_text()) | {"adapter": str(tmp_path / "gone")}))
+    script = [
+        '/image ""', f"/open {not_a_chat}", f"/model {bert}", f"/open {lost}", "Hello?",
+        "/adapter none", "word " * 3000,
+    ]  # fmt: skip
+    args = ["chat", "--model", tiny_llava, "--max-new-tokens", "2"]
+    result = _run(*args, stdin="\n".join(script))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
+    assert lines[0] == "llava-nb: the image name is empty; pass a path or an http(s) URL"
+    assert lines[1] == (
+        f"llava-nb: '{not_a_chat}' is not a llava_nb chat file; save one with /save FILE"
+    )
+    assert lines[2] == (
+        f"llava-nb: '{bert}' is a 'bert' model, not LLaVA or LLaVA-NeXT; choose a llava-hf "
+        "checkpoint, e.g. llava-hf/llava-1.5-7b-hf"
+    )
+    assert lines[5].endswith("; /adapter none answers with the base model"), lines
+    assert lines[7].endswith("; ask a shorter question, with fewer images, or after /reset")
+    assert not any(hint in result.stderr for hint in ("%llava", "chat.save", "use_adapter"))
+
+    # no --model, and the default not cached: the notice about the demo model names --model
+    result = _run("chat", stdin="", env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.stderr == (
+        "llava-nb: llava-hf/llava-1.5-7b-hf is not cached and the hub cannot be reached; using "
+        "the offline demo model (set LLAVA_NB_MODEL or --model M for another)\n"
+    )
+
+
+def test_ctrl_c_stops_piped_questions(slow_llava, tmp_path):
+    """Piped, Ctrl-C ends the run (exit 130) rather than going on with the next question."""
+    import signal
+
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Tell me a long story.\nAnd another one.\n")
+    with questions.open() as stdin:
+        process = subprocess.Popen(
+            [*COMMAND, "chat", "--model", slow_llava, "--max-new-tokens", "1000"],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(),
+        )
+    first = process.stdout.read(1)  # the answer has started
+    process.send_signal(signal.SIGINT)
+    try:
+        rest, errors = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a no-op once it has exited
+    assert process.returncode == 130, errors
+    assert (first + rest).endswith(b" [interrupted]\n"), first + rest
+
+
+def test_a_server_with_several_models_is_asked_for_one(web_server):
+    chunk = completion(
+        "chat.completion.chunk", {"delta": {"content": "Hi"}, "finish_reason": "stop"}
+    )
+    listing = (200, "application/json", b'{"object": "list", "data": []}')
+    with web_server({"/v1/models": listing, "/v1/chat/completions": events(chunk)}) as url:
+        result = _run("chat", "--model", url, stdin="Hello?\n")
+        assert result.returncode == 1
+        assert (
+            result.stderr == f"llava-nb: {url} lists no models; name one with --remote-model NAME\n"
+        )
+        result = _run("chat", "--model", url, "--remote-model", "m", stdin="Hello?\n")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "Hi\n"
+    result = _run("chat", "--model", "some/model", "--remote-model", "m")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "llava-nb: --remote-model is for a server URL (openai:http://host:port/v1); leave it out\n"
+    )
