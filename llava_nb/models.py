@@ -188,9 +188,14 @@ def check_local_path(model_id: str) -> Path:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     local = Path(model_id).expanduser()
-    if local.is_file():
+    try:
+        kind = "file" if local.is_file() else "folder" if local.is_dir() else None
+    except OSError as e:  # a name too long for the file system
+        shown = model_id if len(model_id) <= 80 else model_id[:80] + "…"
+        raise ModelError(f"'{shown}' is not a usable path ({e.strerror}); check the name") from None
+    if kind == "file":
         raise ModelError(f"'{model_id}' is a file; pass the checkpoint's folder or a hub id")
-    if local.is_dir():
+    if kind == "folder":
         return local
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
         raise ModelError(f"model folder '{model_id}' does not exist; check the path")

@@ -193,6 +193,12 @@ def test_a_file_is_not_a_model_folder(photo, tmp_path):
         Model(str(image)).load()
 
 
+def test_a_name_too_long_for_a_path_gets_one_line():
+    with pytest.raises(ModelError, match="is not a usable path .File name too long") as error:
+        Model("a" * 300).load()
+    assert len(str(error.value)) < 200
+
+
 def test_bad_quantization_is_refused():
     with pytest.raises(ModelError, match="unknown quantization '3bit'"):
         Model("x", quantization="3bit")
