@@ -428,7 +428,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
 
     monkeypatch.setattr(torch, "save", interrupted_again)
     parts = {**settings, "output_dir": tmp_path / "parts", "progress": True}
-    first = ln.finetune(tiny_llava, data, callbacks=[InterruptAfterStep2()], **parts)
+    first = ln.finetune(tiny_llava, data, callbacks=[interrupt_after_step2()], **parts)
     monkeypatch.undo()
     assert first.status == "interrupted" and first.step == 3
     err = capsys.readouterr().err
@@ -517,6 +517,94 @@ def test_a_double_interrupt_before_a_resume_loads_keeps_the_adapter(
     assert (tmp_path / "run" / "adapter_model.safetensors").read_bytes() == adapter
     assert (tmp_path / "run" / "llava_nb_run.json").read_text() == record
     assert ln.finetune(tiny_llava, squares(8), **settings).status == "finished"
+
+
+def interrupt_after_step2():
+    """A callback that interrupts as the kernel does after step 2: the run stops after step 3."""
+    from transformers import TrainerCallback
+
+    class InterruptAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                signal.raise_signal(signal.SIGINT)
+
+    return InterruptAfterStep2()
+
+
+def test_each_progress_line_shows_its_own_steps_loss(tiny_llava, tmp_path, monkeypatch, capsys):
+    """Trainer calls on_step_end before it logs the step: a line drawn there showed the loss
+    of the log before (so step N came twice at the end, and a resumed run began with the
+    checkpoint's loss)."""
+    import functools
+
+    from llava_nb.training.progress import Progress
+
+    every_time = functools.partialmethod(Progress.__init__, print_interval=0.0)
+    monkeypatch.setattr(Progress, "__init__", every_time)  # a line at every step
+    settings = dict(max_steps=5, output_dir=tmp_path / "run", **{**SETTINGS, "batch_size": 2})
+    settings["progress"] = True
+    first = ln.finetune(tiny_llava, squares(8), callbacks=[interrupt_after_step2()], **settings)
+    assert first.status == "interrupted" and first.step == 3
+    printed = capsys.readouterr().out
+    second = ln.finetune(tiny_llava, squares(8), **settings)
+    assert second.status == "finished" and second.step == 5
+    resumed = capsys.readouterr().out
+    losses = {h["step"]: f"{h['loss']:.4f}" for h in second.history if "loss" in h}
+    for output, steps in ((printed, [1, 2, 3]), (resumed, [4, 5])):
+        lines = [line for line in output.splitlines() if line.startswith("llava_nb: step")]
+        shown = [(int(line.split()[2].split("/")[0]), line.split(" loss ")[1].split()[0])
+                 for line in lines]  # fmt: skip
+        assert shown == [(step, losses[step]) for step in steps], lines
+
+
+def test_an_interrupt_while_the_adapter_is_written_waits_for_it(
+    tiny_llava, tmp_path, monkeypatch, capsys
+):
+    """The final adapter write: an interrupt waits until it is whole (and the run file says
+    how the run ended); a write that fails leaves the previous adapter as it was."""
+    import peft.peft_model
+
+    settings = dict(max_steps=4, save_every=2, output_dir=tmp_path / "run", **SETTINGS)
+    settings["batch_size"] = 2
+    first = ln.finetune(tiny_llava, squares(8), callbacks=[interrupt_after_step2()], **settings)
+    assert first.status == "interrupted" and first.step == 3
+    adapter = tmp_path / "run" / "adapter_model.safetensors"
+    step3 = adapter.read_bytes()
+    save = peft.peft_model.safe_save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        if "checkpoint-" in str(filename):
+            return save(tensors, filename, *args, **kwargs)
+        Path(filename).write_bytes(b"cut short")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ln.finetune(tiny_llava, squares(8), **settings)
+    assert adapter.read_bytes() == step3  # the previous adapter is never replaced by a cut one
+    assert (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").is_file()
+
+    def interrupted_twice(tensors, filename, *args, **kwargs):  # Stop pressed while it writes
+        if "checkpoint-" not in str(filename):
+            Path(filename).write_bytes(b"cut short")
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", interrupted_twice)
+    capsys.readouterr()
+    run = ln.finetune(tiny_llava, squares(8), **{**settings, "progress": True})
+    monkeypatch.undo()
+    assert run.status == "finished" and run.step == 4
+    assert "writing the adapter; stopping as soon as it is written" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "llava_nb_run.json").read_text())["status"] == "finished"
+    written = load_file(adapter)
+    final = load_file(tmp_path / "run" / "checkpoint-4" / "adapter_model.safetensors")
+    assert written.keys() == final.keys()
+    assert all(torch.equal(written[key], final[key]) for key in final)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.is_dir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "llava_nb_run.json"
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- bad input

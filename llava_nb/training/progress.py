@@ -60,6 +60,7 @@ class Progress(TrainerCallback):
         self.samples_per_step = 1
         self._plot_at = 0.0
         self._plot = ""
+        self._printed: tuple[int, int] | None = None  # (step, history length) last printed
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
@@ -73,7 +74,14 @@ class Progress(TrainerCallback):
             self.handle = display(HTML(self._html(state, "starting…")), display_id=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._show(state)
+        # Trainer logs a step after its on_step_end: a step that logs is shown by on_log, with
+        # its own loss (shown here, it had the loss of the log before)
+        if not control.should_log:
+            self._show(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:  # a step's log (evaluation is shown by on_evaluate)
+            self._show(state)
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._show(state, force=True)
@@ -117,7 +125,10 @@ class Progress(TrainerCallback):
         self.shown = now
         line = self.status(state)
         if not self.rich:
-            print(f"llava_nb: {line}", flush=True)
+            printed = (state.global_step, len(self.recorder.history))
+            if printed != self._printed:  # the end of a run just shown: not a second line
+                self._printed = printed
+                print(f"llava_nb: {line}", flush=True)
             return
         from IPython.display import HTML
 

@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -303,12 +304,14 @@ class _RunControl:
     one is the checkpoint's loading) and whether an interrupt asked it to stop. The first
     interrupt (kernel interrupt, Ctrl-C) means "save and stop after this step"; a second one
     stops at once, except while a checkpoint is being written (cut short, it could not be
-    resumed from): training stops right after that anyway."""
+    resumed from): training stops right after that anyway. Once training is over, any
+    interrupt waits until the adapter and the run file are written (`writing`)."""
 
     def __init__(self) -> None:
         self.stepped = False
         self.requested = False
         self.saving = False
+        self.writing = False
 
     def callback(self):
         """The TrainerCallback that keeps this up to date and stops the run when asked."""
@@ -335,6 +338,10 @@ class _RunControl:
         previous = signal.getsignal(signal.SIGINT)
 
         def handler(signum, frame):
+            if self.writing:
+                print("llava_nb: writing the adapter; stopping as soon as it is written",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                return
             if self.requested and self.saving:
                 print("llava_nb: writing the checkpoint; stopping as soon as it is written",
                       file=sys.stderr, flush=True)  # fmt: skip
@@ -802,64 +809,63 @@ def _train(
     status = "finished"
     result = None
     start = time.perf_counter()
-    try:
-        with run_control.installed(world == 1):
+    with run_control.installed(world == 1):
+        try:
             if eval_data is not None and checkpoint is None:
                 trainer.evaluate()  # the curve starts at the base model's eval loss
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:  # a second interrupt: keep the adapter so far, no checkpoint
-        if checkpoint is not None and not run_control.stepped:  # the model is not the run's yet
-            if main:
-                _write_run(out, record)  # as it was: the adapter and the record stay
-                if progress:
-                    print(f"llava_nb: stopped while resuming; {out} is as it was", file=sys.stderr)
+        except KeyboardInterrupt:  # a second interrupt: keep the adapter so far, no checkpoint
+            if checkpoint is not None and not run_control.stepped:  # the model is not the run's
+                if main:
+                    _write_run(out, record)  # as it was: the adapter and the record stay
+                    if progress:
+                        print(f"llava_nb: stopped while resuming; {out} is as it was",
+                              file=sys.stderr)  # fmt: skip
+                raise
+            status = "interrupted"
+        except Exception as e:
+            if main and record is not None:
+                _write_run(out, record)  # as it was, so the run still resumes
+            if checkpoint is not None and not run_control.stepped:
+                raise FinetuneError(
+                    f"'{checkpoint}' cannot be resumed ({first_line(e)}); delete that folder to "
+                    "resume from an earlier checkpoint, or choose a new output_dir"
+                ) from None
             raise
-        status = "interrupted"
-    except Exception as e:
-        if main and record is not None:
-            _write_run(out, record)  # as it was, so the run still resumes
-        if checkpoint is not None and not run_control.stepped:
-            raise FinetuneError(
-                f"'{checkpoint}' cannot be resumed ({first_line(e)}); delete that folder to "
-                "resume from an earlier checkpoint, or choose a new output_dir"
-            ) from None
-        raise
-    if run_control.requested:
-        status = "interrupted"
-    state = trainer.state
-    metrics: dict[str, Any] = dict(result.metrics) if result is not None else {}
-    if resumed and "train_loss" in metrics:
-        metrics["train_loss"] = _whole_run_loss(
-            earlier, resumed, metrics["train_loss"], state.global_step
-        )
-    before = (record or {}).get("metrics", {}).get("runtime_s", 0) if resumed else 0
-    metrics["runtime_s"] = round(before + time.perf_counter() - start, 2)  # all calls together
-    evals = [h["eval_loss"] for h in recorder.history if "eval_loss" in h]
-    if evals:
-        metrics["eval_loss"] = evals[-1]
-        metrics["first_eval_loss"] = evals[0]
-    metrics["peak_memory_bytes"] = _peak_memory(cuda)
-    if main:
-        trainer.save_model(str(out))  # the plain PEFT adapter, at the top of output_dir
-        for leftover in ("training_args.bin", "README.md"):
-            with contextlib.suppress(FileNotFoundError):
-                (out / leftover).unlink()
-        _write_run(out, {"config": config, "status": status, "step": state.global_step,
-                         "max_steps": state.max_steps, "history": recorder.history,
-                         "metrics": metrics})  # fmt: skip
-        if status == "interrupted" and progress:
-            saved = next((step for step, _, ok in _checkpoints(out) if ok), 0)
-            if saved == state.global_step:
-                then = "run ln.finetune again with the same output_dir to resume"
-            elif saved:
-                then = f"run ln.finetune again with the same output_dir to resume from step {saved}"
-            else:
-                then = "no checkpoint was saved, so it cannot be resumed"
-            print(
-                f"llava_nb: stopped at step {state.global_step}/{state.max_steps}; adapter saved "
-                f"in {out}; {then}",
-                file=sys.stderr,
+        run_control.writing = True  # an interrupt now waits for the adapter and the run file
+        if run_control.requested:
+            status = "interrupted"
+        state = trainer.state
+        metrics: dict[str, Any] = dict(result.metrics) if result is not None else {}
+        if resumed and "train_loss" in metrics:
+            metrics["train_loss"] = _whole_run_loss(
+                earlier, resumed, metrics["train_loss"], state.global_step
             )
+        before = (record or {}).get("metrics", {}).get("runtime_s", 0) if resumed else 0
+        metrics["runtime_s"] = round(before + time.perf_counter() - start, 2)  # all calls
+        evals = [h["eval_loss"] for h in recorder.history if "eval_loss" in h]
+        if evals:
+            metrics["eval_loss"] = evals[-1]
+            metrics["first_eval_loss"] = evals[0]
+        metrics["peak_memory_bytes"] = _peak_memory(cuda)
+        if main:
+            _save_adapter(trainer, out)  # the plain PEFT adapter, at the top of output_dir
+            _write_run(out, {"config": config, "status": status, "step": state.global_step,
+                             "max_steps": state.max_steps, "history": recorder.history,
+                             "metrics": metrics})  # fmt: skip
+    if main and status == "interrupted" and progress:
+        saved = next((step for step, _, ok in _checkpoints(out) if ok), 0)
+        if saved == state.global_step:
+            then = "run ln.finetune again with the same output_dir to resume"
+        elif saved:
+            then = f"run ln.finetune again with the same output_dir to resume from step {saved}"
+        else:
+            then = "no checkpoint was saved, so it cannot be resumed"
+        print(
+            f"llava_nb: stopped at step {state.global_step}/{state.max_steps}; adapter saved "
+            f"in {out}; {then}",
+            file=sys.stderr,
+        )
     if world > 1:
         # Rank 0 saves while the others would exit: a rank that exits first can take the saving
         # one down with it. All wait for the adapter; the process group goes at exit.
@@ -878,6 +884,20 @@ def _train(
     )
     del trainer, model
     return run
+
+
+def _save_adapter(trainer, out: Path) -> None:
+    """Write the adapter into a folder of its own, then move its files into place, each whole:
+    a write cut short (a full disk, a killed process) leaves the previous adapter as it was."""
+    temporary = out / ".adapter-writing"
+    shutil.rmtree(temporary, ignore_errors=True)  # left by a write that was killed
+    try:
+        trainer.save_model(str(temporary))
+        for file in sorted(temporary.iterdir()):
+            if file.name not in ("training_args.bin", "README.md"):  # Trainer's and peft's extras
+                os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _destroy_process_group() -> None:
