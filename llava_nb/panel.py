@@ -10,8 +10,11 @@ the same chat streams into the panel too.
 from __future__ import annotations
 
 import functools
+import inspect
+import logging
 import threading
 import time
+import weakref
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,80 @@ LOADING_TICK_S = 0.5  # how often the status line counts seconds while the model
 
 class PanelError(LlavaError):
     """The panel cannot do what was asked (busy, nothing to regenerate, front end missing)."""
+
+
+_open_panels: weakref.WeakSet[ChatPanel] = weakref.WeakSet()
+_open_panels_lock = threading.Lock()  # panels open on the main thread as workers read the set
+
+
+def _panels() -> list[ChatPanel]:
+    with _open_panels_lock:
+        return list(_open_panels)
+
+
+def _show_model_state(model: Any) -> None:
+    """Redraw the status line of every open panel on `model`: it tells no one when it loads or
+    unloads (so this runs after a panel's question, and `_after_cell` after each cell)."""
+    for panel in _panels():
+        if panel.chat.model is model:
+            panel.status = panel._status_text()
+
+
+def _show_settings(chat: Any) -> None:
+    """Show every open panel on `chat` its settings, which another panel changed."""
+    for panel in _panels():
+        if panel.chat is chat:
+            panel._sync_settings()
+
+
+def _show_chat(chat: Any) -> None:
+    """Redraw every open panel on `chat`, after a change its events do not tell."""
+    for panel in _panels():
+        if panel.chat is chat:
+            panel._sync()
+
+
+def _after_cell(result: Any = None) -> None:
+    """IPython's post_run_cell: a cell may have loaded or unloaded a model (`model.unload()`), or
+    changed a chat's settings (`%llava config`, `chat.settings[...] = ...`)."""
+    for panel in _panels():
+        try:
+            panel.status = panel._status_text()
+            panel._sync_settings()
+        except Exception:  # a chat edited into what it cannot show: no traceback after each cell
+            logging.getLogger(__name__).debug("llava_nb: panel not redrawn", exc_info=True)
+
+
+def _follow_cells() -> None:
+    """Redraw the panels' status lines and settings after each cell of this IPython session."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None and _after_cell not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", _after_cell)
+
+
+def _answer_under_way(chat: Any) -> tuple[Any, Any] | None:
+    """The turn `chat` is answering now and its generation, for a panel opened mid-answer (it
+    missed the "start" event). Read from the answer's own generator, since `Chat` names neither.
+    """
+    pieces = chat._answering() if chat._answering is not None else None
+    if pieces is None or inspect.getgeneratorstate(pieces) == inspect.GEN_CREATED:
+        return None  # no answer, or one whose "start" event is still to come
+    frame = pieces.gi_frame
+    found = frame.f_locals if frame is not None else {}
+    turn, generation = found.get("turn"), found.get("generation")
+    if turn is None or generation is None or any(turn is kept for kept in chat._turns):
+        return None  # ended (or ending: its "end" event redraws it)
+    return turn, generation
+
+
+def _said_so_far(generation: Any) -> str:
+    """An answer's text so far: exact at one of its "piece" events (that piece included) or
+    while its reader waits; between the two, perhaps a piece ahead."""
+    if hasattr(generation, "token_ids"):  # a local model's: as its pieces are cut
+        return generation._decode(generation.token_ids).rstrip("\ufffd")
+    return generation.text  # a server's: grows with each piece
 
 
 @functools.cache
@@ -110,9 +187,20 @@ class ChatPanel(anywidget.AnyWidget):
         self._pieces: list[str] = []  # its answer so far
         self._shown = 0.0  # when the live answer was last sent
         self._worker: threading.Thread | None = None
-        self._unsubscribe = chat.on_change(self._on_chat)
+        self._joining: Any = None  # opened mid-answer: its generation, until its next piece
+        self._loading_since: float | None = None  # time.monotonic() when its question's load began
+        with self._lock:
+            self._unsubscribe = chat.on_change(self._on_chat)
+            under_way = _answer_under_way(chat)
+            if under_way is not None:
+                turn, self._joining = under_way
+                self._pieces = [_said_so_far(self._joining)]  # made exact at its next piece
+                self._live = turn
         self.on_msg(self._on_message)
         self._sync()
+        with _open_panels_lock:
+            _open_panels.add(self)
+        _follow_cells()
 
     def __repr__(self) -> str:
         return f"ChatPanel({self.chat!r})"
@@ -121,6 +209,8 @@ class ChatPanel(anywidget.AnyWidget):
         """Stop following the chat (and stop an answer being written), then close the widget."""
         self._stopping.set()
         self._unsubscribe()
+        with _open_panels_lock:
+            _open_panels.discard(self)
         super().close()
 
     # ------------------------------------------------------------ chat -> front end
@@ -129,7 +219,10 @@ class ChatPanel(anywidget.AnyWidget):
         """Follows the chat, whoever drives it (this panel's worker, a cell, Python code)."""
         if event == "piece":
             if turn is self._live:  # (a second question at once: not shown)
-                self._pieces.append(piece)
+                if self._joining is not None:  # opened mid-answer: all it has said so far
+                    self._pieces, self._joining = [_said_so_far(self._joining)], None
+                else:
+                    self._pieces.append(piece)
                 if time.monotonic() - self._shown >= UPDATE_INTERVAL_S:
                     self.live_answer = "".join(self._pieces)
                     self._shown = time.monotonic()
@@ -138,8 +231,10 @@ class ChatPanel(anywidget.AnyWidget):
             if event == "start":
                 self._live, self._pieces, self._shown = turn, [], 0.0
             else:  # end, undo, reset
-                self._live = None
+                self._live = self._joining = None
             self._sync()
+        if event in ("start", "end"):  # the model is loaded (or an unload stopped the answer)
+            _show_model_state(self.chat.model)
 
     def _sync(self) -> None:
         """Send the chat as it is now: its turns, the turn it is answering (if any: this panel's
@@ -165,13 +260,17 @@ class ChatPanel(anywidget.AnyWidget):
                     else {}
                 )
                 self.live_answer = "".join(self._pieces)
-                self.temperature = float(self.chat.settings["temperature"])
-                self.max_new_tokens = int(self.chat.settings["max_new_tokens"])
+                self._sync_settings()
                 self.status = self._status_text()
             shown = history if live is None else [*history, live]
             kept = {id(image) for turn in shown for image in turn.images}
             kept |= {id(image) for image in self._images}
             self._thumbs = {key: value for key, value in self._thumbs.items() if key in kept}
+
+    def _sync_settings(self) -> None:
+        with self.hold_sync():
+            self.temperature = float(self.chat.settings["temperature"])
+            self.max_new_tokens = int(self.chat.settings["max_new_tokens"])
 
     def _thumbs_of(self, turn) -> list[str]:
         return [self._thumb(image) for image in turn.images]
@@ -181,15 +280,22 @@ class ChatPanel(anywidget.AnyWidget):
             self._thumbs[id(image)] = (image, _thumbnail(image))
         return self._thumbs[id(image)][1]
 
-    def _status_text(self, loading_s: float | None = None) -> str:
+    def _status_text(self) -> str:
         status = self.chat.model.status()
         model = str(status["model"])
-        if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        remote = status.get("family") == "remote"  # a server: its URL, in full
+        if not remote and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
             model = Path(model).name  # a local folder: its name is enough
-        if loading_s is not None or status["state"] == "loading":
-            return f"{model} · loading… {loading_s or 0:.0f} s"
+        if self._loading_since is not None:  # for this panel's question: it counts the seconds
+            return f"{model} · loading… {time.monotonic() - self._loading_since:.0f} s"
+        if status["state"] == "loading":  # for another view's question
+            return f"{model} · loading…"
+        if status["state"] == "unloaded" and remote:
+            return f"{model} · not connected (connects with the next question)"
         if status["state"] == "unloaded":
-            return f"{model} · not loaded yet (loads with the first question)"
+            return f"{model} · not loaded (loads with the next question)"
+        if remote:
+            return " · ".join(filter(None, [model, status.get("remote_model"), status["state"]]))
         quantization = status.get("quantization")
         parts = [
             model,
@@ -216,7 +322,7 @@ class ChatPanel(anywidget.AnyWidget):
             elif kind == "detach":
                 self._detach(int(content.get("index", -1)))
             elif kind == "stop":
-                self._stopping.set()
+                self._stop()
             elif kind == "regenerate":
                 self._regenerate()
             elif kind == "clear":
@@ -241,6 +347,7 @@ class ChatPanel(anywidget.AnyWidget):
             return
         self.chat.settings[change["name"]] = change["new"]
         self.error = ""  # accepted: an earlier refusal no longer holds
+        _show_settings(self.chat)  # other panels on this chat
 
     def _attach(self, buffers: list, name: str, drop: Any, refused: list[str]) -> None:
         """Attach one file of a drop, pick or paste; `drop`: the id the front end gave it.
@@ -298,6 +405,13 @@ class ChatPanel(anywidget.AnyWidget):
         self.attachments = []
         self._start(question, images)
 
+    def _stop(self) -> None:
+        """Stop this panel's question, or the one another view of the chat asked (shown here)."""
+        if self.busy:
+            self._stopping.set()
+        elif (under_way := _answer_under_way(self.chat)) is not None:
+            under_way[1].stop()  # ends after the current token; the chat keeps it, interrupted
+
     def _regenerate(self) -> None:
         self._check_idle()
         turn = self.chat.undo()
@@ -328,8 +442,8 @@ class ChatPanel(anywidget.AnyWidget):
         """The worker: ask the chat, read the answer until it ends or Stop is pressed.
 
         The pieces reach the front end through `_on_chat`, as for any other question. If the
-        question fails before its turn is recorded, the chat, the attachments and (for
-        regenerate) the previous answer are put back as they were.
+        question fails before its turn is recorded, the chat and the attachments are put back as
+        they were; a regeneration that fails or is stopped gives back the answer it replaced.
         """
         turns = len(self.chat.history)
         error = None
@@ -341,13 +455,14 @@ class ChatPanel(anywidget.AnyWidget):
                         break  # closing the stream stops the model after its current token
         except Exception as e:  # any failure, OOM included, becomes a message in the panel
             error = _readable(e)
-        if len(self.chat.history) == turns:  # nothing recorded: it failed, or never started
-            if undone is not None:
-                self.chat._turns.append(undone)  # regenerate failed: the old answer stays
-            else:
-                self._images = images + self._images
-                self.attachments = [self._thumb(image) for image in self._images]
-                self.draft = question  # to send again (failed, or stopped while loading)
+        recorded = self.chat._turns[turns:]
+        if undone is not None and (not recorded or recorded[-1].interrupted):
+            self.chat._turns[turns:] = [undone]  # as `Chat.undo` took it: nobody was told
+            _show_chat(self.chat)  # every panel on the chat
+        elif not recorded:  # it failed, or never started
+            self._images = images + self._images
+            self.attachments = [self._thumb(image) for image in self._images]
+            self.draft = question  # to send again (failed, or stopped while loading)
         with self.hold_sync():
             self._sync()
             self.error = error or ""
@@ -358,13 +473,13 @@ class ChatPanel(anywidget.AnyWidget):
         if self.chat.model.loaded:
             return self.chat.stream(question, images)
         loaded = threading.Event()
-        start = time.monotonic()
+        self._loading_since = time.monotonic()
 
         def tick() -> None:
             while not loaded.wait(LOADING_TICK_S):
-                self.status = self._status_text(time.monotonic() - start)
+                self.status = self._status_text()
 
-        self.status = self._status_text(0.0)
+        self.status = self._status_text()
         ticker = threading.Thread(target=tick, name="llava_nb-panel-status", daemon=True)
         ticker.start()
         try:
@@ -372,4 +487,5 @@ class ChatPanel(anywidget.AnyWidget):
         finally:
             loaded.set()
             ticker.join()
-            self.status = self._status_text()
+            self._loading_since = None
+            _show_model_state(self.chat.model)  # other chats' panels on this model too

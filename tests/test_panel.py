@@ -82,7 +82,7 @@ def test_ask_with_an_image_streams_off_the_main_thread(tiny_llava, photo_bytes):
     chat = ln.Chat(ln.Model(tiny_llava), max_new_tokens=12)  # not the shared one: unloaded
     panel = ChatPanel(chat)
     assert panel.turns == [] and not panel.busy
-    assert "not loaded yet" in panel.status and "llava" in panel.status
+    assert "not loaded (loads with the next question)" in panel.status and "llava" in panel.status
 
     message(panel, "attach", [photo_bytes], name="hopper.jpg")
     assert panel.error == "" and len(panel.attachments) == 1
@@ -175,6 +175,33 @@ def test_regenerate_and_new_chat(tiny_llava, photo):
     assert "no answer to regenerate" in panel.error and not panel.busy
 
 
+def test_a_regeneration_stopped_or_failed_keeps_the_previous_answer(endless_llava):
+    """Regenerate, then Stop (or a failure): the answer it was to replace stays, in the chat
+    and in every panel on it, not the cut-short new one."""
+    chat = ln.Chat(endless_llava, max_new_tokens=6)
+    chat.ask("What is this?")
+    (before,) = chat.history
+    panel, other = ChatPanel(chat), ChatPanel(chat)
+    chat.settings["max_new_tokens"] = 1000
+    message(panel, "regenerate")
+    deadline = time.monotonic() + WAIT_S
+    while not panel.live_answer and time.monotonic() < deadline:
+        time.sleep(0.01)
+    message(panel, "stop")
+    finish(panel)
+    (kept,) = chat.history
+    assert (kept.answer, kept.interrupted) == (before.answer, False)
+    for view in (panel, other):
+        assert [(t["answer"], t["interrupted"]) for t in view.turns] == [(before.answer, False)]
+
+    chat.settings["max_new_tokens"] = 0  # refused when asked: the regeneration fails
+    message(panel, "regenerate")
+    finish(panel, error=None)
+    assert panel.error.startswith("max_new_tokens must be")
+    assert [t.answer for t in chat.history] == [before.answer]
+    assert [t["answer"] for t in other.turns] == [before.answer]
+
+
 def test_settings_from_the_front_end_go_to_the_chat(tiny_llava):
     chat = ln.Chat(tiny_llava, temperature=0.0, max_new_tokens=9)
     panel = ChatPanel(chat)
@@ -195,6 +222,25 @@ def test_settings_from_the_front_end_go_to_the_chat(tiny_llava):
 
 
 # ---------------------------------------------------------------- one chat, several views
+
+
+def test_settings_changed_elsewhere_show_in_every_panel(tiny_llava, monkeypatch, tmp_path):
+    """A setting changed in one panel, or in a cell (`%llava config`, chat.settings), shows in
+    every panel on the chat: not the old value, which the next question would not use."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    shell = InteractiveShell.instance()
+    shell.user_ns["chat"] = chat = ln.Chat(tiny_llava, max_new_tokens=9)
+    first, second = ChatPanel(chat), ChatPanel(chat)
+    first.max_new_tokens = 900
+    assert second.max_new_tokens == 900 == chat.settings["max_new_tokens"]
+    with capture_output():
+        shell.run_cell("chat.settings['temperature'] = 0.5")
+    assert first.temperature == second.temperature == 0.5
+    first.close()
+    second.close()
 
 
 def test_questions_asked_elsewhere_stream_into_the_panel(endless_llava, photo):
@@ -240,6 +286,93 @@ def test_a_question_refused_in_a_second_panel_keeps_the_answer_in_view(endless_l
     assert second.live_question == {} and second.live_answer == ""
     assert [t["question"] for t in second.turns] == ["Tell me everything."]
     assert second.turns[0]["answer"] == chat.history[0].answer
+
+
+def test_a_panel_opened_mid_answer_shows_the_live_turn(endless_llava, photo):
+    """A panel made while its chat answers (another panel's question, or a cell's on another
+    thread) shows the question at once and the answer as it grows, all of it so far."""
+    chat = ln.Chat(endless_llava, max_new_tokens=1000)
+    chat.model.load()
+    first = ChatPanel(chat)
+    message(first, "attach", [_png(photo)], name="photo.png")
+    message(first, "send", text="Tell me everything.")
+    deadline = time.monotonic() + WAIT_S
+    while len(first.live_answer) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    late = ChatPanel(chat)
+    assert late.live_question == first.live_question
+    assert late.live_question["question"] == "Tell me everything."
+    while len(late.live_answer) <= len(first.live_answer) - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    shown = late.live_answer
+    assert len(shown) >= 20  # from the answer's start, not from when the panel opened
+    message(first, "stop")
+    finish(first)
+    assert chat.history[0].answer.startswith(shown)
+    assert late.live_question == {} and late.turns == first.turns
+
+    pieces = chat.stream("And then?")  # read in a cell, a few pieces at a time
+    read = [next(pieces) for _ in range(5)]
+    paused = ChatPanel(chat)  # opened between two pieces: what was said so far, at once
+    assert paused.live_question["question"] == "And then?"
+    assert paused.live_answer == "".join(read)
+    read.append(next(pieces))
+    pieces.close()
+    assert chat.history[-1].answer == "".join(read) and paused.live_question == {}
+
+
+def test_stop_in_a_second_panel_stops_the_answer(endless_llava):
+    """Two panels on one chat: the one that did not ask can stop the answer it shows."""
+    chat = ln.Chat(endless_llava, max_new_tokens=1000)
+    chat.model.load()
+    first, second = ChatPanel(chat), ChatPanel(chat)
+    message(first, "send", text="Tell me everything.")
+    deadline = time.monotonic() + WAIT_S
+    while not second.live_answer and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stopped_at = time.monotonic()
+    message(second, "stop")
+    finish(first)
+    assert time.monotonic() - stopped_at < 2
+    (turn,) = chat.history
+    assert turn.interrupted and second.turns[0]["interrupted"] and second.error == ""
+    message(second, "stop")  # nothing to stop: nothing happens
+    assert second.error == "" and not second.busy
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_the_status_line_follows_unload_and_load_from_cells(tiny_llava, monkeypatch, tmp_path):
+    """The model unloaded (or loaded) in a cell, or loaded by another chat's panel: every panel
+    on it says so once the cell ends, and the next question loads it again."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    shell = InteractiveShell.instance()
+    model = ln.Model(tiny_llava)
+    shell.user_ns["chat"] = ln.Chat(model, max_new_tokens=4)
+    with capture_output():
+        shell.run_cell("import llava_nb as ln\npanel = ln.ChatPanel(chat)")
+    panel = shell.user_ns["panel"]
+    assert "not loaded" in panel.status
+    with capture_output():
+        shell.run_cell("chat.model.load()")
+    assert re.search(r"· loaded in \d+\.\d s$", panel.status)
+    with capture_output():
+        shell.run_cell("chat.model.unload()")
+    assert "not loaded (loads with the next question)" in panel.status
+
+    other = ChatPanel(ln.Chat(model, max_new_tokens=4))  # another chat on the same model
+    message(other, "send", text="Loaded again?")
+    finish(other)
+    assert "· loaded in" in panel.status and "· loaded in" in other.status
+    panel.close()
+    other.close()
 
 
 def test_two_panels_on_two_chats_do_not_mix(tiny_llava):
@@ -411,6 +544,25 @@ print(panel.error, panel.busy)
     lines = [line for line in out.stdout.splitlines() if not line.startswith("llava_nb:")]
     expected = f"out of memory loading {path} on cpu; try --4bit (quantization='4bit')"
     assert lines == [expected, f"{expected} False"], out.stdout + out.stderr
+
+
+def test_a_panel_on_a_server_names_it_and_says_when_it_is_connected(tiny_llava):
+    """A chat on a server (`llava-nb serve` here): the status line names its URL (not its last
+    path part, as for a local folder), and says connected or not."""
+    pytest.importorskip("uvicorn")
+    from llava_nb.server import create_app, serving
+
+    with serving(create_app(ln.Model(tiny_llava).load())) as url:
+        panel = ChatPanel(model=f"openai:{url}/v1")
+        assert panel.status == (
+            f"openai:{url}/v1 · not connected (connects with the next question)"
+        )
+        panel.max_new_tokens = 4
+        message(panel, "send", text="Hello?")
+        finish(panel)
+        assert panel.status == f"openai:{url}/v1 · {panel.chat.model.remote_model} · connected"
+        assert panel.turns[0]["answer"] == panel.chat.history[0].answer
+        panel.close()
 
 
 def test_panel_refuses_what_is_not_a_chat(tiny_llava):

@@ -581,3 +581,62 @@ def test_chat_panel_in_notebook7(browser, jupyter, tmp_path):
         expect(history).to_contain_text("Tell me everything.")
         assert history.inner_text().rstrip().endswith("(interrupted)")
         assert not not_notebook7s_own(errors), errors
+
+
+def test_panel_follows_other_cells_and_views(browser, jupyter, tmp_path):
+    """What happens elsewhere shows in the panel: a model unloaded in a cell (the status line
+    says so), a panel opened while its chat answers (it shows the question and the answer as it
+    streams, and can stop it), a kernel restart (said at once; a typed question stays)."""
+    from playwright.sync_api import expect
+
+    screenshot = screenshot_path(tmp_path, "chat_panel_views.png")
+    with browser_page(browser, screenshot) as (page, errors):
+        url, _ = jupyter
+        open_and_run_all(page, url)
+        panel, other = page.locator(".llava-panel").first, page.locator(".llava-panel").nth(1)
+        expect(other.locator(".llava-assistant .llava-text")).not_to_be_empty()
+        kernel_idle(page)
+        expect(panel.locator(".llava-status")).to_contain_text("loaded in")
+
+        run_new_cell(page, "%llava unload")
+        kernel_idle(page)
+        for view in (panel, other):  # the same model: both say so, and how it comes back
+            expect(view.locator(".llava-status")).to_contain_text(
+                "not loaded (loads with the next question)"
+            )
+
+        tokens = other.locator("input.llava-max-tokens")
+        tokens.fill("900")
+        tokens.press("Tab")
+        box = other.locator("textarea.llava-input")
+        box.fill("Tell me everything.")
+        box.press("Enter")
+        live = '.llava-assistant[data-live=""] .llava-text'
+        expect(other.locator(live)).not_to_be_empty()
+        expect(panel.locator(".llava-status")).to_contain_text("loaded in")  # loaded again
+        run_new_cell(page, "ln.ChatPanel(chat)")  # opened mid-answer
+        late = page.locator(".llava-panel").nth(2)
+        expect(late.locator(".llava-user").last).to_have_text("Tell me everything.")
+        expect(late.locator(live)).not_to_be_empty()
+        shown = late.locator(live).inner_text()
+        assert other.locator(live).inner_text().startswith(shown[:10])  # from its start
+        expect(late.locator(".llava-send")).to_be_hidden()
+        late.locator(".llava-stop").click()  # stops the answer the other panel asked for
+        expect(other.locator(".llava-send")).to_be_visible()
+        for view in (other, late):
+            expect(view.locator(".llava-assistant").last.locator(".llava-stopped")).to_be_visible()
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"screenshot: {screenshot}")
+
+        page.evaluate("() => { window.jupyterapp.commands.execute('kernelmenu:restart'); }")
+        page.locator(".jp-Dialog .jp-mod-accept").click()
+        kernel_idle(page)
+        for view in (panel, other, late):
+            expect(view.locator(".llava-status")).to_have_text("not connected to a kernel")
+            expect(view.locator(".llava-error")).to_have_text(
+                "the kernel is gone (restarted?); run the panel's cell again"
+            )
+        box.fill("Still there?")
+        box.press("Enter")
+        expect(box).to_have_value("Still there?")  # nobody received it: not thrown away
+        assert not errors, errors

@@ -131,16 +131,17 @@ function render({ model, el }) {
   root.append(header, messages, error, attachments, composer);
   el.append(root);
 
-  /** Send to the kernel; once it restarted or the page lost it, say so instead of throwing. */
+  /** Send to the kernel; once it restarted or the page lost it, say so instead of throwing.
+   * Returns whether it was sent. */
+  let kernelGone = false;
   function post(message, buffers) {
     try {
       model.send(message, undefined, buffers);
+      return true;
     } catch {
-      error.textContent = "the kernel is gone (restarted?); run the panel's cell again";
-      error.hidden = false;
-      send.hidden = false; // nothing is answering any more
-      stop.hidden = true;
-      root.classList.remove("llava-busy");
+      kernelGone = true;
+      drawState();
+      return false;
     }
   }
 
@@ -183,15 +184,23 @@ function render({ model, el }) {
     keepBottom(() => live.replaceWith(assistantMessage(model.get("live_answer"), { live: true })));
   }
 
+  /** Whether the chat is answering: this panel's question, or another view's shown here. */
+  function answering() {
+    const live = model.get("live_question");
+    return model.get("busy") || Boolean(live && live.question !== undefined);
+  }
+
   function drawState() {
-    const busy = model.get("busy");
-    status.textContent = model.get("status");
+    const busy = answering() && !kernelGone; // Stop, in whichever view of the chat
+    status.textContent = kernelGone ? "not connected to a kernel" : model.get("status");
     root.classList.toggle("llava-busy", busy);
     send.hidden = busy;
     stop.hidden = !busy;
     regenerate.disabled = busy || !model.get("turns").length;
     clearButton.disabled = busy;
-    const message = model.get("error");
+    const message = kernelGone
+      ? "the kernel is gone (restarted?); run the panel's cell again"
+      : model.get("error");
     error.textContent = message;
     error.hidden = !message;
     if (document.activeElement !== temperature) temperature.value = model.get("temperature");
@@ -223,11 +232,11 @@ function render({ model, el }) {
 
   function submit() {
     const text = input.value.trim();
-    if (!text || model.get("busy")) return;
+    if (!text || answering()) return;
+    if (!post({ type: "send", text })) return; // kept in the box: nobody received it
     input.value = "";
     following = true; // the question and its answer are what the user wants to see now
     toBottom();
-    post({ type: "send", text });
   }
 
   // Each drop, pick or paste has an id: its files go one message each, as their reads finish,
@@ -325,6 +334,13 @@ function render({ model, el }) {
 
   const onMessages = () => drawMessages();
   const onState = () => drawState();
+  const onConnection = () => {
+    // the kernel restarted (or the page lost it, and maybe found it again): say which, at once
+    kernelGone = false;
+    post({ type: "ping" });
+    drawState();
+  };
+  model.on("comm_live_update", onConnection);
   const onDraft = () => {
     if (model.get("draft") && !input.value) input.value = model.get("draft"); // to fix and resend
   };
@@ -332,7 +348,7 @@ function render({ model, el }) {
   model.on("change:turns", onMessages);
   model.on("change:live_question", onMessages);
   model.on("change:live_answer", drawLiveAnswer);
-  for (const name of ["busy", "status", "error", "turns"]) {
+  for (const name of ["busy", "status", "error", "turns", "live_question"]) {
     model.on(`change:${name}`, onState);
   }
   model.on("change:attachments", drawAttachments);
@@ -347,13 +363,14 @@ function render({ model, el }) {
     model.off("change:turns", onMessages);
     model.off("change:live_question", onMessages);
     model.off("change:live_answer", drawLiveAnswer);
-    for (const name of ["busy", "status", "error", "turns"]) {
+    for (const name of ["busy", "status", "error", "turns", "live_question"]) {
       model.off(`change:${name}`, onState);
     }
     model.off("change:attachments", drawAttachments);
     model.off("change:temperature", onState);
     model.off("change:max_new_tokens", onState);
     model.off("change:draft", onDraft);
+    model.off("comm_live_update", onConnection);
   };
 }
 
