@@ -12,7 +12,7 @@ import shutil
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,9 @@ class Answer(str):
     def _repr_markdown_(self) -> str:
         return str(self)
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # a terminal shows the text, unquoted
+        printer.text(str(self))
+
 
 class Chat:
     """A multi-turn conversation about images.
@@ -101,8 +104,10 @@ class Chat:
 
     @property
     def history(self) -> list[Turn]:
-        """The turns so far, oldest first (a copy: edit the chat through its methods)."""
-        return list(self._turns)
+        """The turns so far, oldest first: copies, so editing them leaves the chat as it is
+        (change it with ask, undo, reset). The images are the chat's own, shared, not copied
+        each call: edit one in place (`thumbnail`, `paste`) on a `.copy()`."""
+        return [replace(turn, images=list(turn.images)) for turn in self._turns]
 
     def on_change(self, callback: Callable[[str, Turn | None, str], None]) -> Callable[[], None]:
         """Call `callback(event, turn, piece)` whenever the conversation changes, so several views
@@ -122,19 +127,8 @@ class Chat:
 
     def messages(self, question: str | None = None, images: list[Image.Image] = ()) -> list[dict]:
         """The conversation in the processor's chat format, optionally with a new question."""
-        turns = (
-            [*self._turns, Turn(question, list(images))] if question is not None else self._turns
-        )
-        messages: list[dict] = []
-        for turn in turns:
-            content = [{"type": "image", "image": image} for image in turn.images]
-            content.append({"type": "text", "text": turn.question})
-            messages.append({"role": "user", "content": content})
-            if turn is not turns[-1] or question is None:
-                messages.append(
-                    {"role": "assistant", "content": [{"type": "text", "text": turn.answer}]}
-                )
-        return messages
+        asking = Turn(question, list(images)) if question is not None else None
+        return _as_messages(self._turns, asking)
 
     def stream(
         self, question: str, image: Any = None, *, attention: bool = False, **settings: Any
@@ -156,20 +150,30 @@ class Chat:
         question = question.strip()
         if not question:
             raise LlavaError("the question is empty; write a question about the image")
-        unknown = set(settings) - set(SETTINGS)
-        if unknown:
-            raise LlavaError(f"unknown setting {sorted(unknown)[0]!r}; use {', '.join(SETTINGS)}")
+        _check_names(settings)  # before images are fetched
         sources = image if isinstance(image, list | tuple) else [] if image is None else [image]
         images = [load_image(source) for source in sources]
+        return self._answer(self._turns, Turn(question, images), attention, settings)
+
+    def _answer(
+        self,
+        before: list[Turn],
+        turn: Turn,
+        attention: bool,
+        settings: dict[str, Any],
+        replacing: Turn | None = None,
+    ) -> Iterator[str]:
+        """Start answering `turn` after the turns `before`; the answer is recorded as it ends
+        (in place of `replacing`, when that is given)."""
         self._attention = None
         generation = self.model.generate(
-            self.messages(question, images),
+            _as_messages(before, turn),
             **{**self.settings, **settings},
             **({"attention": True} if attention else {}),  # remote models refuse it
         )
         if hasattr(generation, "adapter"):  # a local model: answer with this chat's adapter
             generation.adapter = self.adapter
-        pieces = self._record(generation, Turn(question, images))
+        pieces = self._record(generation, turn, replacing)
         self._answering = weakref.ref(pieces)
         return pieces
 
@@ -192,7 +196,7 @@ class Chat:
         finally:
             self._asking.release()
 
-    def _record(self, generation, turn: Turn) -> Iterator[str]:
+    def _record(self, generation, turn: Turn, replacing: Turn | None = None) -> Iterator[str]:
         self._notify("start", turn)
         pieces = iter(generation)
         try:
@@ -201,16 +205,22 @@ class Chat:
                 yield piece
         except (KeyboardInterrupt, GeneratorExit):
             getattr(pieces, "close", lambda: None)()  # stops the generation, keeps its text
-            self._keep(turn, generation)  # the partial answer, marked interrupted
+            self._keep(turn, generation, replacing)  # the partial answer, marked interrupted
             raise
         else:
-            self._keep(turn, generation)
+            self._keep(turn, generation, replacing)
         finally:
+            getattr(pieces, "close", lambda: None)()  # an error: the model stops, too
             self._notify("end", turn)
 
-    def _keep(self, turn: Turn, generation) -> None:
+    def _keep(self, turn: Turn, generation, replacing: Turn | None) -> None:
         turn.answer, turn.interrupted = generation.text, generation.stopped
-        self._turns.append(turn)
+        if replacing is None:
+            self._turns.append(turn)
+        elif not turn.interrupted and self._turns and self._turns[-1] is replacing:
+            self._turns[-1] = turn  # a regeneration cut short keeps the answer it was to replace
+        else:
+            return
         if getattr(generation, "records_attention", False):
             self._attention = generation.attention  # also ln.last_attention()
 
@@ -227,6 +237,31 @@ class Chat:
         ) as pieces:
             for _ in pieces:
                 pass
+        return Answer(self._turns[-1].answer, self._attention)
+
+    def regenerate_stream(self, *, attention: bool = False, **settings: Any) -> Iterator[str]:
+        """Answer the last question again (with its images), yielding the new answer in pieces.
+
+        The old answer stays in the chat until the new one ends whole: an error, an interrupt,
+        an unload or leaving the loop early keeps it (and drops the partial new one).
+        """
+        with self._idle("regenerate"):
+            if not self._turns:
+                raise LlavaError("there is no answer to regenerate yet; ask a question first")
+            _check_names(settings)
+            last = self._turns[-1]
+            again = Turn(last.question, list(last.images))
+            return self._answer(self._turns[:-1], again, attention, settings, replacing=last)
+
+    def regenerate(self, *, attention: bool = False, **settings: Any) -> Answer:
+        """Answer the last question again (settings as in `ask`); the new answer replaces the
+        old one only once it is complete."""
+        old = self._turns[-1] if self._turns else None
+        with contextlib.closing(self.regenerate_stream(attention=attention, **settings)) as pieces:
+            for _ in pieces:
+                pass
+        if self._turns[-1] is old:  # stopped from elsewhere (an unload): nothing raised here
+            raise LlavaError("the new answer was stopped before it ended; the old one is kept")
         return Answer(self._turns[-1].answer, self._attention)
 
     def use_adapter(self, path: str | os.PathLike | None) -> None:
@@ -354,6 +389,27 @@ class Chat:
         except (KeyError, TypeError, LlavaError) as e:
             raise ChatFileError(f"chat file '{path}' is damaged ({e}); check the file") from None
         return chat
+
+
+def _check_names(settings: dict[str, Any]) -> None:
+    """Refuse a setting that is not one (their values are checked by the model, before it loads)."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise LlavaError(f"unknown setting {sorted(unknown)[0]!r}; use {', '.join(SETTINGS)}")
+
+
+def _as_messages(turns: list[Turn], asking: Turn | None = None) -> list[dict]:
+    """`turns` (and the question `asking`, awaiting its answer) as chat-template messages."""
+    messages: list[dict] = []
+    for turn in [*turns, asking] if asking is not None else turns:
+        content = [{"type": "image", "image": image} for image in turn.images]
+        content.append({"type": "text", "text": turn.question})
+        messages.append({"role": "user", "content": content})
+        if turn is not asking:
+            messages.append(
+                {"role": "assistant", "content": [{"type": "text", "text": turn.answer}]}
+            )
+    return messages
 
 
 # What each field of a chat file holds: (JSON types allowed, required). Checked on load, so a

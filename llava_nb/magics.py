@@ -17,7 +17,7 @@ from contextlib import closing
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
-from IPython.display import Markdown, display
+from IPython.display import display
 from traitlets import Enum, Float, Integer, TraitError, Unicode, observe, validate
 from traitlets.config import Config
 
@@ -194,6 +194,12 @@ def _split(line: str) -> list[str]:
         raise LlavaError(f"cannot parse options '{line}' ({e}); check the quotes") from None
 
 
+def _not_asked() -> LlavaError:
+    return LlavaError(
+        "interrupted before the answer began; the question was not asked (run the cell again)"
+    )
+
+
 # ---------------------------------------------------------------- display objects
 
 
@@ -204,6 +210,21 @@ def _shown(text: str) -> dict[str, str]:
     one (an answer "." or "http://..." would fail or go on the network).
     """
     return {"text/markdown": text, "text/plain": text}
+
+
+class Markdown:
+    """Markdown a notebook renders and a terminal front end (jupyter console) prints as it is:
+    there IPython's own `Markdown` reads `<IPython.core.display.Markdown object>`. Never read as
+    a file or URL, as that one is when its text looks like one."""
+
+    def __init__(self, data: str) -> None:
+        self.data = data
+
+    def _repr_markdown_(self) -> str:
+        return self.data
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        printer.text(self.data)
 
 
 def _table(rows: list[dict[str, Any]]) -> Markdown:
@@ -343,7 +364,10 @@ class LlavaMagics(Magics):
                     f"-i {source[:40]!r} is no image file; to pass a notebook variable, write "
                     "its name (-i img), not {img} or $img"
                 )
-        images = [load_image(source, namespace=namespace) for source in args.image]
+        try:
+            images = [load_image(source, namespace=namespace) for source in args.image]
+        except KeyboardInterrupt:
+            raise _not_asked() from None
         chat = self.chats.get(args.chat)
         if args.model:
             model = get_model(args.model, **self._model_options())
@@ -377,8 +401,10 @@ class LlavaMagics(Magics):
         try:
             # bad input fails here
             pieces = chat.stream(question, images, attention=args.attention, **settings)
-        except BaseException:
+        except BaseException as e:
             chat.model = previous
+            if isinstance(e, KeyboardInterrupt):  # while the model loaded, say
+                raise _not_asked() from None
             raise
         self.chats[args.chat] = chat
         if args.model:
@@ -453,11 +479,20 @@ class LlavaMagics(Magics):
                 )
             self._current_model().load()
         except BaseException as e:  # a bad id or option leaves the settings and model as they were
+            loaded = self.current if isinstance(e, KeyboardInterrupt) else None
+            if loaded is not None and loaded.loaded:  # a load cannot stop halfway: it ended
+                self._release_unused()  # as after any load: one model in memory at a time
+                raise LlavaError(
+                    f"interrupted; {loaded.model_id} loaded all the same (a load cannot stop "
+                    "halfway), and is the model in use: %llava unload frees it"
+                ) from None
             for key, value in before.items():
                 setattr(self, key, value)
             self.current = current
             if isinstance(e, TraitError):
                 raise LlavaError(str(e)) from None
+            if isinstance(e, KeyboardInterrupt):
+                raise LlavaError("interrupted; nothing was loaded") from None
             raise
         self._release_unused()  # one model in memory at a time
 

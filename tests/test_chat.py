@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_nb.chat import Chat, ChatFileError, Turn
+from llava_nb.chat import Chat, ChatFileError, Turn, same_turns
 from llava_nb.errors import LlavaError
 from llava_nb.images import ImageError
 from llava_nb.models import Model
@@ -413,3 +413,75 @@ def test_a_stream_never_read_records_nothing_and_blocks_nothing(tiny_llava):
     del pieces
     assert chat.history == []
     assert chat.ask("Short?", max_new_tokens=2) == chat.history[-1].answer
+
+
+def test_history_hands_out_copies_that_cannot_change_the_chat(tiny_llava, photo):
+    chat = Chat(tiny_llava, max_new_tokens=3)
+    chat.ask("What is in this picture?", image=photo)
+    prompt = chat.messages("Next?")
+    handed = chat.history
+    handed[0].answer = "edited"
+    handed[0].question = "edited?"
+    handed[0].interrupted = True
+    handed[0].images.clear()
+    handed.append(Turn("Added?"))
+    (turn,) = chat.history
+    assert (turn.question, turn.interrupted, len(turn.images)) == (
+        "What is in this picture?",
+        False,
+        1,
+    )
+    assert turn.answer != "edited" and chat.messages("Next?") == prompt
+    # the images are shared, not copied on each call (panels cache thumbnails by image)
+    assert chat.history[0].images[0] is chat.history[0].images[0]
+
+
+def test_regenerate_answers_the_last_question_again_in_its_place(tiny_llava, photo):
+    chat = Chat(tiny_llava, max_new_tokens=6)
+    chat.ask("What is in this picture?", image=photo)
+    chat.ask("And now?")
+    first, _ = chat.history
+    sampled = chat.regenerate(temperature=1.0, seed=3)
+    again = Chat(tiny_llava, max_new_tokens=6)
+    again.ask("What is in this picture?", image=photo)
+    assert sampled == again.ask("And now?", temperature=1.0, seed=3)  # asked from turn 1 only
+    assert [t.question for t in chat.history] == ["What is in this picture?", "And now?"]
+    assert chat.history[0] == first and chat.history[1].answer == sampled
+    assert chat.history[0].images[0] is first.images[0]
+    with pytest.raises(LlavaError, match="no answer to regenerate"):
+        Chat(chat.model).regenerate()
+
+
+@pytest.mark.parametrize("cut", ["close", "interrupt", "unload", "error"])
+def test_a_regeneration_cut_short_keeps_the_old_answer(tiny_llava, photo, cut):
+    chat = Chat(tiny_llava, max_new_tokens=200)
+    chat.ask("What is in this picture?", image=photo, max_new_tokens=5)
+    before = chat.history
+    events = []
+    chat.on_change(lambda event, turn, piece: events.append(event))
+    pieces = chat.regenerate_stream(temperature=1.0, seed=1)
+    next(pieces)
+    if cut == "close":
+        pieces.close()
+    elif cut == "interrupt":
+        with pytest.raises(KeyboardInterrupt):
+            pieces.throw(KeyboardInterrupt)
+    elif cut == "unload":
+        chat.model.unload()
+        list(pieces)
+    else:
+        with pytest.raises(RuntimeError):
+            pieces.throw(RuntimeError("out of memory"))
+    assert same_turns(chat.history, before) and not chat.history[-1].interrupted
+    assert events[0] == "start" and events[-1] == "end"
+    assert chat.regenerate(max_new_tokens=2) == chat.history[-1].answer  # the chat goes on
+
+
+def test_regenerate_stopped_by_an_unload_says_so_and_keeps_the_old_answer(tiny_llava):
+    chat = Chat(tiny_llava, max_new_tokens=200)
+    chat.ask("Why?", max_new_tokens=4)
+    before = chat.history
+    chat.on_change(lambda event, turn, piece: event == "piece" and chat.model.unload())
+    with pytest.raises(LlavaError, match="the new answer was stopped before it ended"):
+        chat.regenerate(temperature=1.0, seed=2)
+    assert same_turns(chat.history, before)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from signal import SIGINT
 
 import numpy as np
 import pytest
@@ -835,3 +836,93 @@ print("HEAVY:", sorted(m for m in ("torch", "transformers") if m in sys.modules)
     )
     assert done.returncode == 0, done.stderr
     assert "HEAVY: []" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.fixture
+def stalled_url():
+    """An image URL whose server answers only once the test is done (an interrupt comes first)."""
+    import http.server
+
+    release = threading.Event()
+    asked = threading.Event()
+
+    class Stalled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.set()
+            release.wait(30)
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/photo.jpg", asked
+    release.set()
+    server.shutdown()
+
+
+def test_an_interrupt_before_the_answer_begins_prints_one_line(shell, magics, stalled_url):
+    url, asked = stalled_url
+    ask(shell, "-i photo", "First?")
+    before = snapshot(magics)
+    # a real SIGINT, as a kernel interrupt sends: it breaks the wait on the socket at once
+    watcher = threading.Thread(target=lambda: asked.wait(30) and os.kill(os.getpid(), SIGINT))
+    watcher.start()
+    start = time.monotonic()
+    try:
+        result, cap = ask(shell, f"-i {url}", "And this one?")
+        assert time.monotonic() - start < 5
+        watcher.join()
+        time.sleep(0.05)  # a late interrupt would land here, not in pytest
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the magic as a traceback")
+    assert result is None
+    one_error(cap, "interrupted before the answer began", "not asked")
+    assert snapshot(magics) == before
+
+
+def test_an_interrupted_load_keeps_the_model_it_loaded_and_no_other(shell, magics, tmp_path):
+    """A load cannot stop halfway: interrupted, it ends, and that model is the one in use (as
+    the README says), not loaded behind the magics' back with the old settings back."""
+    from llava_nb.models import get_model
+    from llava_nb.testing import make_tiny_llava
+
+    cmd(shell, "load")
+    in_use = magics.current
+    other = get_model(make_tiny_llava(tmp_path / "other", "llava", width=256, layers=4))
+
+    def interrupt_while_loading() -> None:  # a real SIGINT, once the load says it began
+        deadline = time.monotonic() + 30
+        while "llava_nb: loading" not in getattr(sys.stdout, "getvalue", str)():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+        os.kill(os.getpid(), SIGINT)
+
+    watcher = threading.Thread(target=interrupt_while_loading)
+    watcher.start()
+    try:
+        _, cap = cmd(shell, f"load {other.model_id}")
+        watcher.join()
+        time.sleep(0.05)
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the magic as a traceback")
+    assert "Traceback" not in cap.stdout + cap.stderr
+    last = cap.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"llava_nb: interrupted; {other.model_id} loaded all the same")
+    assert magics.current is other and other.loaded and magics.model == other.model_id
+    assert not in_use.loaded  # one model in memory at a time
+    _, cap = ask(shell, "", "Still there?")
+    assert quiet(cap) and magics.chats["default"].model is other
+
+
+def test_values_read_as_text_where_markdown_is_not_shown(shell, magics):
+    """A terminal front end (jupyter console, IPython) prints text/plain: it must be the text,
+    not `<IPython.core.display.Markdown object>`, nor a quoted repr of a multi-line answer."""
+    answer, _ = ask(shell, "-i photo", "What is in this picture?")
+    values = [answer] + [cmd(shell, line)[0] for line in ("status", "history", "chats", "models")]
+    for value in values:
+        data, _ = shell.display_formatter.format(value)
+        assert data["text/plain"] == data["text/markdown"], data
+    assert "**You:**" in shell.display_formatter.format(values[2])[0]["text/plain"]

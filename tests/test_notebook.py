@@ -255,12 +255,25 @@ def test_kernel_interrupt_keeps_the_partial_answer(slow_llava, photo_path, kerne
     kc.start_channels()
     try:
         kc.wait_for_ready(timeout=TIMEOUT)
-        for code in (
-            "%load_ext llava_nb",
-            f"%llava config model='{slow_llava}' max_new_tokens=8",
-            f"%%llava -i {photo_path}\nWhat is in this picture?",
-        ):
+        for code in ("%load_ext llava_nb", f"%llava config model='{slow_llava}' max_new_tokens=8"):
             assert_clean(*run(kc, code))
+
+        # interrupted while the first question loads the model: it loads, the cell stops
+        def interrupt_once_loading(kind, content) -> None:
+            if kind == "stream" and "llava_nb: loading" in content["text"]:
+                km.interrupt_kernel()
+
+        first = f"%%llava -i {photo_path}\nWhat is in this picture?"
+        reply, messages = run(kc, first, interrupt_once_loading)
+        assert_clean(reply, messages)
+        assert not [k for k, _ in messages if k in ("execute_result", "update_display_data")]
+        errors = "".join(c["text"] for k, c in messages if k == "stream" and c["name"] == "stderr")
+        assert errors.splitlines() == [
+            "llava_nb: stopping once loading ends (it cannot stop halfway)",
+            "llava_nb: interrupted before the answer began; the question was not asked (run the "
+            "cell again)",
+        ]
+        assert_clean(*run(kc, first))  # the model is loaded; the question is asked now
 
         state = {"interrupted_at": None}
 
