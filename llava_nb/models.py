@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -381,8 +382,11 @@ class Model:
                 self._state = "loading"
                 try:
                     _on_a_thread_of_its_own(self._load)
-                except KeyboardInterrupt:  # it came during a load that then succeeded: keep it
-                    self._state = "loaded"
+                except KeyboardInterrupt:
+                    if self.model is None:  # it came before the load began: nothing loaded
+                        self._release()
+                    else:  # it came during a load that then succeeded: keep it
+                        self._state = "loaded"
                     raise
                 except BaseException:
                     self._release()
@@ -889,10 +893,17 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
             finished.set()
 
     worker = threading.Thread(target=run, name="llava_nb-load", daemon=True)
+    # An interrupt landing in start() or just after it would escape while the thread loads on:
+    # SIGINT waits (blocked, then pending) until the loop below can take it. One that came
+    # before the block raises here, with no thread started.
+    blocked = _block_sigint()
     worker.start()
     interrupted = None
-    while not finished.is_set():
+    while blocked is not None or not finished.is_set():
         try:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                blocked = None
             finished.wait()
         except KeyboardInterrupt as e:
             if interrupted is None:
@@ -909,6 +920,14 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
         outcome.clear()  # not kept alive by this frame in the interrupt's traceback
         raise interrupted
     return outcome.pop("value")  # the thread's closure keeps no reference to it
+
+
+def _block_sigint() -> set | None:
+    """Block SIGINT on this thread (threads started meanwhile inherit it: none of ours needs
+    it); the signal mask to restore, or None where signals cannot be masked."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 def _wait_through_interrupts(running) -> None:

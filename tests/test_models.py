@@ -416,6 +416,47 @@ def test_work_on_a_thread_of_its_own_returns_raises_and_outlasts_an_interrupt():
     assert done == [True]  # the interrupt came once the work had ended, not halfway
 
 
+def test_an_interrupt_as_the_load_thread_starts_still_waits_for_it(monkeypatch):
+    """Jupyter's stop landing inside Thread.start() (or just after it) escaped while the load
+    went on, and the model was marked loaded with nothing in it."""
+    import signal
+    import threading
+
+    from llava_nb import models
+
+    start = threading.Thread.start
+
+    def start_then_interrupted(thread):
+        start(thread)
+        signal.raise_signal(signal.SIGINT)  # before the caller's wait began
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupted)
+    done = []
+
+    def work():
+        time.sleep(0.3)
+        done.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        models._on_a_thread_of_its_own(work)
+    assert done == [True]
+
+
+def test_an_interrupt_before_the_load_began_leaves_the_model_unloaded(tiny_llava, monkeypatch):
+    from llava_nb import models
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_block_sigint", interrupted)
+    model = Model(tiny_llava)
+    with pytest.raises(KeyboardInterrupt):
+        model.load()
+    assert model.status()["state"] == "unloaded" and model.model is None
+    monkeypatch.undo()
+    assert model.load().loaded
+
+
 INTERRUPTED_LOAD = """
 import signal, sys, threading
 import llava_nb as ln
