@@ -440,6 +440,7 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
     vision.train()
     recent: list[float] = []
     for step in range(steps):
+        _check_finished()
         chunk = rows[step * batch : (step + 1) * batch]
         pixels = image_processor([r["image"] for r in chunk], return_tensors="pt")["pixel_values"]
         labels = torch.tensor([_patch_labels(r, grid) for r in chunk])  # (batch, group, patch)
@@ -554,10 +555,16 @@ def _same_build(folder: Path, recipe: dict[str, Any], seed: int) -> bool:
     return marker.get("recipe") == recipe and marker.get("seed") == seed
 
 
-def _check_finished(run) -> None:
-    """An interrupted stage (the kernel's stop button) ends the build: nothing is cached."""
-    if run.interrupted:
-        raise DemoError("the demo build was interrupted; nothing was cached (run it again)")
+INTERRUPTED = "the demo build was interrupted; nothing was cached (run it again)"
+
+
+def _check_finished(run=None) -> None:
+    """An interrupted stage (the kernel's stop button) ends the build: nothing is cached. On a
+    model load's thread the interrupt reaches the build through `stop_asked`."""
+    from llava_nb.models import stop_asked
+
+    if (run is not None and run.interrupted) or stop_asked():
+        raise DemoError(INTERRUPTED)
 
 
 def _clear_stale_builds(target: Path) -> None:
@@ -628,6 +635,7 @@ def build(
     losses: dict[str, float | None] = {}
 
     def step(name: str, message: str):
+        _check_finished()
         say(f"llava_nb: [{len(timings) + 1}/5] {message}", flush=True)
         timings[name] = time.perf_counter()
 

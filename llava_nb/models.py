@@ -870,6 +870,16 @@ class _StopOnEvent:
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
+_STOP_ASKED: set[int] = set()  # idents of load threads an interrupt asked to stop
+
+
+def stop_asked() -> bool:
+    """Whether an interrupt asked the load running on this thread to stop. An interrupt
+    reaches only the main thread, which waits for the load; a long one (the demo build: minutes
+    of training) checks this between its steps and ends there."""
+    return threading.get_ident() in _STOP_ASKED
+
+
 def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
     """`work()` (a load), run on a new thread that ends with it.
 
@@ -909,11 +919,13 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
             if interrupted is None:
                 print("llava_nb: stopping once loading ends (it cannot stop halfway)",
                       file=sys.stderr, flush=True)  # fmt: skip
+                _STOP_ASKED.add(worker.ident)
             interrupted = e
     try:
         worker.join()  # its pool gone before any answer starts
     except KeyboardInterrupt as e:
         interrupted = e
+    _STOP_ASKED.discard(worker.ident)
     if "error" in outcome:
         raise outcome.pop("error")
     if interrupted is not None:

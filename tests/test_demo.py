@@ -166,3 +166,23 @@ def test_build_refuses_unknown_or_bad_settings(tmp_path):
     with pytest.raises(ln.LlavaError, match="describe_every must be a whole number >= 1"):
         demo.build(tmp_path / "demo", describe_every=0)
     assert not (tmp_path / "demo").exists()
+
+
+def test_an_interrupted_load_stops_the_demo_build(tmp_path):
+    """`Model("demo")` builds on the load's thread: Jupyter's stop ends the build after its
+    current step (it waited minutes for the whole build), and nothing is cached."""
+    import signal
+    import threading
+    import time
+
+    from llava_nb.models import _on_a_thread_of_its_own
+
+    timer = threading.Timer(
+        3.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)
+    )
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(demo.DemoError, match="interrupted; nothing was cached"):
+        _on_a_thread_of_its_own(lambda: demo.build(tmp_path / "demo", progress=False, **SMALL_DEMO))
+    assert time.monotonic() - start < 30
+    assert list(tmp_path.iterdir()) == []

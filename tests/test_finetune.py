@@ -487,6 +487,37 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_training_inside_a_model_load_stops_when_the_load_is_interrupted(tiny_llava, tmp_path):
+    """The demo build trains on a model load's thread, where no interrupt lands: the main
+    thread, waiting for the load, takes it and asks the run to stop after its step."""
+    import threading
+    import time
+
+    from transformers import TrainerCallback
+
+    from llava_nb.models import _on_a_thread_of_its_own
+
+    main = threading.main_thread().ident
+
+    class InterruptAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                signal.pthread_kill(main, signal.SIGINT)  # as Jupyter's stop button
+                time.sleep(0.5)  # the waiting main thread takes it meanwhile
+
+    runs = []
+
+    def load():
+        settings = dict(max_steps=40, output_dir=tmp_path / "run", **SETTINGS)
+        runs.append(
+            ln.finetune(tiny_llava, squares(8), callbacks=[InterruptAfterStep2()], **settings)
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        _on_a_thread_of_its_own(load)
+    assert runs[0].status == "interrupted" and runs[0].step == 3
+
+
 def test_a_double_interrupt_before_a_resume_loads_keeps_the_adapter(
     tiny_llava, tmp_path, monkeypatch, capsys
 ):

@@ -299,6 +299,13 @@ def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any
 # ---------------------------------------------------------------- interrupts
 
 
+def _load_stop_asked() -> bool:
+    """An interrupt asked the model load this run is part of (the demo build) to stop."""
+    from llava_nb.models import stop_asked
+
+    return stop_asked()
+
+
 class _RunControl:
     """What the run knows beside Trainer: whether a step has begun (a failure before the first
     one is the checkpoint's loading) and whether an interrupt asked it to stop. The first
@@ -324,6 +331,8 @@ class _RunControl:
                 run.stepped = True
 
             def on_step_end(self, args, state, control, **kwargs):
+                if not run.requested and _load_stop_asked():  # training inside a model load
+                    run.requested = True
                 if run.requested:
                     control.should_save = True
                     control.should_training_stop = True
