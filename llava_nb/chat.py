@@ -54,6 +54,16 @@ def same_turns(a: list[Turn], b: list[Turn]) -> bool:
     return kept(a) == kept(b)
 
 
+@dataclass
+class Answering:
+    """What a chat is answering now (`Chat.answering`), for a view that opens mid-answer."""
+
+    turn: Turn  # the chat's own turn, as its on_change events pass it; its answer comes at "end"
+    generation: Any  # the model's generation: `generation.stop()` ends it after the current token
+    text: str = ""  # the answer so far: every piece handed out, the one being handed out included
+    replacing: bool = False  # a regeneration: the chat's last turn stays until it ends whole
+
+
 class Answer(str):
     """An answer: a plain `str` (notebooks render it as Markdown) that can carry `.attention`,
     the `AttentionMap` of where it looked (asked with attention=True; None otherwise)."""
@@ -97,6 +107,7 @@ class Chat:
         self._attention: Any = None  # the AttentionMap of the last answer asked with attention
         self._listeners: list[Callable[[str, Turn | None, str], None]] = []
         self._answering: weakref.ref | None = None  # the answer being read, while it is
+        self._under_way: Answering | None = None  # what `answering` returns
         self._asking = threading.Lock()  # held while a question is set up (model load included)
 
     def __repr__(self) -> str:
@@ -108,6 +119,14 @@ class Chat:
         (change it with ask, undo, reset). The images are the chat's own, shared, not copied
         each call: edit one in place (`thumbnail`, `paste`) on a `.copy()`."""
         return [replace(turn, images=list(turn.images)) for turn in self._turns]
+
+    @property
+    def answering(self) -> Answering | None:
+        """The question being answered now (its turn, generation and text so far), or None.
+
+        Set when the answer's first piece is asked for and cleared before its "end" event, so a
+        view made meanwhile (which missed "start") can show it and stop it."""
+        return self._under_way
 
     def on_change(self, callback: Callable[[str, Turn | None, str], None]) -> Callable[[], None]:
         """Call `callback(event, turn, piece)` whenever the conversation changes, so several views
@@ -197,10 +216,12 @@ class Chat:
             self._asking.release()
 
     def _record(self, generation, turn: Turn, replacing: Turn | None = None) -> Iterator[str]:
+        under_way = self._under_way = Answering(turn, generation, replacing=replacing is not None)
         self._notify("start", turn)
         pieces = iter(generation)
         try:
             for piece in pieces:
+                under_way.text += piece  # before the event: a view joining then reads it all
                 self._notify("piece", turn, piece)
                 yield piece
         except (KeyboardInterrupt, GeneratorExit):
@@ -211,6 +232,7 @@ class Chat:
             self._keep(turn, generation, replacing)
         finally:
             getattr(pieces, "close", lambda: None)()  # an error: the model stops, too
+            self._under_way = None  # before "end": a view made after it must not show it live
             self._notify("end", turn)
 
     def _keep(self, turn: Turn, generation, replacing: Turn | None) -> None:

@@ -26,6 +26,7 @@ from llava_nb.errors import LlavaError
 
 DEFAULT_CHAT = "default"
 UPDATE_INTERVAL_S = 0.1  # how often the streaming answer is redrawn
+MODEL_KEYS = ("model", "quantization", "device", "remote_model", "api_key")  # which Model
 
 HELP = """\
 %%llava [-m MODEL] [-i IMAGE ...] [-c CHAT] [--new] [--max-new-tokens N] [--temperature T]
@@ -271,7 +272,7 @@ class LlavaMagics(Magics):
         self.panels: dict[str, Any] = {}  # chat name -> the ChatPanel `%llava panel` made
         super().__init__(shell=shell, **kwargs)
 
-    @observe("model", "quantization", "device", "remote_model", "api_key")
+    @observe(*MODEL_KEYS)
     def _model_changed(self, change) -> None:
         if self.current is not None:
             self._retired.append(self.current)
@@ -337,6 +338,14 @@ class LlavaMagics(Magics):
             "remote_model": self.remote_model or None,
             "api_key": self.api_key or None,
         }
+
+    def _follow_current(self) -> None:
+        """Give the chats that follow the configured model (not pinned ones) the model now
+        configured, so a panel on one answers with it as a `%%llava` cell would."""
+        current = self._current_model()
+        for name, chat in self.chats.items():
+            if name not in self.pinned:
+                chat.model = current
 
     def _release_unused(self) -> None:
         """Unload models configured before, unless the current one or a pinned chat uses them."""
@@ -465,11 +474,10 @@ class LlavaMagics(Magics):
     def _cmd_load(self, args) -> None:
         from llava_nb.remote import is_remote
 
-        keys = ("model", "quantization", "device", "remote_model", "api_key")
-        before = {key: getattr(self, key) for key in keys}
+        before = {key: getattr(self, key) for key in MODEL_KEYS}
         current = self.current
         try:
-            for key in keys:
+            for key in MODEL_KEYS:
                 setattr(self, key, getattr(args, key) or before[key])
             named = self.model or os.environ.get("LLAVA_NB_MODEL", "")
             if (args.remote_model or args.api_key) and not is_remote(named):
@@ -481,6 +489,7 @@ class LlavaMagics(Magics):
         except BaseException as e:  # a bad id or option leaves the settings and model as they were
             loaded = self.current if isinstance(e, KeyboardInterrupt) else None
             if loaded is not None and loaded.loaded:  # a load cannot stop halfway: it ended
+                self._follow_current()
                 self._release_unused()  # as after any load: one model in memory at a time
                 raise LlavaError(
                     f"interrupted; {loaded.model_id} loaded all the same (a load cannot stop "
@@ -494,6 +503,7 @@ class LlavaMagics(Magics):
             if isinstance(e, KeyboardInterrupt):
                 raise LlavaError("interrupted; nothing was loaded") from None
             raise
+        self._follow_current()
         self._release_unused()  # one model in memory at a time
 
     def _cmd_unload(self, args) -> None:
@@ -635,6 +645,8 @@ class LlavaMagics(Magics):
 
                 if not is_remote(self.model):
                     check_local_path(self.model)  # a hub id is checked when it loads
+            if any(getattr(self, key) != before[key] for key in MODEL_KEYS):
+                self._follow_current()
         except LlavaError:  # all or nothing
             for name, value in before.items():
                 if getattr(self, name) != value:

@@ -10,7 +10,6 @@ the same chat streams into the panel too.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import time
@@ -61,13 +60,6 @@ def _show_settings(chat: Any) -> None:
             panel._sync_settings()
 
 
-def _show_chat(chat: Any) -> None:
-    """Redraw every open panel on `chat`, after a change its events do not tell."""
-    for panel in _panels():
-        if panel.chat is chat:
-            panel._sync()
-
-
 def _after_cell(result: Any = None) -> None:
     """IPython's post_run_cell: a cell may have loaded or unloaded a model (`model.unload()`), or
     changed a chat's settings (`%llava config`, `chat.settings[...] = ...`)."""
@@ -86,29 +78,6 @@ def _follow_cells() -> None:
     shell = get_ipython()
     if shell is not None and _after_cell not in shell.events.callbacks["post_run_cell"]:
         shell.events.register("post_run_cell", _after_cell)
-
-
-def _answer_under_way(chat: Any) -> tuple[Any, Any] | None:
-    """The turn `chat` is answering now and its generation, for a panel opened mid-answer (it
-    missed the "start" event). Read from the answer's own generator, since `Chat` names neither.
-    """
-    pieces = chat._answering() if chat._answering is not None else None
-    if pieces is None or inspect.getgeneratorstate(pieces) == inspect.GEN_CREATED:
-        return None  # no answer, or one whose "start" event is still to come
-    frame = pieces.gi_frame
-    found = frame.f_locals if frame is not None else {}
-    turn, generation = found.get("turn"), found.get("generation")
-    if turn is None or generation is None or any(turn is kept for kept in chat._turns):
-        return None  # ended (or ending: its "end" event redraws it)
-    return turn, generation
-
-
-def _said_so_far(generation: Any) -> str:
-    """An answer's text so far: exact at one of its "piece" events (that piece included) or
-    while its reader waits; between the two, perhaps a piece ahead."""
-    if hasattr(generation, "token_ids"):  # a local model's: as its pieces are cut
-        return generation._decode(generation.token_ids).rstrip("\ufffd")
-    return generation.text  # a server's: grows with each piece
 
 
 @functools.cache
@@ -182,20 +151,19 @@ class ChatPanel(anywidget.AnyWidget):
         self._images: list[Image.Image] = []  # attached, not sent yet
         self._refused: dict[Any, list[str]] = {}  # drop (pick, paste) id -> its refusals
         self._thumbs: dict[int, tuple[Image.Image, str]] = {}  # id -> (image, thumbnail)
-        self._live = None  # the turn the chat is answering (whoever asked it)
+        self._live = None  # the chat's `answering` (whoever asked it), shown live
         self._lock = threading.RLock()  # the chat's events and this panel's worker both sync
         self._pieces: list[str] = []  # its answer so far
         self._shown = 0.0  # when the live answer was last sent
         self._worker: threading.Thread | None = None
-        self._joining: Any = None  # opened mid-answer: its generation, until its next piece
+        self._joining = False  # opened mid-answer: until its next piece
         self._loading_since: float | None = None  # time.monotonic() when its question's load began
         with self._lock:
             self._unsubscribe = chat.on_change(self._on_chat)
-            under_way = _answer_under_way(chat)
-            if under_way is not None:
-                turn, self._joining = under_way
-                self._pieces = [_said_so_far(self._joining)]  # made exact at its next piece
-                self._live = turn
+            answering = chat.answering
+            if answering is not None:  # it missed the "start" event
+                self._joining, self._pieces = True, [answering.text]  # redone at its next piece
+                self._live = answering
         self.on_msg(self._on_message)
         self._sync()
         with _open_panels_lock:
@@ -218,9 +186,10 @@ class ChatPanel(anywidget.AnyWidget):
     def _on_chat(self, event: str, turn, piece: str) -> None:
         """Follows the chat, whoever drives it (this panel's worker, a cell, Python code)."""
         if event == "piece":
-            if turn is self._live:  # (a second question at once: not shown)
-                if self._joining is not None:  # opened mid-answer: all it has said so far
-                    self._pieces, self._joining = [_said_so_far(self._joining)], None
+            live = self._live
+            if live is not None and turn is live.turn:  # (a second question at once: not shown)
+                if self._joining:  # opened mid-answer: all it has said so far, this piece too
+                    self._pieces, self._joining = [live.text], False
                 else:
                     self._pieces.append(piece)
                 if time.monotonic() - self._shown >= UPDATE_INTERVAL_S:
@@ -228,22 +197,26 @@ class ChatPanel(anywidget.AnyWidget):
                     self._shown = time.monotonic()
             return
         with self._lock:
-            if event == "start":
-                self._live, self._pieces, self._shown = turn, [], 0.0
+            if event == "start":  # the chat's `answering` is this turn's, set before the event
+                self._live, self._pieces, self._shown = self.chat.answering, [], 0.0
             else:  # end, undo, reset
-                self._live = self._joining = None
+                self._live, self._joining = None, False
             self._sync()
         if event in ("start", "end"):  # the model is loaded (or an unload stopped the answer)
             _show_model_state(self.chat.model)
 
     def _sync(self) -> None:
         """Send the chat as it is now: its turns, the turn it is answering (if any: this panel's
-        question refused meanwhile must not hide another view's), its settings, the model's
+        question refused meanwhile must not hide another view's; a regeneration shows in place
+        of the last turn, which the chat keeps until it ends whole), its settings, the model's
         status."""
         with self._lock:
-            history, live = self.chat.history, self._live
+            history, answering = self.chat.history, self._live
+            live = answering.turn if answering is not None else None
             if live is None:
                 self._pieces = []
+            elif answering.replacing:
+                history = history[:-1]
             with self.hold_sync():
                 self.turns = [
                     {
@@ -409,57 +382,61 @@ class ChatPanel(anywidget.AnyWidget):
         """Stop this panel's question, or the one another view of the chat asked (shown here)."""
         if self.busy:
             self._stopping.set()
-        elif (under_way := _answer_under_way(self.chat)) is not None:
-            under_way[1].stop()  # ends after the current token; the chat keeps it, interrupted
+        elif (answering := self.chat.answering) is not None:
+            answering.generation.stop()  # ends after the current token; the chat keeps it
 
     def _regenerate(self) -> None:
         self._check_idle()
-        turn = self.chat.undo()
-        if turn is None:
+        history = self.chat.history
+        if not history:
             raise PanelError("there is no answer to regenerate yet; ask a question first")
-        self._start(turn.question, turn.images, undone=turn)
+        self._start(history[-1].question, history[-1].images, regenerate=True)
 
     def _check_idle(self) -> None:
         if self.busy:
             raise PanelError("an answer is still being written; wait for it, or press Stop")
 
-    def _start(self, question: str, images: list[Image.Image], undone=None) -> None:
+    def _start(self, question: str, images: list[Image.Image], regenerate: bool = False) -> None:
         self._stopping.clear()
         with self.hold_sync():
             self.error = self.draft = ""
             self.busy = True
+            if regenerate:  # the new answer shows in place of the last turn (kept till it ends)
+                self.turns = self.turns[:-1]
             self.live_question = {
                 "question": question,
                 "images": [self._thumb(image) for image in images],
             }
             self.live_answer = ""
         self._worker = threading.Thread(
-            target=self._answer, args=(question, images, undone), name="llava_nb-panel", daemon=True
+            target=self._answer,
+            args=(question, images, regenerate),
+            name="llava_nb-panel",
+            daemon=True,
         )
         self._worker.start()
 
-    def _answer(self, question: str, images: list[Image.Image], undone) -> None:
+    def _answer(self, question: str, images: list[Image.Image], regenerate: bool) -> None:
         """The worker: ask the chat, read the answer until it ends or Stop is pressed.
 
         The pieces reach the front end through `_on_chat`, as for any other question. If the
-        question fails before its turn is recorded, the chat and the attachments are put back as
-        they were; a regeneration that fails or is stopped gives back the answer it replaced.
+        question fails before its turn is recorded, the attachments and the question are given
+        back; a regeneration that fails or is stopped leaves the chat its old answer.
         """
         turns = len(self.chat.history)
         error = None
         try:
-            pieces = self._stream(question, images)
+            if regenerate:
+                pieces = self._stream(self.chat.regenerate_stream)
+            else:
+                pieces = self._stream(self.chat.stream, question, images)
             with closing(pieces):  # Stop pressed while the model loaded: never started
                 for _ in () if self._stopping.is_set() else pieces:
                     if self._stopping.is_set():
                         break  # closing the stream stops the model after its current token
         except Exception as e:  # any failure, OOM included, becomes a message in the panel
             error = _readable(e)
-        recorded = self.chat._turns[turns:]
-        if undone is not None and (not recorded or recorded[-1].interrupted):
-            self.chat._turns[turns:] = [undone]  # as `Chat.undo` took it: nobody was told
-            _show_chat(self.chat)  # every panel on the chat
-        elif not recorded:  # it failed, or never started
+        if not regenerate and len(self.chat.history) == turns:  # it failed, or never started
             self._images = images + self._images
             self.attachments = [self._thumb(image) for image in self._images]
             self.draft = question  # to send again (failed, or stopped while loading)
@@ -468,10 +445,11 @@ class ChatPanel(anywidget.AnyWidget):
             self.error = error or ""
             self.busy = False
 
-    def _stream(self, question: str, images: list[Image.Image]):
-        """`chat.stream`, which loads the model first if needed: the status counts the seconds."""
+    def _stream(self, start, *args):
+        """`start(*args)`: `chat.stream` or `chat.regenerate_stream`, which load the model first
+        if needed: the status counts the seconds."""
         if self.chat.model.loaded:
-            return self.chat.stream(question, images)
+            return start(*args)
         loaded = threading.Event()
         self._loading_since = time.monotonic()
 
@@ -483,7 +461,7 @@ class ChatPanel(anywidget.AnyWidget):
         ticker = threading.Thread(target=tick, name="llava_nb-panel-status", daemon=True)
         ticker.start()
         try:
-            return self.chat.stream(question, images)
+            return start(*args)
         finally:
             loaded.set()
             ticker.join()

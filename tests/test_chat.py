@@ -485,3 +485,39 @@ def test_regenerate_stopped_by_an_unload_says_so_and_keeps_the_old_answer(tiny_l
     with pytest.raises(LlavaError, match="the new answer was stopped before it ended"):
         chat.regenerate(temperature=1.0, seed=2)
     assert same_turns(chat.history, before)
+
+
+def test_answering_tells_the_turn_and_its_text_while_it_streams(tiny_llava, photo):
+    """A view made mid-answer (a panel) reads it from `Chat.answering`, not from internals."""
+    chat = Chat(tiny_llava, max_new_tokens=200)
+    assert chat.answering is None
+    seen = []  # (event, the answering's turn, its text) as each event arrives
+    chat.on_change(
+        lambda event, turn, piece: seen.append(
+            (event, chat.answering and chat.answering.turn is turn, chat.answering)
+        )
+    )
+    pieces = chat.stream("What is in this picture?", photo)
+    assert chat.answering is None  # handed out, not begun: nothing is answered yet
+    read = [next(pieces) for _ in range(3)]
+    answering = chat.answering
+    assert answering.turn.question == "What is in this picture?" and not answering.replacing
+    assert answering.turn.images[0].tobytes() == photo.convert("RGB").tobytes()
+    assert answering.text == "".join(read)
+    answering.generation.stop()  # what a panel's Stop does
+    read += list(pieces)
+    assert chat.answering is None
+    assert [(event, own) for event, own, _ in seen] == [
+        ("start", True),
+        *[("piece", True)] * len(read),
+        ("end", None),  # cleared before "end": a view made after it shows no live turn
+    ]
+    (turn,) = chat.history
+    assert turn.interrupted and turn.answer.startswith("".join(read[:3]))
+
+    seen.clear()
+    pieces = chat.regenerate_stream(max_new_tokens=3)
+    next(pieces)
+    assert chat.answering.replacing and chat.answering.turn.question == turn.question
+    pieces.close()
+    assert chat.answering is None and same_turns(chat.history, [turn])

@@ -331,6 +331,29 @@ def test_model_option_pins_a_chat(shell, magics, tiny_llava, tiny_llava_next):
     )
 
 
+def test_config_model_switches_panels_and_cells_alike(shell, magics, tiny_llava, tiny_llava_next):
+    """`%llava config model=B` after `%llava panel`: the panel's chat answers with B, as the
+    next `%%llava` cell would; a chat pinned to a model (-m) keeps it."""
+    ask(shell, f"-c pinned -m {tiny_llava}", "Pinned?")
+    panel, _ = cmd(shell, "panel")
+    try:
+        _, cap = cmd(shell, f"config model={tiny_llava_next}")
+        assert quiet(cap)
+        assert panel.chat is magics.chats["default"]
+        assert panel.chat.model is magics.current and magics.current.model_id == tiny_llava_next
+        assert magics.chats["pinned"].model.model_id == tiny_llava
+        panel._handle_custom_msg({"type": "send", "text": "From the panel?"}, [])
+        panel._worker.join(60)
+        assert panel.error == "" and magics.current.loaded
+        assert "LLaVA-NeXT" in panel.status  # the model that answered
+        _, cap = cmd(shell, "config model=/no/such/folder")  # refused: no chat changes model
+        assert "llava_nb:" in cap.stderr and panel.chat.model.model_id == tiny_llava_next
+        cmd(shell, f"load {tiny_llava}")  # a load switches them too
+        assert panel.chat.model is magics.current and panel.chat.model.model_id == tiny_llava
+    finally:
+        panel.close()
+
+
 # ---------------------------------------------------------------- settings
 
 

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 import llava_nb as ln
+from llava_nb.chat import same_turns
 from llava_nb.panel import MAX_UPLOAD_BYTES, THUMBNAIL_PX, ChatPanel
 from tests.test_notebook import execute, kernel_env, no_traceback, results  # noqa: F401
 
@@ -160,14 +161,18 @@ def test_regenerate_and_new_chat(tiny_llava, photo):
     chat = ln.Chat(tiny_llava, max_new_tokens=6)
     chat.ask("What is this?", photo)
     panel = ChatPanel(chat)
-    first = chat.history[0]
+    shown = record(panel, "turns")
+    (first,) = chat.history
+    chat.settings.update(temperature=1.0, seed=3)  # sampled: a new answer, not the greedy one
     message(panel, "regenerate")
     finish(panel)
     (again,) = chat.history
     assert again.question == first.question
     assert again.images[0].tobytes() == first.images[0].tobytes()
-    assert again.answer == first.answer  # greedy: the same answer again
-    assert again is not first
+    assert again.answer != first.answer and not again.interrupted
+    assert panel.turns[0]["answer"] == again.answer
+    # while it streamed, the live turn stood in for the old one, never beside it
+    assert all(len(turns) <= 1 for turns in shown) and [] in shown
 
     message(panel, "clear")
     assert chat.history == [] and panel.turns == []
@@ -185,14 +190,20 @@ def test_a_regeneration_stopped_or_failed_keeps_the_previous_answer(endless_llav
     chat.settings["max_new_tokens"] = 1000
     message(panel, "regenerate")
     deadline = time.monotonic() + WAIT_S
-    while not panel.live_answer and time.monotonic() < deadline:
+    while not (panel.live_answer and other.live_answer) and time.monotonic() < deadline:
         time.sleep(0.01)
+    for view in (panel, other):  # the new answer shows in place of the old one, kept meanwhile
+        assert view.turns == [] and view.live_question["question"] == "What is this?"
+    assert same_turns(chat.history, [before])
+    late = ChatPanel(chat)  # opened mid-regeneration: the same
+    assert late.turns == [] and late.live_question == panel.live_question
     message(panel, "stop")
     finish(panel)
     (kept,) = chat.history
     assert (kept.answer, kept.interrupted) == (before.answer, False)
-    for view in (panel, other):
+    for view in (panel, other, late):
         assert [(t["answer"], t["interrupted"]) for t in view.turns] == [(before.answer, False)]
+        assert view.live_question == {}
 
     chat.settings["max_new_tokens"] = 0  # refused when asked: the regeneration fails
     message(panel, "regenerate")
