@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -325,12 +326,13 @@ class Chat:
         An existing chat file at `path` is replaced; any other existing file is left alone.
         """
         path = _chat_path(path)
-        if path.is_dir():
+        info = _stat(path)
+        if info is not None and stat.S_ISDIR(info.st_mode):
             raise ChatFileError(
                 f"cannot save chat to '{path}': it is a folder; name a file in it, "
                 f"e.g. '{path / 'chat.json'}'"
             )
-        if (path.exists() or path.is_symlink()) and not _is_chat_file(path):
+        if (info is not None or path.is_symlink()) and not _is_chat_file(path):
             raise ChatFileError(
                 f"'{path}' exists and is not a llava_nb chat file; save the chat under another "
                 "name, or delete that file first"
@@ -362,9 +364,11 @@ class Chat:
             if path.exists():
                 shutil.copymode(path, temporary)  # a replaced chat keeps its permissions
             os.replace(temporary, path)
-        except OSError as e:
+        except BaseException as e:  # an interrupt too: no temporary file left behind
             if temporary and os.path.exists(temporary):
                 os.remove(temporary)
+            if not isinstance(e, OSError):
+                raise
             message = f"cannot save chat to '{path}' ({e.strerror or e}); choose another path"
             raise ChatFileError(message) from None
         return str(path)
@@ -373,6 +377,13 @@ class Chat:
     def load(cls, path: str | os.PathLike, model: Model | str | None = None) -> Chat:
         """Read a chat written by `save`; `model` overrides the model it was saved with."""
         path = _chat_path(path)
+        info = _stat(path)
+        if info is None:
+            raise ChatFileError(f"chat file '{path}' not found; check the path")
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero was read until memory ran out
+            raise ChatFileError(
+                f"'{path}' is not a file (a folder, device or pipe); pass a chat file"
+            )
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -504,7 +515,22 @@ def _chat_path(path: Any) -> Path:
         raise ChatFileError(f"a chat file path must be text, not {type(path).__name__}")
     if not str(path).strip():
         raise ChatFileError("the chat file name is empty; give one, e.g. 'chat.json'")
+    if "\0" in str(path):
+        raise ChatFileError("the chat file name contains a NUL character; give a plain file name")
     return Path(path).expanduser()
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """The file's status (None: there is none), or one line for a name the system refuses."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a file on the way
+        return None
+    except OSError as e:  # a name too long for the file system, no permission
+        shown = str(path) if len(str(path)) <= 80 else str(path)[:80] + "…"
+        raise ChatFileError(
+            f"cannot use '{shown}' as a chat file ({e.strerror}); choose another name"
+        ) from None
 
 
 _SAVED_HEAD = re.compile(rb'\s*\{\s*"format"\s*:\s*"' + re.escape(FILE_FORMAT.encode()) + rb'"')

@@ -255,6 +255,38 @@ def test_loading_bad_chat_files(tmp_path):
     (tmp_path / "damaged.json").write_text('{"format": "llava_nb.chat", "model": "m"}')
     with pytest.raises(ChatFileError, match="damaged"):
         Chat.load(tmp_path / "damaged.json")
+    with pytest.raises(ChatFileError, match="is not a file .a folder, device or pipe"):
+        Chat.load("/dev/zero")  # was read until memory ran out
+    with pytest.raises(ChatFileError, match="File name too long"):
+        Chat.load(tmp_path / ("a" * 300))
+    with pytest.raises(ChatFileError, match="NUL"):
+        Chat.load("a\0b.json")
+
+
+def test_saving_to_names_the_system_refuses_gets_one_line(tiny_llava, tmp_path):
+    chat = Chat(tiny_llava)
+    with pytest.raises(ChatFileError, match="NUL"):
+        chat.save(tmp_path / "a\0b.json")
+    with pytest.raises(ChatFileError, match="File name too long") as error:
+        chat.save(tmp_path / ("a" * 5000))
+    assert len(str(error.value)) < 200
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_save_leaves_no_temporary_file(tiny_llava, tmp_path):
+    chat = Chat(tiny_llava)
+    real_dump = json.dump
+
+    def interrupted(data, f):  # Stop pressed while the file is written
+        raise KeyboardInterrupt
+
+    json.dump = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            chat.save(tmp_path / "chat.json")
+    finally:
+        json.dump = real_dump
+    assert list(tmp_path.iterdir()) == []
 
 
 def _chat_file(model, **turn) -> dict:
