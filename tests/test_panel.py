@@ -271,16 +271,23 @@ def test_questions_asked_elsewhere_stream_into_the_panel(endless_llava, photo):
     assert panel.turns == []
 
 
-def test_a_question_refused_in_a_second_panel_keeps_the_answer_in_view(endless_llava):
-    """Two panels on one chat: Enter in B while A's answer streams is refused in B, and B
-    still shows A's question and its answer as it grows (not an empty chat until it ends)."""
-    chat = ln.Chat(endless_llava, max_new_tokens=1000)
+def _two_panels_answering(checkpoint: str):
+    """A chat with two panels, the first's question being answered, seen in the second."""
+    chat = ln.Chat(checkpoint, max_new_tokens=1000)
     chat.model.load()
     first, second = ChatPanel(chat), ChatPanel(chat)
     message(first, "send", text="Tell me everything.")
     deadline = time.monotonic() + WAIT_S
     while not second.live_answer and time.monotonic() < deadline:
         time.sleep(0.01)
+    return chat, first, second
+
+
+def test_a_question_refused_in_a_second_panel_keeps_the_answer_in_view(endless_llava):
+    """Two panels on one chat: Enter in B while A's answer streams is refused in B, and B
+    still shows A's question and its answer as it grows (not an empty chat until it ends)."""
+    chat, first, second = _two_panels_answering(endless_llava)
+    deadline = time.monotonic() + WAIT_S
     message(second, "send", text="Me too?")
     finish(second, error=None)
     assert "still answering" in second.error and second.draft == "Me too?"
@@ -334,13 +341,7 @@ def test_a_panel_opened_mid_answer_shows_the_live_turn(endless_llava, photo):
 
 def test_stop_in_a_second_panel_stops_the_answer(endless_llava):
     """Two panels on one chat: the one that did not ask can stop the answer it shows."""
-    chat = ln.Chat(endless_llava, max_new_tokens=1000)
-    chat.model.load()
-    first, second = ChatPanel(chat), ChatPanel(chat)
-    message(first, "send", text="Tell me everything.")
-    deadline = time.monotonic() + WAIT_S
-    while not second.live_answer and time.monotonic() < deadline:
-        time.sleep(0.01)
+    chat, first, second = _two_panels_answering(endless_llava)
     stopped_at = time.monotonic()
     message(second, "stop")
     finish(first)
