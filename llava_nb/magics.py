@@ -341,10 +341,12 @@ class LlavaMagics(Magics):
 
     def _follow_current(self) -> None:
         """Give the chats that follow the configured model (not pinned ones) the model now
-        configured, so a panel on one answers with it as a `%%llava` cell would."""
-        current = self._current_model()
-        for name, chat in self.chats.items():
-            if name not in self.pinned:
+        configured, so a panel on one answers with it as a `%%llava` cell would. With no such
+        chat, nothing is resolved yet (the default model's lookup waits for a question)."""
+        following = [chat for name, chat in self.chats.items() if name not in self.pinned]
+        if following:
+            current = self._current_model()
+            for chat in following:
                 chat.model = current
 
     def _release_unused(self) -> None:
