@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import http.client
 import importlib.resources
@@ -80,6 +81,10 @@ MAX_IMAGES_PER_REQUEST = 16
 MAX_PIXELS_PER_REQUEST = 2 * MAX_PIXELS
 MAX_STOP_STRINGS = 16
 MAX_REDIRECTS = 3
+# Requests with images are parsed in their own few worker threads: fetching an image URL may
+# take FETCH_DEADLINE_S, and 40 such requests in anyio's default pool (40 threads, which also
+# starts every answer) stalled every request, admitted ones included.
+IMAGE_PARSE_THREADS = 8
 MAX_INT_DIGITS = 100  # a longer number in a request is a mistake (and slow to convert)
 LOAD_RETRY_AFTER_S = 5
 ROUTES = (
@@ -135,6 +140,10 @@ def _server_error(error: BaseException) -> ApiError:
     if isinstance(error, LlavaError):
         return ApiError(500, str(error), type="server_error", code="generation_failed")
     return ApiError(500, f"internal error ({type(error).__name__})", type="server_error")
+
+
+class _HasImages(Exception):
+    """Raised by a parse without images: parse again, in the image threads."""
 
 
 # ---------------------------------------------------------------- FIFO admission
@@ -720,6 +729,7 @@ class _Service:
                 )
             self.media_root = root.resolve()
         self.max_request_bytes = max_request_bytes
+        self.image_threads = anyio.CapacityLimiter(IMAGE_PARSE_THREADS)
         self.admission = _Gate(max_concurrency, max_queue)
         # A local Model generates one at a time (its lock); this FIFO turn keeps that order fair.
         self.turn = _Gate(1, None) if isinstance(model, Model) else None
@@ -810,8 +820,9 @@ class _Service:
                 headers=headers,
             )
 
-    def parse(self, body: bytes) -> dict[str, Any]:
-        """Check a chat-completions request and decode its images (runs in a worker thread)."""
+    def parse(self, body: bytes, *, images: bool = True) -> dict[str, Any]:
+        """Check a chat-completions request and decode its images (runs in a worker thread);
+        with images=False, raise _HasImages at the first image instead."""
         try:
             payload = json.loads(body.decode("utf-8-sig"), parse_int=_json_int)
         except UnicodeDecodeError:
@@ -857,10 +868,10 @@ class _Service:
             "include_usage": bool(options.get("include_usage")),
             "settings": _settings(payload),
             "stop": _stops(payload.get("stop")),
-            "messages": self._messages(payload.get("messages")),
+            "messages": self._messages(payload.get("messages"), images),
         }
 
-    def _messages(self, raw: Any) -> list[dict[str, Any]]:
+    def _messages(self, raw: Any, with_images: bool) -> list[dict[str, Any]]:
         """OpenAI messages to the processor's chat format (images decoded)."""
         if not isinstance(raw, list) or not raw:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
@@ -882,7 +893,7 @@ class _Service:
                 text = _text_only(content, f"{param}.content", assistant=True)
                 parts = [{"type": "text", "text": text}]
             elif role == "user":
-                parts = self._user_parts(content, f"{param}.content", images)
+                parts = self._user_parts(content, f"{param}.content", images, with_images)
             else:
                 raise ApiError(
                     400,
@@ -905,7 +916,9 @@ class _Service:
                 first.append({"type": "text", "text": prefix})
         return out
 
-    def _user_parts(self, content: Any, param: str, images: Counter[str]) -> list[dict[str, Any]]:
+    def _user_parts(
+        self, content: Any, param: str, images: Counter[str], with_images: bool
+    ) -> list[dict[str, Any]]:
         if isinstance(content, str):
             return [{"type": "text", "text": _checked_text(content, param)}]
         if not isinstance(content, list) or not content:
@@ -919,6 +932,8 @@ class _Service:
             if kind == "text":
                 parts.append({"type": "text", "text": _checked_text(part.get("text"), where)})
             elif kind == "image_url":
+                if not with_images:
+                    raise _HasImages
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str) or not url:
@@ -1406,7 +1421,14 @@ def create_app(
         except ClientDisconnect:  # gone before it finished sending the question
             return Response(status_code=499)
         service.check_ready()
-        parsed = await anyio.to_thread.run_sync(service.parse, body)
+        try:
+            parsed = await anyio.to_thread.run_sync(
+                functools.partial(service.parse, body, images=False)
+            )
+        except _HasImages:  # fetched or decoded in the image threads; requests wait for them
+            parsed = await anyio.to_thread.run_sync(
+                service.parse, body, limiter=service.image_threads
+            )
         try:
             job = _Job(service, parsed)
         except _Busy:

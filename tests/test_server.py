@@ -558,7 +558,7 @@ def test_deeply_nested_json_is_400_and_the_connection_stays_open(server):
 def test_an_unexpected_error_is_500_and_keeps_the_connection(server, monkeypatch):
     url, service = server
 
-    def broken(_body):
+    def broken(_body, **_options):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(service, "parse", broken)
@@ -798,6 +798,57 @@ def test_a_trickling_or_misredirecting_image_host_is_a_400(strict_client, monkey
             match="broken-redirect. redirects to .* which is not a valid URL",
         ):
             ask(strict_client, with_image(url + "/broken-redirect"))
+
+
+def test_slow_image_urls_leave_threads_for_other_requests(model, monkeypatch):
+    """Fetching image URLs ran in anyio's default thread pool (40 threads), which also starts
+    every answer: 40 requests naming trickling hosts stalled every request for up to 60 s.
+    Here that pool has 4 threads and 6 requests trickle; a text question is answered anyway."""
+    import anyio.to_thread
+
+    import llava_nb.server
+
+    monkeypatch.setattr(llava_nb.server, "_blocked", lambda _ip: False)  # loopback as public
+    monkeypatch.setattr(llava_nb.server, "FETCH_DEADLINE_S", 12)
+    fetching = []
+    fetch = llava_nb.server._fetch_public_image
+
+    def counted(*args):
+        fetching.append(args)
+        return fetch(*args)
+
+    monkeypatch.setattr(llava_nb.server, "_fetch_public_image", counted)
+    app = create_app(model, allow_image_urls=True)
+    service = app.state.llava
+    check_ready = service.check_ready
+
+    def small_default_pool():  # runs on the server's event loop, where the pool lives
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 4
+        check_ready()
+
+    monkeypatch.setattr(service, "check_ready", small_default_pool)
+    with (
+        serving(app) as url,
+        image_host() as images,
+        httpx.Client(timeout=60) as http,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        slow = {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": images + "/trickle"}],
+        }
+        body = json.dumps({"messages": [slow]}).encode()
+        trickling = [pool.submit(_post, url, body, http) for _ in range(6)]
+        wait_for(lambda: len(fetching) >= 4, what="the slow fetches")
+        time.sleep(0.5)  # the old pool's threads are all fetching now
+        with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60) as c:
+            c.served = model.model_id
+            start = time.monotonic()
+            answer = ask(c, [user("Say hi.")], max_tokens=4)
+            took = time.monotonic() - start
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        assert took < 6, f"a text question waited {took:.1f} s behind slow image fetches"
+        assert [f.result().status_code for f in trickling] == [400] * 6
 
 
 def test_include_usage_puts_a_null_usage_in_every_other_chunk(server, model):
