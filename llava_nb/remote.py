@@ -22,6 +22,7 @@ import re
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -238,12 +239,23 @@ class RemoteModel:
         return RemoteGeneration(self, request)
 
 
+_ENCODED: dict[int, tuple[weakref.ref, str]] = {}  # id(image) -> (the image, its data URI)
+
+
 def _image_url(image: Image.Image) -> str:
     """Lossless PNG, so the server sees what a local model would (JPEG changed seeded
     answers); JPEG above LOSSLESS_PIXELS: PNG is ten times larger for a photo, sent again
-    with every question, and the model shrinks such an image far more than JPEG blurs it."""
+    with every question, and the model shrinks such an image far more than JPEG blurs it.
+    Encoded once per image while it lives: every question sends the whole chat's images
+    again, and PNG takes 0.5 s for 2 MP."""
+    key = id(image)
+    kept = _ENCODED.get(key)
+    if kept is not None and kept[0]() is image:
+        return kept[1]
     lossless = image.width * image.height <= LOSSLESS_PIXELS
-    return image_to_data_uri(image, "PNG" if lossless else "JPEG")
+    url = image_to_data_uri(image, "PNG" if lossless else "JPEG")
+    _ENCODED[key] = (weakref.ref(image, lambda _, key=key: _ENCODED.pop(key, None)), url)
+    return url
 
 
 def _openai_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -458,6 +458,26 @@ def test_images_reach_the_server_as_the_local_model_sees_them(stand_in, photo):
     assert sent[1].startswith("data:image/jpeg;") and len(sent[1]) < 1_000_000
 
 
+def test_each_image_is_encoded_once_for_all_the_questions_that_send_it(
+    stand_in, photo, monkeypatch
+):
+    """Every question sends the whole chat's images again: PNG took 0.5 s for each 2 MP
+    image, each question."""
+    from llava_nb import remote
+
+    encoded = []
+    encode = remote.image_to_data_uri
+    monkeypatch.setattr(remote, "image_to_data_uri", lambda *a: encoded.append(a[0]) or encode(*a))
+    with stand_in([ANSWERED]) as server:
+        chat = ln.Chat(server.url)
+        chat.ask("What is this?", image=photo)
+        chat.ask("And now?")
+        chat.ask("And this?", image=photo)
+    assert len(encoded) == 2  # the same photo attached twice: two images of the chat
+    first, last = (request["messages"][0]["content"][0] for request in server.requests[-3::2])
+    assert first == last
+
+
 def test_a_fastapi_error_body_is_quoted_by_its_detail(web_server):
     """FastAPI answers {"detail": "..."} (vLLM's unknown routes, say), which was quoted as the
     openai client words it: "Error code: 404"."""
