@@ -12,6 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI has no hub; fail fast, never 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@contextlib.contextmanager
+def loopback_server(handler: type[http.server.BaseHTTPRequestHandler]):
+    """A real HTTP server on 127.0.0.1 that runs `handler` on a thread per request; yields
+    its base URL (http://127.0.0.1:PORT), and stops when the block ends."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> str:
     from llava_nb.testing import make_tiny_llava
@@ -135,12 +148,7 @@ def web_server():
             def log_message(self, *args):
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-        finally:
-            server.shutdown()
-            server.server_close()
+        with loopback_server(Handler) as url:
+            yield url + "/v1"
 
     return serve

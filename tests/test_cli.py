@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from llava_nb.chat import Chat
-from tests.conftest import completion, events
+from tests.conftest import completion, events, loopback_server
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -235,18 +235,15 @@ def test_ctrl_c_stops_a_slow_command(tiny_llava):
     """Ctrl-C during a command (an image URL that never arrives) says that command stopped;
     no answer marker is written, and the session goes on."""
     import http.server
-    import threading
     import time
 
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             time.sleep(30)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with loopback_server(Slow) as base:
         child = _spawn("--model", tiny_llava, "--max-new-tokens", str(TOKENS))
-        url = f"http://127.0.0.1:{server.server_address[1]}/photo.jpg"
+        url = f"{base}/photo.jpg"
         child.sendline(f"/image {url}")
         child.expect_exact(f"/image {url}\r\n")
         time.sleep(1)  # the fetch has started
@@ -255,8 +252,6 @@ def test_ctrl_c_stops_a_slow_command(tiny_llava):
         assert child.before.replace("\r\n", "\n").endswith("llava-nb: /image stopped\n")
         assert _say(child, "/history") == "(no turns yet)\n"
         _quit_with_ctrl_d(child)
-    finally:
-        server.shutdown()
 
 
 def test_piped_stdin_prints_just_the_answers(tiny_llava, grace):

@@ -23,6 +23,7 @@ from IPython.utils.capture import capture_output
 
 from llava_nb.magics import Answer, LlavaMagics
 from llava_nb.models import REGISTRY
+from tests.conftest import loopback_server
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_QUESTION = "Describe every little detail of the picture please. " * 200  # > 1024 tokens
@@ -878,11 +879,11 @@ def stalled_url():
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalled)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/photo.jpg", asked
-    release.set()
-    server.shutdown()
+    with loopback_server(Stalled) as url:
+        try:
+            yield url + "/photo.jpg", asked
+        finally:
+            release.set()
 
 
 def test_an_interrupt_before_the_answer_begins_prints_one_line(shell, magics, stalled_url):

@@ -9,7 +9,7 @@ import pytest
 import llava_nb as ln
 from llava_nb.models import GenerationError, ModelError, get_model
 from llava_nb.remote import RemoteModel, is_remote
-from tests.conftest import MODELS, completion, events
+from tests.conftest import MODELS, completion, events, loopback_server
 
 
 def _closed_port() -> int:
@@ -312,7 +312,6 @@ def stand_in():
     /v1."""
     import contextlib
     import http.server
-    import threading
     from types import SimpleNamespace
 
     @contextlib.contextmanager
@@ -348,14 +347,9 @@ def stand_in():
             def log_message(self, *args):
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        try:
+        with loopback_server(Handler) as url:
+            state.url = url + "/v1"
             yield state
-        finally:
-            server.shutdown()
-            server.server_close()
 
     return serve
 

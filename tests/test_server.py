@@ -11,7 +11,6 @@ import gzip
 import http.server
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +30,7 @@ from llava_nb.chat import Chat  # noqa: E402
 from llava_nb.images import image_to_data_uri  # noqa: E402
 from llava_nb.models import Model  # noqa: E402
 from llava_nb.server import create_app, serving  # noqa: E402
+from tests.conftest import loopback_server  # noqa: E402
 
 KEY = "sk-test-key"
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -765,14 +765,8 @@ def image_host():
         def log_message(self, *args):
             pass
 
-    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    host.daemon_threads = True
-    threading.Thread(target=host.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{host.server_address[1]}"
-    finally:
-        host.shutdown()
-        host.server_close()
+    with loopback_server(Handler) as url:
+        yield url
 
 
 def test_a_trickling_or_misredirecting_image_host_is_a_400(strict_client, monkeypatch):
