@@ -382,7 +382,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from llava_nb.chat import Chat
     from llava_nb.images import load_image
-    from llava_nb.models import check_settings, get_model
+    from llava_nb.models import get_model
     from llava_nb.remote import is_remote
 
     chat_parser = args.subparser  # its error(): usage errors exit 2
@@ -392,10 +392,6 @@ def _chat(args: argparse.Namespace) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
     }
-    try:
-        check_settings(**settings)  # the option types checked them already
-    except LlavaError as e:
-        chat_parser.error(str(e))
     images = []
     for source in args.image:  # a bad image on the command line is a usage error
         try:
