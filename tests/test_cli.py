@@ -4,6 +4,7 @@ Everything runs the installed console script (or `python -m llava_nb.cli`) in a 
 greedy answers are compared with what `Chat` gives for the same conversation.
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -572,3 +573,28 @@ def test_a_server_with_several_models_is_asked_for_one(web_server):
     assert result.stderr == (
         "llava-nb: --remote-model is for a server URL (openai:http://host:port/v1); leave it out\n"
     )
+
+
+def test_every_notebook_fix_the_terminal_rewrites_is_still_in_a_shared_message():
+    """The terminal rewrites shared messages by their wording: a reworded message would reach
+    the terminal with a notebook's fix, so each rewritten phrase must still be in the package."""
+    from llava_nb.cli import NOTEBOOK_FIXES
+
+    def texts(tree: ast.AST):  # string literals as Python joins them ("a" f"b{x}" is one)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                yield "{}".join(
+                    str(part.value) for part in node.values if isinstance(part, ast.Constant)
+                )
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                yield node.value
+
+    package = Path(__file__).parents[1] / "llava_nb"
+    messages = [
+        text
+        for path in package.rglob("*.py")
+        if path.name != "cli.py"
+        for text in texts(ast.parse(path.read_text()))
+    ]
+    stale = [notebook for notebook, _ in NOTEBOOK_FIXES if not any(notebook in m for m in messages)]
+    assert not stale, f"NOTEBOOK_FIXES rewrites phrases no message has any more: {stale}"
