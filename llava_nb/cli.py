@@ -323,6 +323,27 @@ def _error(message: object, stream: TextIO | None = None) -> None:
     print(f"{PROG}: {_for_the_terminal(message)}", file=stream or sys.stderr, flush=True)
 
 
+class _Progress(io.TextIOBase):
+    """Where the model's progress lines go in the terminal chat (stderr, so stdout holds only
+    answers), with the command's own prefix in place of the shared `llava_nb: `."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._line_start = True
+
+    def write(self, text: str) -> int:
+        if self._line_start and text.startswith("llava_nb: "):
+            text = f"{PROG}: {text[len('llava_nb: ') :]}"
+        text = text.replace("\nllava_nb: ", f"\n{PROG}: ")
+        if text:
+            self._line_start = text.endswith("\n")
+        self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _for_the_terminal(message: object) -> str:
     """One line, one prefix, and the terminal's fix where a shared message names a
     notebook's."""
@@ -605,7 +626,7 @@ class ChatSession:
         chat = self.chat
         turns = len(chat.history)
         try:
-            with redirect_stdout(self.stderr):  # the model's loading lines are progress
+            with redirect_stdout(_Progress(self.stderr)):  # the model's loading lines are progress
                 pieces = chat.stream(question, list(self.pending))
         except LlavaError as e:
             self._fail(f"{e}{self._pending_hint()}")
@@ -647,7 +668,7 @@ class ChatSession:
     def _load(self, model: Any) -> bool:
         """Load `model` now (progress on stderr); say why not when it fails."""
         try:
-            with redirect_stdout(self.stderr):
+            with redirect_stdout(_Progress(self.stderr)):
                 model.load()
         except LlavaError as e:
             self._fail(e)
@@ -761,7 +782,7 @@ class ChatSession:
             self._info(f"adapter: {self.chat.adapter or 'none (the base model)'}")
             return
         folder = self._one_argument("adapter", rest, "FOLDER")
-        with redirect_stdout(self.stderr):  # the model's loading lines are progress
+        with redirect_stdout(_Progress(self.stderr)):  # the model's loading lines are progress
             self.chat.use_adapter(None if folder.lower() == "none" else folder)
         self._info(f"answering with {self.chat.adapter or 'the base model'}")
 

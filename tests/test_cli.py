@@ -96,6 +96,16 @@ def _quit_with_ctrl_d(child) -> None:
     assert (child.exitstatus, child.signalstatus) == (0, None)
 
 
+def _said(stderr: str) -> list[str]:
+    """The chat's own messages on stderr, without the model's progress lines."""
+    progress = ("llava-nb: loading ", "llava-nb: loaded ", "llava-nb: connected to ")
+    return [
+        line
+        for line in stderr.splitlines()
+        if line.startswith("llava-nb: ") and not line.startswith(progress)
+    ]
+
+
 def _run(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
     """`llava-nb ARGS` with piped stdin; stdout and stderr kept apart, as bytes decoded."""
     result = subprocess.run(
@@ -269,7 +279,7 @@ def test_piped_stdin_prints_just_the_answers(tiny_llava, grace):
     result = _run(*args, stdin="/image missing.jpg\nWhat is this?\n/undo\n")
     assert result.returncode == 1
     assert result.stdout == expected[0] + "\n"
-    lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
+    lines = _said(result.stderr)
     assert len(lines) == 2 and "missing.jpg" in lines[0] and "removed" in lines[1]
 
 
@@ -306,7 +316,7 @@ def test_open_keeps_an_unsaved_conversation_and_names_a_missing_adapter(tiny_lla
         "/reset", f"/open {tmp_path / 'lost.json'}", "Hello?", "/adapter none", "Hello?",
     ]  # fmt: skip
     result = _run("chat", "--model", tiny_llava, "--max-new-tokens", "2", stdin="\n".join(script))
-    lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
+    lines = _said(result.stderr)
     assert lines[1] == f"llava-nb: opened {saved} (1 turn)"
     assert lines[2] == (
         f"llava-nb: this conversation has 2 turns; /save it or /reset first, then /open {other}"
@@ -328,7 +338,7 @@ def test_images_a_server_refuses_can_be_dropped(web_server, square):
     with web_server({"/v1/chat/completions": [refused, refused, events(chunk)]}) as url:
         script = "What is this?\nAnd now?\n/image none\nAnd now?\n"
         result = _run("chat", "--model", url, "--image", square, stdin=script)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
+    lines = _said(result.stderr)
     attached = " (1 image still attached: /image none drops them)"
     assert lines[0].endswith("image input is not supported" + attached)
     assert lines[1].endswith(attached) and lines[2] == "llava-nb: dropped 1 attached image"
@@ -490,6 +500,9 @@ def test_piped_stdout_holds_only_the_answers(tiny_llava, tmp_path):
     assert result.stdout == expected + "\n"
     assert "/image PATH" in result.stderr and "you: What is this?\nllava: " in result.stderr
     assert f"model           {tiny_llava}\n" in result.stderr
+    # the model's progress lines carry the command's prefix, like its other lines
+    assert f"llava-nb: loading {tiny_llava}" in result.stderr
+    assert "llava_nb: " not in result.stderr
 
 
 def test_errors_name_the_terminal_fix_not_a_notebook_one(tiny_llava, tmp_path):
@@ -509,7 +522,7 @@ def test_errors_name_the_terminal_fix_not_a_notebook_one(tiny_llava, tmp_path):
     ]  # fmt: skip
     args = ["chat", "--model", tiny_llava, "--max-new-tokens", "2"]
     result = _run(*args, stdin="\n".join(script))
-    lines = [line for line in result.stderr.splitlines() if line.startswith("llava-nb: ")]
+    lines = _said(result.stderr)
     assert lines[0] == "llava-nb: the image name is empty; pass a path or an http(s) URL"
     assert lines[1] == (
         f"llava-nb: '{not_a_chat}' is not a llava_nb chat file; save one with /save FILE"
