@@ -347,6 +347,7 @@ def _jsonl(text: str, path: Path) -> list[Any]:
 def _sample(record: Any, index: int, base: Path | None, prompt: str) -> Sample:
     if not isinstance(record, dict):
         return Sample(str(index), [], f"row is a {type(record).__name__}, not a dict")
+    record = _columns(record)
     ident = str(record.get("id", index))
     try:
         if "messages" in record and "conversations" not in record:
@@ -363,6 +364,17 @@ def _sample(record: Any, index: int, base: Path | None, prompt: str) -> Sample:
 
 class _RowError(Exception):
     pass
+
+
+def _columns(record: dict) -> dict:
+    """The row with its column names as the formats spell them: a spreadsheet's "Image" or
+    " caption" (a space after the comma) is "image" or "caption"; an exact name wins."""
+    named: dict = {}
+    for key, value in record.items():
+        name = key.strip().lower() if isinstance(key, str) else key
+        if name not in named or name == key:
+            named[name] = value
+    return named
 
 
 def _resolve(image: Any, base: Path | None) -> Any:
@@ -478,13 +490,22 @@ def _conversation(record: dict, base: Path | None, prompt: str) -> list[SampleTu
     conversation = record["conversations"]
     if not isinstance(conversation, list) or not conversation:
         raise _RowError("conversations is empty")
+    system = []  # ShareGPT-style system turns: before the first question, as for messages
+    while isinstance(conversation[0], dict) and str(conversation[0].get("from")).lower() in (
+        "system",
+        "developer",
+    ):
+        system.append(_text(conversation[0].get("value"), f"system turn {len(system)}"))
+        conversation = conversation[1:]
+        if not conversation:
+            raise _RowError("conversations has a system turn and no question")
     turns: list[SampleTurn] = []
     tags = 0
-    for position, message in enumerate(conversation):
+    for position, message in enumerate(conversation, start=len(system)):
         if not isinstance(message, dict) or "value" not in message:
             raise _RowError(f"turn {position} is malformed; use {{'from': ..., 'value': ...}}")
         role = _ROLES.get(str(message.get("from", "")).lower())
-        expected = "user" if position % 2 == 0 else "assistant"
+        expected = "user" if (position - len(system)) % 2 == 0 else "assistant"
         if role != expected:
             raise _RowError(
                 f"turn {position} is from {message.get('from')!r}; turns alternate human, gpt"
@@ -503,6 +524,7 @@ def _conversation(record: dict, base: Path | None, prompt: str) -> list[SampleTu
             turns[-1].answer = _text(value, f"answer in turn {position}")
     if len(conversation) % 2:
         raise _RowError("the last turn is a question with no answer")
+    turns[0].question = "\n\n".join([*system, turns[0].question])
     if images and tags == 0:
         raise _RowError(f'has an image but no "{IMAGE_TAG}" in its first question')
     if tags != len(images):

@@ -8,8 +8,10 @@ The tiny model has random weights; it learns "It is <color>." for squares of one
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import llava_nb as ln
 from llava_nb.training.adapters import AdapterError
@@ -100,6 +103,23 @@ def test_eval_loss_falls_and_the_run_is_recorded(run, capsys):
     )  # fmt: skip
     assert again.history == run.history and again.metrics == run.metrics
     assert "already holds this finished run" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_found_without_its_images(tiny_llava, tmp_path, capsys):
+    """Running the notebook again after the images were cleaned up: the finished run is
+    returned as recorded (it was refused: every row checked again, none with an image)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, row in enumerate(squares(4)):
+        row["image"].save(folder / f"{i}.png")
+    rows = [{**row, "image": f"{i}.png"} for i, row in enumerate(squares(4))]
+    settings = dict(max_steps=2, output_dir=tmp_path / "run", **{**SETTINGS, "batch_size": 2})
+    first = ln.finetune(tiny_llava, ln.data.load(rows, folder), **settings)
+    for image in folder.iterdir():
+        image.unlink()
+    again = ln.finetune(tiny_llava, ln.data.load(rows, folder), **{**settings, "progress": True})
+    assert "already holds this finished run" in capsys.readouterr().out
+    assert again.history == first.history and again.status == "finished"
 
 
 def test_adapter_is_plain_peft_scoped_to_the_language_model(run, tiny_llava):
@@ -320,14 +340,40 @@ def test_an_adapter_of_an_unsupported_kind_is_refused_with_the_reason(tiny_llava
         chat.use_adapter(prompt)
 
 
-def test_an_adapter_missing_weights_is_refused_and_read_once(
-    run, tiny_llava, tmp_path, monkeypatch
-):
+@contextlib.contextmanager
+def opens_of(file: Path):
+    """The times `file` is opened inside the block, as the kernel reports them (inotify's
+    IN_OPEN): whoever reads it, Python or a library's native code. Closes are watched too:
+    inotify merges identical events in a row, so open, open would count once."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK)
+    if watch < 0 or libc.inotify_add_watch(watch, str(file).encode(), 0x38) < 0:  # opens, closes
+        pytest.skip("no inotify here")
+    opened: list[int] = []
+    try:
+        yield opened
+        events = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(watch, 4096):
+                events += chunk
+        offset = 0
+        while offset < len(events):
+            _, mask, _, length = struct.unpack_from("iIII", events, offset)
+            opened += [mask] if mask & 0x20 else []
+            offset += 16 + length
+    finally:
+        os.close(watch)
+
+
+def test_an_adapter_missing_weights_is_refused_and_read_once(run, tiny_llava, tmp_path):
     """Loaded on a chat's model or merged, one check: every weight the adapter's layers need,
-    and nothing else (peft fills a missing LoRA weight with its random start, and only warns)."""
+    and nothing else (peft fills a missing LoRA weight with its random start, and only warns).
+    The check reads the weights that are merged: the file is opened once."""
     import shutil
 
-    import peft.utils.save_and_load as peft_io
     from safetensors.torch import save_file
 
     partial = tmp_path / "partial"
@@ -342,11 +388,9 @@ def test_an_adapter_missing_weights_is_refused_and_read_once(
     with pytest.raises(AdapterError, match=message):
         ln.merge_adapter(tiny_llava, partial, tmp_path / "merged")
 
-    reads = []
-    real = peft_io.safe_load_file
-    monkeypatch.setattr(peft_io, "safe_load_file", lambda *a, **k: reads.append(a) or real(*a, **k))
-    ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged")
-    assert len(reads) == 1
+    with opens_of(Path(run.adapter_path) / "adapter_model.safetensors") as opened:
+        ln.merge_adapter(tiny_llava, run.adapter_path, tmp_path / "merged")
+    assert len(opened) == 1
 
 
 def test_a_second_adapter_swaps_in_without_peft_warnings(run, tiny_llava, tmp_path):
@@ -518,12 +562,14 @@ def test_training_inside_a_model_load_stops_when_the_load_is_interrupted(tiny_ll
     assert runs[0].status == "interrupted" and runs[0].step == 3
 
 
-def test_a_double_interrupt_before_a_resume_loads_keeps_the_adapter(
-    tiny_llava, tmp_path, monkeypatch, capsys
-):
-    """Stop pressed twice while a resumed run is still loading its checkpoint: the model holds
-    fresh weights, not the run's; the adapter and the record stay as they were."""
-    from transformers import Trainer, TrainerCallback
+def test_a_double_interrupt_before_a_resume_steps_keeps_the_adapter(tiny_llava, tmp_path, capsys):
+    """Stop pressed twice as a resumed run begins, before its first step: this call changed
+    nothing, so the adapter and the record stay as they were, and the run still resumes."""
+
+    class InterruptedTwiceAtTheStart(TrainerCallback):  # the checkpoint loaded, no step run
+        def on_train_begin(self, args, state, control, **kwargs):
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
 
     class StopAtOnceAfterStep3(TrainerCallback):  # as a second interrupt does
         def on_step_end(self, args, state, control, **kwargs):
@@ -536,15 +582,15 @@ def test_a_double_interrupt_before_a_resume_loads_keeps_the_adapter(
     adapter = (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
     record = (tmp_path / "run" / "llava_nb_run.json").read_text()
 
-    def interrupted_twice(self, *args, **kwargs):
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(Trainer, "_load_from_checkpoint", interrupted_twice)
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
-        ln.finetune(tiny_llava, squares(8), **{**settings, "progress": True})
-    monkeypatch.undo()
-    assert "stopped while resuming; " in capsys.readouterr().err
+        ln.finetune(
+            tiny_llava, squares(8), callbacks=[InterruptedTwiceAtTheStart()],
+            **{**settings, "progress": True},
+        )  # fmt: skip
+    err = capsys.readouterr().err
+    assert "interrupted at step 3; resuming from checkpoint-2" in err  # none saved at 3
+    assert "stopped while resuming; " in err
     assert (tmp_path / "run" / "adapter_model.safetensors").read_bytes() == adapter
     assert (tmp_path / "run" / "llava_nb_run.json").read_text() == record
     assert ln.finetune(tiny_llava, squares(8), **settings).status == "finished"
@@ -592,7 +638,7 @@ def test_an_interrupt_while_the_adapter_is_written_waits_for_it(
     tiny_llava, tmp_path, monkeypatch, capsys
 ):
     """The final adapter write: an interrupt waits until it is whole (and the run file says
-    how the run ended); a write that fails leaves the previous adapter as it was."""
+    how the run ended)."""
     import peft.peft_model
 
     settings = dict(max_steps=4, save_every=2, output_dir=tmp_path / "run", **SETTINGS)
@@ -602,18 +648,6 @@ def test_an_interrupt_while_the_adapter_is_written_waits_for_it(
     adapter = tmp_path / "run" / "adapter_model.safetensors"
     step3 = adapter.read_bytes()
     save = peft.peft_model.safe_save_file
-
-    def disk_full(tensors, filename, *args, **kwargs):
-        if "checkpoint-" in str(filename):
-            return save(tensors, filename, *args, **kwargs)
-        Path(filename).write_bytes(b"cut short")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        ln.finetune(tiny_llava, squares(8), **settings)
-    assert adapter.read_bytes() == step3  # the previous adapter is never replaced by a cut one
-    assert (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").is_file()
 
     def interrupted_twice(tensors, filename, *args, **kwargs):  # Stop pressed while it writes
         if "checkpoint-" not in str(filename):
@@ -629,6 +663,7 @@ def test_an_interrupt_while_the_adapter_is_written_waits_for_it(
     assert run.status == "finished" and run.step == 4
     assert "writing the adapter; stopping as soon as it is written" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "llava_nb_run.json").read_text())["status"] == "finished"
+    assert adapter.read_bytes() != step3
     written = load_file(adapter)
     final = load_file(tmp_path / "run" / "checkpoint-4" / "adapter_model.safetensors")
     assert written.keys() == final.keys()
@@ -636,6 +671,186 @@ def test_an_interrupt_while_the_adapter_is_written_waits_for_it(
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.is_dir()) == [
         "adapter_config.json", "adapter_model.safetensors", "llava_nb_run.json"
     ]  # fmt: skip
+
+
+class FilesLimitedAtTheEnd(TrainerCallback):
+    """When training ends (the last checkpoint saved), the process may write no file larger
+    than `limit` bytes: the final adapter write fails for real (EFBIG, as a full disk does),
+    while the small run file still fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def on_train_end(self, args, state, control, **kwargs):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.RLIM_INFINITY))
+
+
+@contextlib.contextmanager
+def file_size_limit_lifted():
+    """Undo `FilesLimitedAtTheEnd` however the call ends; a write past the limit is an error
+    (EFBIG), not the default SIGXFSZ that ends the process."""
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, before)
+
+
+def test_a_failed_adapter_write_is_recorded_and_the_next_call_writes_it(
+    tiny_llava, tmp_path, capsys
+):
+    """The run file said "running" after the final write failed, and the next call resumed
+    as if training had been cut, saying nothing. Now it says "failed" and why; the previous
+    adapter and every checkpoint stay; the next call says what it does and writes it."""
+    settings = dict(max_steps=4, save_every=2, output_dir=tmp_path / "run", **SETTINGS)
+    settings["batch_size"] = 2
+    first = ln.finetune(tiny_llava, squares(8), callbacks=[interrupt_after_step2()], **settings)
+    assert first.status == "interrupted" and first.step == 3
+    adapter = tmp_path / "run" / "adapter_model.safetensors"
+    step3 = adapter.read_bytes()
+    run_file = tmp_path / "run" / "llava_nb_run.json"
+
+    with file_size_limit_lifted():
+        limit = FilesLimitedAtTheEnd(len(step3) // 2)
+        with pytest.raises(FinetuneError, match=r"could not write the adapter in .*File too large"
+                           r".*; the training is kept in checkpoint-4: free some space .*same "
+                           r"output_dir to write it$") as error:  # fmt: skip
+            ln.finetune(tiny_llava, squares(8), callbacks=[limit], **settings)
+    assert "\n" not in str(error.value)
+    record = json.loads(run_file.read_text())
+    assert record["status"] == "failed" and "File too large" in record["error"]
+    assert record["step"] == 4 and [h["step"] for h in record["history"] if "loss" in h] == [
+        1, 2, 3, 4
+    ]  # fmt: skip
+    assert adapter.read_bytes() == step3  # the previous adapter, whole
+    assert (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not (tmp_path / "run" / ".adapter-writing").exists()
+
+    capsys.readouterr()
+    run = ln.finetune(tiny_llava, squares(8), **{**settings, "progress": True})
+    err = capsys.readouterr().err
+    assert f"the last call on {tmp_path / 'run'} failed (writing the adapter: " in err
+    assert "File too large" in err
+    assert "resuming from checkpoint-4" in err
+    assert run.status == "finished" and run.step == 4
+    assert [h["step"] for h in run.history] == [h["step"] for h in record["history"]]
+    assert json.loads(run_file.read_text())["status"] == "finished"
+    final = load_file(tmp_path / "run" / "checkpoint-4" / "adapter_model.safetensors")
+    written = load_file(adapter)
+    assert written.keys() == final.keys() and all(torch.equal(written[k], final[k]) for k in final)
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_the_run_and_keeps_the_last_one(
+    tiny_llava, tmp_path, capsys
+):
+    """The disk fills up during training: the checkpoint being written is cut short; the run
+    is recorded as failed, the complete checkpoint before it stays, and the next call resumes
+    from it, passing over the cut one."""
+
+    class FilesLimitedAfterStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+    out = tmp_path / "run"
+    settings = dict(max_steps=6, save_every=2, output_dir=out, **{**SETTINGS, "batch_size": 2})
+    with file_size_limit_lifted(), pytest.raises(Exception, match="File too large"):
+        ln.finetune(tiny_llava, squares(8), callbacks=[FilesLimitedAfterStep3()], **settings)
+    record = json.loads((out / "llava_nb_run.json").read_text())
+    assert record["status"] == "failed" and "File too large" in record["error"]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "checkpoint-4" / "trainer_state.json").exists()
+    capsys.readouterr()
+    run = ln.finetune(tiny_llava, squares(8), **{**settings, "progress": True})
+    err = capsys.readouterr().err
+    assert "checkpoint-4 in" in err and "is incomplete" in err
+    assert "failed (" in err and "resuming from checkpoint-2" in err
+    assert run.status == "finished" and run.step == 6
+
+
+def read_only(folder: Path, on: bool) -> None:
+    """Make `folder` read-only for this process, for real: chmod, or for root (whom modes do
+    not stop) the immutable attribute; the test is skipped where neither is possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555 if on else 0o755)
+        return
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a folder read-only here: {done.stderr.decode().strip()}")
+
+
+def test_a_folder_that_turns_read_only_before_the_adapter_is_written(tiny_llava, tmp_path, capsys):
+    """Not even the run file can say "failed": the error says what happened, and the next
+    call says the last one ended without recording how, then writes the adapter."""
+    out = tmp_path / "run"
+
+    class ReadOnlyAtTheEnd(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            read_only(out, True)
+
+    settings = dict(max_steps=2, output_dir=out, **{**SETTINGS, "batch_size": 2})
+    try:
+        with pytest.raises(FinetuneError, match=r"could not write the adapter in .* \(.*\); the "
+                           "training is kept in checkpoint-2: free some"):  # fmt: skip
+            ln.finetune(tiny_llava, squares(4), callbacks=[ReadOnlyAtTheEnd()], **settings)
+    finally:
+        read_only(out, False)
+    assert json.loads((out / "llava_nb_run.json").read_text())["status"] == "running"
+    assert not (out / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    run = ln.finetune(tiny_llava, squares(4), **{**settings, "progress": True})
+    err = capsys.readouterr().err
+    assert "the last call on " in err and "ended without recording how" in err
+    assert "resuming from checkpoint-2" in err
+    assert run.status == "finished" and (out / "adapter_model.safetensors").is_file()
+
+
+BUSY = """
+import sys, time
+from PIL import Image
+from transformers import TrainerCallback
+import llava_nb as ln
+
+class Busy(TrainerCallback):  # a long step, as a big model's
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(600)
+
+rows = [{"image": Image.new("RGB", (40, 40), "red"), "question": "Q?", "answer": "A."}] * 4
+ln.finetune(sys.argv[1], rows, max_steps=2, batch_size=2, lr=5e-3, r=8, alpha=16, progress=False,
+            output_dir=sys.argv[2], callbacks=[Busy()])
+"""
+
+
+def test_a_folder_another_process_is_training_in_is_refused(tiny_llava, tmp_path, capsys):
+    """Two calls on one output_dir at once (the same cell run in two notebooks) trained over
+    each other's checkpoints; once that process is gone, the next call says so and goes on."""
+    import time
+
+    out = tmp_path / "run"
+    (tmp_path / "busy.py").write_text(BUSY)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    busy = subprocess.Popen([sys.executable, str(tmp_path / "busy.py"), tiny_llava, str(out)],
+                            env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    settings = dict(max_steps=2, output_dir=out, **{**SETTINGS, "batch_size": 2})
+    rows = [{"image": Image.new("RGB", (40, 40), "red"), "question": "Q?", "answer": "A."}] * 4
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "llava_nb_run.json").is_file():
+            assert busy.poll() is None and time.monotonic() < deadline, "the busy run ended"
+            time.sleep(0.2)
+        with pytest.raises(FinetuneError, match=rf"output_dir '{out}' is in use: process "
+                           rf"{busy.pid} on this machine is training there now; wait"):  # fmt: skip
+            ln.finetune(tiny_llava, rows, **settings)
+    finally:
+        busy.kill()
+        busy.wait()
+    capsys.readouterr()
+    run = ln.finetune(tiny_llava, rows, **{**settings, "progress": True})
+    err = capsys.readouterr().err
+    assert "ended without recording how" in err and "starting over (no checkpoint)" in err
+    assert run.status == "finished" and run.step == 2
 
 
 # ---------------------------------------------------------------- bad input

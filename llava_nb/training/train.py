@@ -3,7 +3,9 @@
 The base is always loaded fresh for training (a 4-bit model that ran inference is repacked and
 trains badly; a chat's loaded model is never touched). The output_dir holds a plain PEFT adapter
 (projector, and vision tower when trained, as `modules_to_save`), Trainer checkpoints, and
-`llava_nb_run.json` (settings, history, metrics) that recognises the run when it is resumed.
+`llava_nb_run.json` (settings, history, metrics, and how the last call ended: "running" while
+it trains, "finished", "interrupted", or "failed" with the reason) that recognises the run when
+it is resumed, and lets the next call say how the last one ended.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -57,7 +60,7 @@ class FinetuneRun:
 
     output_dir: str
     adapter_path: str
-    status: str  # "finished" or "interrupted"
+    status: str  # "finished" or "interrupted" (a failed call raises; its run file says "failed")
     step: int
     max_steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -269,6 +272,23 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def _training_now(record: dict[str, Any]) -> int | None:
+    """The id of another live process on this machine that recorded the run as "running"
+    (two runs in one folder would write over each other's checkpoints); None otherwise."""
+    pid = record.get("pid")
+    if record.get("status") != "running" or not isinstance(pid, int) or pid == os.getpid():
+        return None
+    if record.get("host") != socket.gethostname():
+        return None  # another machine's process cannot be asked
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return pid
+
+
 def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The earlier record of this same run (to resume), None for a fresh folder; else an error."""
     why = unwritable(output_dir)
@@ -284,6 +304,12 @@ def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any
                 "choose a new output_dir"
             )
         return None
+    training = _training_now(record)
+    if training is not None:
+        raise FinetuneError(
+            f"output_dir '{output_dir}' is in use: process {training} on this machine is "
+            "training there now; wait for it to finish, or choose another output_dir"
+        )
     previous = {**OPTIONAL, **record["config"]}
     for key in {**OPTIONAL, **config}:
         was, now = previous.get(key), config.get(key, OPTIONAL.get(key))
@@ -550,8 +576,6 @@ def finetune(
     main = int(os.environ.get("RANK", 0)) == 0
     processor, model_config = load_processor_and_config(model)
     limit = max_length or context_length(model_config)
-    rows = _usable(data, processor, limit, "data", quiet=not main)
-    eval_rows = _usable(eval_data, processor, limit, "eval_data", not main) if eval_data else None
 
     lr = lr if lr is not None else DEFAULT_LR[stage]
     config = {
@@ -587,7 +611,12 @@ def finetune(
         if main and progress:
             print(f"llava_nb: {out} already holds this finished run; delete it to train again")
         return _run_from(out, record)
+    # after the finished run is found: encoding every row to check it takes a while on big data
+    rows = _usable(data, processor, limit, "data", quiet=not main)
+    eval_rows = _usable(eval_data, processor, limit, "eval_data", not main) if eval_data else None
     checkpoint = _resumable(out, record, say=main and progress) if record is not None else None
+    if record is not None and main and progress:
+        print(_resume_notice(out, record, checkpoint), file=sys.stderr)
     return _train(
         model_id, getattr(model, "device", None), processor, data, rows, eval_data, eval_rows,
         config, out, record, checkpoint,
@@ -812,7 +841,8 @@ def _train(
     main = trainer.is_world_process_zero()
     if main:
         _write_run(out, {"config": config, "status": "running", "step": resumed,
-                         "max_steps": total, "history": earlier, "metrics": {}})  # fmt: skip
+                         "max_steps": total, "history": earlier, "metrics": {},
+                         "pid": os.getpid(), "host": socket.gethostname()})  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     status = "finished"
@@ -833,13 +863,17 @@ def _train(
                 raise
             status = "interrupted"
         except Exception as e:
-            if main and record is not None:
-                _write_run(out, record)  # as it was, so the run still resumes
             if checkpoint is not None and not run_control.stepped:
+                if main:
+                    _write_run(out, record)  # as it was: this call changed nothing
                 raise FinetuneError(
                     f"'{checkpoint}' cannot be resumed ({first_line(e)}); delete that folder to "
                     "resume from an earlier checkpoint, or choose a new output_dir"
                 ) from None
+            if main:  # the next call says so, and resumes from the newest checkpoint
+                _record_failure(out, {**(record or {}), "config": config, "max_steps": total,
+                                      "step": trainer.state.global_step,
+                                      "history": recorder.history}, first_line(e))  # fmt: skip
             raise
         run_control.writing = True  # an interrupt now waits for the adapter and the run file
         if run_control.requested:
@@ -858,10 +892,21 @@ def _train(
             metrics["first_eval_loss"] = evals[0]
         metrics["peak_memory_bytes"] = _peak_memory(cuda)
         if main:
-            _save_adapter(trainer, out)  # the plain PEFT adapter, at the top of output_dir
-            _write_run(out, {"config": config, "status": status, "step": state.global_step,
-                             "max_steps": state.max_steps, "history": recorder.history,
-                             "metrics": metrics})  # fmt: skip
+            ended = {"config": config, "status": status, "step": state.global_step,
+                     "max_steps": state.max_steps, "history": recorder.history,
+                     "metrics": metrics}  # fmt: skip
+            try:
+                _save_adapter(trainer, out)  # the plain PEFT adapter, at the top of output_dir
+                _write_run(out, ended)
+            except Exception as e:  # OSError, or safetensors' own error for a failed write
+                _record_failure(out, ended, f"writing the adapter: {first_line(e)}")
+                saved = next((folder.name for _, folder, ok in _checkpoints(out) if ok), None)
+                kept = f"the training is kept in {saved}" if saved else "no checkpoint was saved"
+                raise FinetuneError(
+                    f"could not write the adapter in '{out}' ({first_line(e)}); {kept}: free "
+                    "some space or make the folder writable, then run ln.finetune again with "
+                    "the same output_dir to write it"
+                ) from None
     if main and status == "interrupted" and progress:
         saved = next((step for step, _, ok in _checkpoints(out) if ok), 0)
         if saved == state.global_step:
@@ -893,6 +938,29 @@ def _train(
     )
     del trainer, model
     return run
+
+
+def _record_failure(out: Path, record: dict[str, Any], reason: str) -> None:
+    """Mark the run "failed", with the reason, so that the next call says why it resumes. If
+    even the run file cannot be written (a read-only folder), it still says "running": the
+    next call then says the last one ended without recording how."""
+    with contextlib.suppress(OSError):
+        _write_run(out, {**record, "status": "failed", "error": reason})
+
+
+def _resume_notice(out: Path, record: dict[str, Any], checkpoint: Path | None) -> str:
+    """What a call on an unfinished run says before it goes on: how the last call ended and
+    what this one will do."""
+    then = f"resuming from {checkpoint.name}" if checkpoint else "starting over (no checkpoint)"
+    status = record.get("status")
+    if status == "failed":
+        return f"llava_nb: the last call on {out} failed ({record.get('error')}); {then}"
+    if status == "running":
+        return (
+            f"llava_nb: the last call on {out} ended without recording how (its process was "
+            f"stopped, or could not write there); {then}"
+        )
+    return f"llava_nb: {out} holds a run interrupted at step {record.get('step')}; {then}"
 
 
 def _save_adapter(trainer, out: Path) -> None:
