@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import secrets
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,11 +75,15 @@ class _View:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "index": self.index.tolist(), "a": self.a, "b": self.b}
+        # the shape too: a grid of no cells, (0, n), lists as [] and would read back flat
+        index = {"index": self.index.tolist(), "shape": list(self.index.shape)}
+        return {"name": self.name, **index, "a": self.a, "b": self.b}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _View:
         index = np.asarray(data["index"], dtype=np.int64)
+        if index.size == 0:  # files saved before the shape was: no cells either way
+            index = index.reshape(data.get("shape", (0, 0)))
         return cls(data["name"], index, tuple(data["a"]), tuple(data["b"]))
 
 
@@ -856,7 +861,8 @@ class AttentionMap:
             "geometry": [{**g, "views": [v.to_json() for v in g["views"]]} for g in self._geometry],
         }
         arrays = {f"image_{i}": np.asarray(im.convert("RGB")) for i, im in enumerate(self.images)}
-        temporary = path.with_name(f".{path.name}.tmp")
+        # a name of its own: two saves to one path at once must not write into one file
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(temporary, "wb") as f:
@@ -869,8 +875,10 @@ class AttentionMap:
                     **arrays,
                 )
             os.replace(temporary, path)
-        except OSError as e:
+        except BaseException as e:  # an interrupt too: no temporary file left behind
             temporary.unlink(missing_ok=True)
+            if not isinstance(e, OSError):
+                raise
             raise AttentionError(
                 f"cannot save attention to '{path}' ({e.strerror or e}); choose another path"
             ) from None

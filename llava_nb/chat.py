@@ -202,9 +202,10 @@ class Chat:
         """One question at a time: the next one is built from the history the last one ends,
         and an undo or reset must not land under an answer being set up or written (a panel's,
         or another thread's). An answer handed out and dropped unread does not count."""
-        busy = LlavaError(
-            f"this chat is still answering a question (in a panel, or on another thread); "
-            f"{action} once it is done, or stop it first"
+        busy = LlavaError(  # a stream kept in a variable ends (and records) only when closed
+            f"this chat is still answering a question (in a panel, on another thread, or a "
+            f"stream not read to its end); {action} once it is done, or stop it first (a "
+            f"stream you keep: stream.close())"
         )
         if not self._asking.acquire(blocking=False):
             raise busy

@@ -50,8 +50,15 @@ def image_fingerprints(inputs: dict[str, Any]) -> list[str]:
     return prints
 
 
-def _image_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
-    """(start, end) of each image's run of placeholder tokens, in order."""
+def _image_runs(
+    ids: list[int], image_token_id: int, images: int, same_size: bool
+) -> list[tuple[int, int]] | None:
+    """(start, end) of each of the `images` images' runs of placeholder tokens, in order; None
+    where that is unknown.
+
+    A template may write one image's placeholders right after another's (llava-interleave's
+    does): touching runs are split where each image's tokens end, known when every image takes
+    as many tokens (`same_size`: LLaVA-1.5, one fixed-size crop per image)."""
     runs: list[tuple[int, int]] = []
     for i, token in enumerate(ids):
         if token != image_token_id:
@@ -60,7 +67,15 @@ def _image_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
-    return runs
+    if len(runs) == images:
+        return runs
+    total = sum(end - start for start, end in runs)
+    if not same_size or not images or total % images:
+        return None
+    each = total // images
+    if any((end - start) % each for start, end in runs):
+        return None
+    return [(at, at + each) for start, end in runs for at in range(start, end, each)]
 
 
 @dataclass
@@ -106,7 +121,19 @@ class ConversationCache:
         while prefix < limit and entry.ids[prefix] == ids[prefix]:
             prefix += 1
         kept_images = 0
-        for start, end in _image_runs(ids, self.image_token_id):
+        pixels = inputs.get("pixel_values")
+        same_size = pixels is not None and pixels.dim() == 4  # (images, 3, h, w): LLaVA-1.5
+        runs = _image_runs(ids, self.image_token_id, len(fingerprints), same_size)
+        if runs is None:  # where one image ends is unknown: the cached images go all together
+            cached = len(entry.images)
+            image = self.image_token_id
+            last = max((i for i, token in enumerate(entry.ids) if token == image), default=-1)
+            if last < prefix and entry.images == fingerprints[:cached]:
+                kept_images = cached
+            else:  # only the text before the images is kept
+                prefix = min(prefix, ids.index(self.image_token_id))
+            runs = []
+        for start, end in runs:
             if start >= prefix:
                 break
             same = (
@@ -157,6 +184,7 @@ def _is_static(cache: Any) -> bool:
 
 ENV = "LLAVA_NB_STATIC_DECODE"  # auto (default) | 0: plain generate | 1: static | eager: no graph
 # | compile: the step through torch.compile first (fused kernels; a slow first answer)
+MODES = ("", "auto", "0", "1", "eager", "compile", "off", "on")  # "" (unset): auto
 BLOCK = 1024  # the static cache grows in blocks of this many tokens (each step reads all of it)
 CHECK_STEPS = 8  # steps compared, eager against graph, before a captured step is trusted
 # How far a replayed step's logits may stray from the eager step's, as a fraction of the
@@ -177,6 +205,13 @@ def static_decoder(
     (0), on (1: CUDA graphs where CUDA runs), on without graphs (eager), or on with the step
     compiled by torch.compile before it is captured (compile)."""
     mode = os.environ.get(ENV, "").strip().lower()
+    if mode not in MODES:  # a typo ("true", "compiled") was read as auto, without a word
+        from llava_nb.models import GenerationError
+
+        raise GenerationError(
+            f"{ENV}={os.environ[ENV]!r} is not a mode; set it to {', '.join(MODES[1:])}, "
+            "or unset it"
+        )
     model = owner.model
     forced = ("1", "on", "eager", "compile")
     if mode in ("0", "off") or (mode not in forced and model.device.type != "cuda"):

@@ -297,7 +297,7 @@ def test_llava_next_adds_both_views_per_pixel(models):
 
 
 @pytest.mark.parametrize("size", ELONGATED, ids=[f"{h}x{w}" for h, w in ELONGATED])
-def test_attention_on_elongated_images(models, size):
+def test_attention_on_elongated_images(models, size, tmp_path):
     """A very wide or tall image: the map has one weight per image token of the prompt, even
     where unpadding keeps no tile cell (only the base view's tokens, or only newline tokens)."""
     model = models["llava_next"]
@@ -319,6 +319,11 @@ def test_attention_on_elongated_images(models, size):
     assert att.heatmap(view="tiles", normalize=False).shape == (height, width)
     assert att.grid().shape == (tiles.index.shape if tiles.index.size else (4, 4))
     att.plot().savefig(io.BytesIO(), format="png")
+    # saved and loaded, a view that kept no cell is still a grid of no cells (a (0, n) grid
+    # was read back flat, and drawing it failed)
+    again = AttentionMap.load(att.save(tmp_path / "att.npz"))
+    np.testing.assert_array_equal(again.heatmap(), heat)
+    assert again._geometry[0]["views"][1].index.shape == tiles.index.shape
 
 
 # ---------------------------------------------------------------- aggregation
@@ -504,6 +509,17 @@ def test_save_and_load(recorded, tmp_path):
     with pytest.raises(AttentionError, match="not found"):
         AttentionMap.load(tmp_path / "missing.npz")
     att.save(path)  # an attention file is replaced
+
+
+def test_an_interrupted_save_leaves_no_temporary_file(recorded, tmp_path, monkeypatch):
+    def interrupted(file, **arrays):  # Stop pressed while the file is written
+        file.write(b"PK")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recorded.save(tmp_path / "att.npz")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_never_replaces_another_file_and_load_refuses_broken_ones(recorded, tmp_path):

@@ -238,6 +238,16 @@ def test_one_question_at_a_time(tiny_llava):
             action()
     assert len(chat.history) == 1
     assert "".join(pieces) == chat.history[-1].answer  # read: the chat takes questions again
+    # a stream left part-read in a variable: the message says which stream and how to end it
+    # (stopping its generation is not enough: the stream records the turn when it ends)
+    kept = chat.stream("Kept?")
+    shown = next(kept)
+    chat.answering.generation.stop()
+    with pytest.raises(LlavaError, match=r"a stream not read to its end.*stream\.close\(\)"):
+        chat.ask("Blocked?")
+    kept.close()
+    assert chat.history[-1].question == "Kept?" and chat.history[-1].answer == shown
+    chat.undo()
     chat.stream("Dropped unread?")  # never read, nor kept: it holds nothing up
     chat.ask("Third?")
     assert [t.question for t in chat.history] == ["First?", "Second?", "Third?"]
@@ -553,3 +563,20 @@ def test_answering_tells_the_turn_and_its_text_while_it_streams(tiny_llava, phot
     assert chat.answering.replacing and chat.answering.turn.question == turn.question
     pieces.close()
     assert chat.answering is None and same_turns(chat.history, [turn])
+
+
+@pytest.mark.xfail(
+    reason="bitsandbytes 0.50's CPU weight packing is undone lossily by state_dict() (which "
+    "loading an adapter calls); fix proposed in models.py: support_avx512bf16_for_cpu = False",
+    strict=False,  # passes on CPUs without AVX512-BF16, where nothing is packed
+)
+def test_a_4bit_model_answers_alike_after_its_weights_are_read(tiny_llava, photo):
+    """On 2 CPU cores here, a 4-bit chat's base answers changed once an adapter had been
+    loaded (and switched off again): each state_dict() moved down_proj further from its
+    dequantized weights (max error 0.0026, then 0.18, then 0.23)."""
+    model = Model(tiny_llava, quantization="4bit")
+    chat = Chat(model, max_new_tokens=24)
+    before = chat.ask("What is in the picture?", photo)
+    model.model.state_dict()
+    model._conversation.clear()  # the whole prompt read again, with the weights as they are
+    assert chat.regenerate() == before

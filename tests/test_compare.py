@@ -47,3 +47,55 @@ def test_a_dataset_gives_its_first_turns_and_answers():
     assert [(q, expected) for q, _, expected in _compare_items(data)] == [("Q?", "3")]
     with pytest.raises(AdapterError, match="the dataset has no usable row"):
         _compare_items(ln.data.load([{"answer": "no image"}]))
+
+
+def _plain_generate(model, processor, question: str, images, max_new_tokens: int) -> str:
+    import torch
+
+    content = [{"type": "image", "image": image} for image in images]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": [*content, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("decoding", ["0", "1"])  # plain generate; the static-cache decoder
+def test_compare_answers_as_plain_transformers_and_plain_peft(
+    tiny_llava, photo, tmp_path, monkeypatch, decoding
+):
+    """Base and tuned answers alternate on one model (its conversation cache, its adapter
+    switch): each must be what a fresh plain model, or the plain PEFT model, answers greedily."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llava_nb import decoding as decoder
+
+    def base():
+        return AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
+
+    # init_lora_weights=False: B is random, not zero, so the tuned answers differ
+    lora = LoraConfig(
+        r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False
+    )
+    get_peft_model(base(), lora).save_pretrained(tmp_path / "adapter")
+    questions = [("What is in the picture?", photo), "And in words?", ("This one?", RED)]
+    monkeypatch.setenv(decoder.ENV, decoding)
+    table = ln.compare(ln.Model(tiny_llava), tmp_path / "adapter", questions, max_new_tokens=8)
+
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    tuned = PeftModel.from_pretrained(base(), tmp_path / "adapter").eval()
+    expected = []
+    for item in questions:
+        question, images = (item, []) if isinstance(item, str) else (item[0], [item[1]])
+        row = {}
+        for label, model in (("base", base()), ("tuned", tuned)):
+            row[label] = _plain_generate(model, processor, question, images, 8).strip()
+        expected.append(row)
+    assert [{k: row[k] for k in ("base", "tuned")} for row in table.rows] == expected
+    assert any(row["base"] != row["tuned"] for row in expected)  # the adapter really acts

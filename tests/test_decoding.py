@@ -493,3 +493,64 @@ def test_a_prompt_read_on_cuda_leaves_out_cudnn_attention(static):
     assert torch.backends.cuda.cudnn_sdp_enabled()
     with static._without_cudnn_attention(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize("value", ["true", "compiled", "graph"])
+def test_an_unknown_static_decode_mode_is_refused_in_one_line(tiny_llava, monkeypatch, value):
+    """A mistyped mode was read as "auto": plain generate on the CPU, with no word said."""
+    from llava_nb import decoding
+    from llava_nb.models import GenerationError
+
+    monkeypatch.setenv(decoding.ENV, value)
+    chat = Chat(Model(tiny_llava), max_new_tokens=2)
+    message = rf"^LLAVA_NB_STATIC_DECODE={value!r} is not a mode; set it to auto, 0, 1, eager"
+    with pytest.raises(GenerationError, match=message):
+        chat.ask("Hi?")
+    assert chat.history == []
+    monkeypatch.setenv(decoding.ENV, " Auto ")
+    chat.ask("Hi?")
+    assert len(chat.history) == 1
+
+
+def _without_separators(path: str, folder) -> str:
+    """A copy of a checkpoint whose chat template writes one image's placeholder right after
+    another's, with nothing between (as llava-interleave's template does)."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    shutil.copytree(path, folder)
+    processor = AutoProcessor.from_pretrained(path)
+    template = processor.chat_template.replace("{{ '<image>\n' }}", "{{ '<image>' }}")
+    assert template != processor.chat_template
+    processor.chat_template = template
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_images_whose_placeholders_touch_are_told_apart(kind, request, tmp_path):
+    """Two images in one question, their placeholder runs touching: the cache took them for
+    one image, handed `generate` the second one's pixels with none of its tokens, and the
+    next turn failed ("Image features and image tokens do not match")."""
+    path = _without_separators(request.getfixturevalue(f"tiny_{kind}"), tmp_path / "ckpt")
+    model = Model(path)
+    red, blue, green = (Image.new("RGB", (40, 40), color) for color in ("red", "blue", "green"))
+    chat = Chat(model, max_new_tokens=6)
+    turns = [("Two?", [red, blue]), ("And now?", [])]
+    answers = [chat.ask(question, images or None) for question, images in turns]
+    assert answers == _plain_transformers_answers(path, turns, 6)
+    # the images are reused (where each image ends is known for LLaVA-1.5, whose images all
+    # take as many tokens; LLaVA-NeXT's are reused all together, while all are the same)
+    assert model._conversation.reused_tokens >= _prompt_tokens(model, Chat(model), *turns[0])
+    chat.reset()
+    chat.ask("Two?", [red, blue])
+    chat.undo()
+    answer = chat.ask("Two?", [red, green])  # the same first image, another second one
+    assert answer == _plain_transformers_answers(path, [("Two?", [red, green])], 6)[0]
+    chat.ask("And a third?", blue)
+    turns = [("Two?", [red, green], answer), ("And a third?", [blue], chat.history[-1].answer)]
+    reference = Chat(Model(path), max_new_tokens=6)
+    reference._turns = [Turn(question, images, said) for question, images, said in turns[:1]]
+    assert chat.history[-1].answer == reference.ask("And a third?", blue)
+    assert model._conversation.reused_tokens >= _prompt_tokens(model, Chat(model), *turns[0][:2])
