@@ -9,6 +9,11 @@ them are sent at once, streamed. Every concurrent answer must equal its answer a
 lost, none mixed up. Prints latency p50/p99, time to first token and throughput. Bounded:
 --requests requests, and --timeout seconds at most; exits 1 when an answer is wrong.
 
+    python benchmarks/serve_load.py --requests 16 --image-megapixels 32 --max-tokens 4
+
+sends big pictures instead (blank PNGs, a few kB each, 96 MB each once decoded) and prints
+the peak RSS of this process: with the in-process server, what the queued requests hold.
+
 Without --url the server runs in this process (uvicorn in a thread, 127.0.0.1, a free port),
 so the client's work shares the CPU with the model's.
 """
@@ -19,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -36,14 +42,18 @@ QUESTIONS = [
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "teal"]
 
 
-def prompt(i: int) -> list[dict]:
-    """The i-th request's messages: its own picture and question."""
+def prompt(i: int, megapixels: float = 0) -> list[dict]:
+    """The i-th request's messages: its own picture (of `megapixels`, if given) and question."""
     from PIL import Image
 
     from llava_nb.images import image_to_data_uri
 
     color = COLORS[i % len(COLORS)]
-    img = Image.new("RGB", (40 + 4 * i, 48), color)
+    size = (40 + 4 * i, 48)
+    if megapixels:
+        side = int((megapixels * 1e6) ** 0.5)
+        size = (side + i, side)
+    img = Image.new("RGB", size, color)
     img.paste(Image.new("RGB", (8 + i, 8), "gray"), (i % 30, i % 40))
     text = f"{QUESTIONS[i % len(QUESTIONS)]} (picture {i})"
     url = image_to_data_uri(img)
@@ -76,6 +86,11 @@ def local_server(model_id: str | None, max_queue: int):
             yield url
 
 
+def peak_rss_mb() -> float:
+    """The most memory this process has held so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
@@ -83,7 +98,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-async def run(url: str, api_key: str, requests: int, max_tokens: int) -> int:
+async def run(url: str, api_key: str, requests: int, max_tokens: int, megapixels: float) -> int:
     import openai
 
     client = openai.AsyncOpenAI(
@@ -91,7 +106,7 @@ async def run(url: str, api_key: str, requests: int, max_tokens: int) -> int:
     )
     async with client:
         model = (await client.models.list()).data[0].id
-        prompts = [prompt(i) for i in range(requests)]
+        prompts = [prompt(i, megapixels) for i in range(requests)]
         settings = {"model": model, "max_tokens": max_tokens, "temperature": 0}
 
         alone, alone_tokens = [], 0
@@ -124,6 +139,7 @@ async def run(url: str, api_key: str, requests: int, max_tokens: int) -> int:
                 "tokens": usage.completion_tokens if usage else 0,
             }
 
+        rss_alone = peak_rss_mb()
         start = time.perf_counter()
         results = await asyncio.gather(*(streamed(m) for m in prompts), return_exceptions=True)
         wall = time.perf_counter() - start
@@ -155,6 +171,10 @@ async def run(url: str, api_key: str, requests: int, max_tokens: int) -> int:
         + (f"; {len(failed)} failed: {failed[0]!r}" if failed else "")
         + (f"; mixed up: {wrong}" if wrong else "")
     )
+    print(
+        f"{'peak RSS (this process)':24}{rss_alone:9.0f} MB after the answers one at a time, "
+        f"{peak_rss_mb():.0f} MB after the concurrent ones"
+    )
     return 1 if failed or wrong else 0
 
 
@@ -165,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default="none", help="the server's key, with --url")
     parser.add_argument("--requests", type=int, default=32, help="concurrent requests (32)")
     parser.add_argument("--max-tokens", type=int, default=64, help="per answer (64)")
+    parser.add_argument(
+        "--image-megapixels", type=float, default=0, help="big blank pictures of this size"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="give up after (600 s)")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.max_tokens < 1:
@@ -173,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     async def bounded(url: str) -> int:
         try:
             return await asyncio.wait_for(
-                run(url, args.api_key, args.requests, args.max_tokens), args.timeout
+                run(url, args.api_key, args.requests, args.max_tokens, args.image_megapixels),
+                args.timeout,
             )
         except asyncio.TimeoutError:
             print(f"serve_load: gave up after {args.timeout:.0f} s", file=sys.stderr)

@@ -22,7 +22,9 @@ Endpoints:
 Safe by default: it listens on loopback; remote image URLs and local paths are refused unless
 ``--allow-image-urls`` / ``--allowed-local-media-path DIR`` allow them, and allowed URLs that
 resolve to loopback, private, link-local or reserved addresses are still refused; requests and
-images have size limits; a client that disconnects stops its generation.
+images have size limits (images read from URLs or files count toward the request's); queued
+requests hold their images encoded, only those being answered decoded; a client that
+disconnects stops its generation.
 
 Errors come in OpenAI's format, ``{"error": {"message", "type", "param", "code"}}``, so the
 official clients raise their usual exceptions (400, 401, 404, 413, 415, 429, 503).
@@ -31,11 +33,13 @@ official clients raise their usual exceptions (400, 401, 404, 413, 415, 429, 503
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
-import functools
 import hmac
 import http.client
 import importlib.resources
+import io
 import ipaddress
 import json
 import logging
@@ -57,6 +61,7 @@ import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -77,14 +82,15 @@ logger = logging.getLogger("llava_nb.server")
 
 MAX_IMAGES_PER_REQUEST = 16
 # Images are decoded whole before the model shrinks them: 16 PNGs of 64 MP (a 4 MB request)
-# took 8 GB. The images of one request share this budget.
+# took 8 GB. The images of one request share this budget. Only the requests being answered
+# hold decoded images; queued ones hold them encoded (`_Image`).
 MAX_PIXELS_PER_REQUEST = 2 * MAX_PIXELS
 MAX_STOP_STRINGS = 16
 MAX_REDIRECTS = 3
-# Requests with images are parsed in their own few worker threads: fetching an image URL may
+# Image URLs and files are read in their own few worker threads: fetching an image URL may
 # take FETCH_DEADLINE_S, and 40 such requests in anyio's default pool (40 threads, which also
 # starts every answer) stalled every request, admitted ones included.
-IMAGE_PARSE_THREADS = 8
+IMAGE_READ_THREADS = 8
 MAX_INT_DIGITS = 100  # a longer number in a request is a mistake (and slow to convert)
 LOAD_RETRY_AFTER_S = 5
 ROUTES = (
@@ -140,10 +146,6 @@ def _server_error(error: BaseException) -> ApiError:
     if isinstance(error, LlavaError):
         return ApiError(500, str(error), type="server_error", code="generation_failed")
     return ApiError(500, f"internal error ({type(error).__name__})", type="server_error")
-
-
-class _HasImages(Exception):
-    """Raised by a parse without images: parse again, in the image threads."""
 
 
 # ---------------------------------------------------------------- FIFO admission
@@ -338,9 +340,9 @@ def _hang_up(opened: list[socket.socket], late: threading.Event) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _fetch_public_image(url: str, param: str):
+def _fetch_public_image(url: str, param: str) -> bytes:
     """GET an http(s) image from a public address: pinned to the vetted IP, size-capped,
-    within FETCH_DEADLINE_S in all."""
+    within FETCH_DEADLINE_S in all; redirects to http(s) only."""
     deadline = time.monotonic() + FETCH_DEADLINE_S
     for _ in range(MAX_REDIRECTS + 1):
         parts = _split_url(url, param)
@@ -385,7 +387,17 @@ def _fetch_public_image(url: str, param: str):
             response = connection.getresponse()
             location = response.getheader("Location")
             if response.status in (301, 302, 303, 307, 308) and location:
-                url = _split_url(location, param, base=url).geturl()
+                target = _split_url(location, param, base=url)
+                if target.scheme.lower() not in ("http", "https"):  # was fetched over http
+                    raise ApiError(
+                        400,
+                        f"image URL {url[:80]!r} redirects to {location[:80]!r}, which is not "
+                        "an http(s) URL; this server fetches http(s) images only: send the "
+                        "image inline as a data:image/...;base64 URI",
+                        param=param,
+                        code="image_url_refused",
+                    )
+                url = target.geturl()
                 continue
             if response.status != 200:
                 raise ApiError(
@@ -412,8 +424,56 @@ def _fetch_public_image(url: str, param: str):
             connection.close()
         if len(data) > MAX_IMAGE_BYTES:
             raise _too_large(f"the image at {url[:80]!r}", MAX_IMAGE_BYTES)
-        return load_image(data)
+        return data
     raise ApiError(400, f"image URL {url[:80]!r} redirects too often", param=param)
+
+
+class _Image:
+    """An image of a request, kept encoded until the request is answered.
+
+    Decoded, the images of one request may take 512 MB (MAX_PIXELS_PER_REQUEST at PIL's 4 bytes
+    a pixel) and 64 requests may wait: queued ones hold only what they sent or what was read.
+    """
+
+    def __init__(self, url: str, param: str) -> None:
+        self.url, self.param = url, param
+        # a data URI as sent; the bytes of a URL or file once read (`_Service.read_images`)
+        self.encoded: str | bytes = url if self.inline else b""
+
+    @property
+    def inline(self) -> bool:
+        return self.url[:5].lower() == "data:"
+
+    def pixels(self) -> int:
+        """Width x height, from the image's header (nothing decoded yet); an unreadable image
+        is decoded, to raise the decoder's own message."""
+        data = self.encoded
+        if isinstance(data, str):
+            payload = "".join(data.partition(",")[2].split())
+            try:
+                data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+            except binascii.Error:
+                data = b""
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                return header.width * header.height
+        except Exception:  # unreadable, or over PIL's bomb limit
+            image = self.decode()
+            return image.width * image.height
+
+    def decode(self) -> Image.Image:
+        """The RGB pixels (in a worker thread: a big image takes a second)."""
+        try:
+            if isinstance(self.encoded, str):
+                return image_from_data_uri(self.encoded)
+            return load_image(self.encoded)
+        except ImageError as e:
+            raise ApiError(400, str(e), param=self.param, code="invalid_image") from None
+
+
+def _images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The image parts of parsed messages."""
+    return [part for m in messages for part in m["content"] if part["type"] == "image"]
 
 
 # ---------------------------------------------------------------- one request
@@ -445,9 +505,11 @@ class _Job:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Wait for our turn (FIFO), then start generating."""
+        """Wait for a slot (FIFO), decode the images, wait for the model, start generating."""
         try:
             await self._ticket
+            if _images(self.messages):
+                await anyio.to_thread.run_sync(self._decode_images)
             if self.service.turn is not None:
                 self._turn = self.service.turn.reserve()
                 await self._turn
@@ -459,6 +521,11 @@ class _Job:
         threading.Thread(
             target=self._pump, args=(loop,), name="llava_nb-serve", daemon=True
         ).start()
+
+    def _decode_images(self) -> None:
+        """Only requests holding a slot hold decoded images (`max_concurrency` of them)."""
+        for part in _images(self.messages):
+            part["image"] = part["image"].decode()
 
     def _generate(self):
         try:
@@ -475,6 +542,8 @@ class _Job:
                     param="messages",
                 ) from None
             raise
+        finally:  # the processor has read the images: their pixels go now, not when the
+            self.messages.clear()  # job is collected (16 answers of 32 MP kept 2.4 GB)
 
     def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
         """Worker thread: iterate the generation, post each piece to the event loop."""
@@ -504,6 +573,7 @@ class _Job:
         if self._released:
             return
         self._released = True
+        self.messages.clear()  # decoded images too, if it ends before the model read them
         service = self.service
         if self._turn is not None:
             service.turn.leave(self._turn)
@@ -729,7 +799,7 @@ class _Service:
                 )
             self.media_root = root.resolve()
         self.max_request_bytes = max_request_bytes
-        self.image_threads = anyio.CapacityLimiter(IMAGE_PARSE_THREADS)
+        self.image_threads = anyio.CapacityLimiter(IMAGE_READ_THREADS)
         self.admission = _Gate(max_concurrency, max_queue)
         # A local Model generates one at a time (its lock); this FIFO turn keeps that order fair.
         self.turn = _Gate(1, None) if isinstance(model, Model) else None
@@ -820,9 +890,9 @@ class _Service:
                 headers=headers,
             )
 
-    def parse(self, body: bytes, *, images: bool = True) -> dict[str, Any]:
-        """Check a chat-completions request and decode its images (runs in a worker thread);
-        with images=False, raise _HasImages at the first image instead."""
+    def parse(self, body: bytes) -> dict[str, Any]:
+        """Check a chat-completions request (in a worker thread). Its images are not read yet:
+        `read_images` reads and checks them, `_Job` decodes them."""
         try:
             payload = json.loads(body.decode("utf-8-sig"), parse_int=_json_int)
         except UnicodeDecodeError:
@@ -868,16 +938,16 @@ class _Service:
             "include_usage": bool(options.get("include_usage")),
             "settings": _settings(payload),
             "stop": _stops(payload.get("stop")),
-            "messages": self._messages(payload.get("messages"), images),
+            "messages": self._messages(payload.get("messages")),
         }
 
-    def _messages(self, raw: Any, with_images: bool) -> list[dict[str, Any]]:
-        """OpenAI messages to the processor's chat format (images decoded)."""
+    def _messages(self, raw: Any) -> list[dict[str, Any]]:
+        """OpenAI messages to the processor's chat format (images as `_Image`, not read yet)."""
         if not isinstance(raw, list) or not raw:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         system: list[str] = []
         out: list[dict[str, Any]] = []
-        images: Counter[str] = Counter()  # images and their pixels so far
+        images = [0]  # how many so far
         for i, message in enumerate(raw):
             param = f"messages[{i}]"
             if not isinstance(message, dict):
@@ -893,7 +963,7 @@ class _Service:
                 text = _text_only(content, f"{param}.content", assistant=True)
                 parts = [{"type": "text", "text": text}]
             elif role == "user":
-                parts = self._user_parts(content, f"{param}.content", images, with_images)
+                parts = self._user_parts(content, f"{param}.content", images)
             else:
                 raise ApiError(
                     400,
@@ -916,9 +986,7 @@ class _Service:
                 first.append({"type": "text", "text": prefix})
         return out
 
-    def _user_parts(
-        self, content: Any, param: str, images: Counter[str], with_images: bool
-    ) -> list[dict[str, Any]]:
+    def _user_parts(self, content: Any, param: str, images: list[int]) -> list[dict[str, Any]]:
         if isinstance(content, str):
             return [{"type": "text", "text": _checked_text(content, param)}]
         if not isinstance(content, list) or not content:
@@ -932,32 +1000,20 @@ class _Service:
             if kind == "text":
                 parts.append({"type": "text", "text": _checked_text(part.get("text"), where)})
             elif kind == "image_url":
-                if not with_images:
-                    raise _HasImages
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str) or not url:
                     raise ApiError(
                         400, f"{where}.image_url.url must be a non-empty string", param=where
                     )
-                images["count"] += 1
-                if images["count"] > MAX_IMAGES_PER_REQUEST:
+                images[0] += 1
+                if images[0] > MAX_IMAGES_PER_REQUEST:
                     raise ApiError(
                         400,
                         f"more than {MAX_IMAGES_PER_REQUEST} images in one request; send fewer",
                         param=where,
                     )
-                image = self._image(url, f"{where}.image_url")
-                images["pixels"] += image.width * image.height
-                if images["pixels"] > MAX_PIXELS_PER_REQUEST:
-                    raise ApiError(
-                        400,
-                        f"the images in one request are over {MAX_PIXELS_PER_REQUEST // 10**6} "
-                        "megapixels together; downscale them or send fewer",
-                        param=f"{where}.image_url",
-                        code="image_too_large",
-                    )
-                parts.append({"type": "image", "image": image})
+                parts.append({"type": "image", "image": _Image(url, f"{where}.image_url")})
             else:
                 raise ApiError(
                     400,
@@ -967,34 +1023,51 @@ class _Service:
                 )
         return parts
 
-    def _image(self, url: str, param: str):
-        try:
-            if url[:5].lower() == "data:":
-                if (len(url) - url.find(",")) * 3 // 4 > MAX_IMAGE_BYTES:
-                    raise _too_large("the image", MAX_IMAGE_BYTES)
-                return image_from_data_uri(url)
-            if re.match(r"(?i)https?://", url):
-                if not self.allow_image_urls:
-                    raise ApiError(
-                        400,
-                        "image URLs are refused: this server fetches none unless started with "
-                        "--allow-image-urls; send the image inline as a data:image/...;base64 "
-                        "URI",
-                        param=param,
-                        code="image_url_refused",
-                    )
-                return _fetch_public_image(url, param)
-            if re.match(r"(?i)file:", url) or not re.match(r"[a-zA-Z][\w+.-]*:", url):
-                return self._local_image(url, param)
-        except ImageError as e:
-            raise ApiError(400, str(e), param=param, code="invalid_image") from None
+    def read_images(self, images: list[_Image]) -> None:
+        """Read or fetch each image (in a worker thread) and check the request's budgets: its
+        pixels, from the headers, and the bytes read or fetched, which count as sent."""
+        pixels, read = 0, 0
+        for image in images:
+            image.encoded = self._read(image.url, image.param)
+            if not image.inline:
+                read += len(image.encoded)
+                if read > self.max_request_bytes:
+                    raise _too_large("the request with the images it names", self.max_request_bytes)
+            pixels += image.pixels()
+            if pixels > MAX_PIXELS_PER_REQUEST:
+                raise ApiError(
+                    400,
+                    f"the images in one request are over {MAX_PIXELS_PER_REQUEST // 10**6} "
+                    "megapixels together; downscale them or send fewer",
+                    param=image.param,
+                    code="image_too_large",
+                )
+
+    def _read(self, url: str, param: str) -> str | bytes:
+        """A data URI as it is (checked for size), or the bytes of an image URL or file."""
+        if url[:5].lower() == "data:":
+            if (len(url) - url.find(",")) * 3 // 4 > MAX_IMAGE_BYTES:
+                raise _too_large("the image", MAX_IMAGE_BYTES)
+            return url
+        if re.match(r"(?i)https?://", url):
+            if not self.allow_image_urls:
+                raise ApiError(
+                    400,
+                    "image URLs are refused: this server fetches none unless started with "
+                    "--allow-image-urls; send the image inline as a data:image/...;base64 URI",
+                    param=param,
+                    code="image_url_refused",
+                )
+            return _fetch_public_image(url, param)
+        if re.match(r"(?i)file:", url) or not re.match(r"[a-zA-Z][\w+.-]*:", url):
+            return self._local_image(url, param)
         raise ApiError(
             400,
             f"image URL {url[:40]!r} has an unsupported scheme; use a data:image/...;base64 URI",
             param=param,
         )
 
-    def _local_image(self, source: str, param: str):
+    def _local_image(self, source: str, param: str) -> bytes:
         if self.media_root is None:
             raise ApiError(
                 400,
@@ -1044,7 +1117,7 @@ class _Service:
                 param=param,
                 code="invalid_image",
             ) from None
-        return load_image(data)
+        return data
 
 
 # Fields of OpenAI's API this server cannot honour, what each may be without asking for
@@ -1285,7 +1358,8 @@ def create_app(
     `api_key`: clients must send "Authorization: Bearer KEY" to /v1/* (the page at / and
     /health stay open). `allow_image_urls`: fetch http(s) image URLs, never from internal
     addresses. `allowed_local_media_path`: read image files (file:// URLs or plain paths)
-    inside this folder, symlinks resolved. `max_request_bytes`: larger bodies get 413.
+    inside this folder, symlinks resolved. `max_request_bytes`: larger bodies get 413, and so
+    do requests whose image URLs and files come to more.
     `loopback_hosts_only`: answer only Host headers naming loopback (what `run_server` sets
     when it listens on loopback, against DNS rebinding).
 
@@ -1421,14 +1495,14 @@ def create_app(
         except ClientDisconnect:  # gone before it finished sending the question
             return Response(status_code=499)
         service.check_ready()
-        try:
-            parsed = await anyio.to_thread.run_sync(
-                functools.partial(service.parse, body, images=False)
-            )
-        except _HasImages:  # fetched or decoded in the image threads; requests wait for them
-            parsed = await anyio.to_thread.run_sync(
-                service.parse, body, limiter=service.image_threads
-            )
+        parsed = await anyio.to_thread.run_sync(service.parse, body)
+        del body  # a queued request holds its parsed form only
+        images = [part["image"] for part in _images(parsed["messages"])]
+        if images:  # URLs and files in the image threads, which requests wait for
+            reads = not all(image.inline for image in images)
+            limiter = service.image_threads if reads else None
+            await anyio.to_thread.run_sync(service.read_images, images, limiter=limiter)
+            del images
         try:
             job = _Job(service, parsed)
         except _Busy:
