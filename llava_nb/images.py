@@ -11,6 +11,7 @@ import base64
 import binascii
 import http.client
 import io
+import math
 import os
 import re
 import stat
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,6 +35,11 @@ FLOAT_ONE_AT_MOST = 2  # float pixels up to this are in 0-1 (a little over: clip
 FETCH_TIMEOUT_S = 10  # seconds, so a dead server cannot hang a notebook cell
 FETCH_DEADLINE_S = 60  # for the whole download: a server trickling bytes cannot hang it either
 POSTSCRIPT = (b"%!PS", b"\xc5\xd0\xd3\xc6")  # EPS, plain and in DOS binary: Pillow's marks
+MAX_READS = 100_000  # Pillow reads chunks/markers one by one: 1M empty PNG chunks took 5 s; a
+# real image takes far fewer (3 per chunk: libpng's 8 KB IDATs of a 100 MB PNG, 37,000)
+SLOW_FORMAT_PIXELS = 4_000_000  # QOI, DDS, BMP RLE: Pillow decodes them in Python, 2-3 s/MP
+JPEG_END = b"\xff\xd9"  # EOI: a cut JPEG with this appended decodes without an error
+JPEG_FILL = {128, 127}  # what libjpeg puts where data is missing: gray (127: Adobe CMYK, inverted)
 USER_AGENT = "llava_nb (Python urllib)"  # some hosts refuse the default one
 ACCEPTED = (
     "a path, an http(s) URL, a data:image URI, bytes, a PIL image, a numpy array, "
@@ -154,6 +161,8 @@ def _fetch(url: str) -> bytes:
                         f"{_short(url)} sent {size:,} bytes in {FETCH_DEADLINE_S} s and was "
                         "still sending; download the image first, or use a faster server"
                     )
+            missing = response.length or 0  # what its Content-Length announced and never came
+            kind = response.headers.get_content_type()
     except (OSError, http.client.HTTPException, ValueError) as err:
         if isinstance(err, urllib.error.HTTPError):
             why = f"HTTP {err.code} {first_line(err.reason, 80)}"
@@ -165,7 +174,37 @@ def _fetch(url: str) -> bytes:
         raise ImageError(f"cannot fetch {_short(url)} ({why}); check the URL and network") from err
     if size > MAX_IMAGE_BYTES:
         raise ImageError(f"image at {_short(url)} is over {MAX_IMAGE_BYTES:,} bytes; shrink it")
-    return b"".join(chunks)
+    if missing:
+        raise ImageError(
+            f"{_short(url)} closed the connection after {size:,} of {size + missing:,} bytes; "
+            "try again"
+        )
+    data = b"".join(chunks)
+    if kind == "text/html" and data.lstrip()[:1] == b"<":  # a page showing the image, say
+        raise ImageError(
+            f"{_short(url)} is a web page, not an image; use the address of the image itself "
+            "(right-click it: Copy Image Address)"
+        )
+    return data
+
+
+class _TooManyReads(Exception):
+    """Raised from inside Pillow, which lets it through (it retries other formats on a few
+    exception types, and wraps OSError)."""
+
+
+class _Budgeted(io.BytesIO):
+    """Bytes that Pillow may read only MAX_READS times: it parses chunks and markers one read
+    at a time, in Python, so a 12 MB PNG of a million empty chunks took 5 s (a 512 MB one,
+    minutes); pixel data it reads 64 KB at a time."""
+
+    reads_left = MAX_READS
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads_left -= 1
+        if self.reads_left < 0:
+            raise _TooManyReads
+        return super().read(size)
 
 
 def _decode(data: bytes, label: str) -> Image.Image:
@@ -175,12 +214,53 @@ def _decode(data: bytes, label: str) -> Image.Image:
             "convert it to PNG first"
         )
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        with warnings.catch_warnings():  # over MAX_PIXELS we refuse it in one line of our own
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(stream := _Budgeted(data))  # reads the header only
+        if any(tile[0] in Image.DECODERS for tile in img.tile):  # decoded in Python, by pixel
+            if img.width * img.height > SLOW_FORMAT_PIXELS:
+                raise ImageError(
+                    f"{label} is a {img.format} image of {img.width}x{img.height}, which Pillow "
+                    "decodes slowly (3 s per megapixel); convert it to PNG first"
+                )
+            stream.reads_left = math.inf
+        out = _finish(img, label, upright=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise _too_big(label) from err
+    except _TooManyReads:
+        raise ImageError(
+            f"{label} is split into over {MAX_READS:,} chunks or markers, far more than an "
+            "image holds (a crafted file?); re-save it in an image editor"
+        ) from None
+    except ImageError:
+        raise
     except Exception as err:
         raise ImageError(_unreadable(label, err)) from err
-    return _finish(img, label, upright=True)
+    if img.format == "JPEG" and _jpeg_cut_short(img, data):
+        raise ImageError(
+            f"{label} is truncated (its data ends before its last rows, which would show gray); "
+            "pass the complete JPEG file"
+        )
+    return out
+
+
+def _jpeg_cut_short(img: Image.Image, data: bytes) -> bool:
+    """Whether the JPEG's data ran out before its pixels did: a cut file with its end marker
+    put back, or a header that claims more rows than the data holds. libjpeg fills the rest
+    with gray and warns, but Pillow drops the warning; so when the last block is that gray,
+    decode again with more data before the end marker: a complete file ignores it."""
+    corner = img.crop((max(img.width - 8, 0), max(img.height - 8, 0), *img.size)).getextrema()
+    bands = corner if isinstance(corner[0], tuple) else (corner,)
+    if not (len({*bands}) == 1 and bands[0][0] == bands[0][1] in JPEG_FILL):
+        return False
+    if not data.endswith(JPEG_END):
+        return False  # data after the end marker (an MPO's second image): cannot tell
+    padded = data[: -len(JPEG_END)] + bytes(range(1, 255)) + JPEG_END
+    try:
+        with Image.open(io.BytesIO(padded)) as again:
+            return again.tobytes() != img.tobytes()
+    except Exception:
+        return True  # a complete file parses the same with the padding
 
 
 def _finish(img: Image.Image, label: str, upright: bool = False) -> Image.Image:
@@ -199,6 +279,8 @@ def _finish(img: Image.Image, label: str, upright: bool = False) -> Image.Image:
     try:
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img) if upright else img.copy())  # never aliased
+    except _TooManyReads:
+        raise
     except Exception as err:
         raise ImageError(_unreadable(label, err)) from err
 

@@ -16,6 +16,7 @@ megapixels; larger ones (camera photos) as JPEG.
 
 from __future__ import annotations
 
+import email.utils
 import math
 import os
 import re
@@ -24,6 +25,7 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 from PIL import Image
@@ -143,10 +145,10 @@ class RemoteModel:
             served = [str(m.id) for m in listing]
             aliases = [getattr(m, "aliases", None) for m in listing]
             known = served + [str(a) for names in aliases if isinstance(names, list) for a in names]
-        except openai.AuthenticationError:
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:  # 401, 403
             raise ModelError(
-                f"{self.base_url} refused the API key; pass api_key= (llava-nb chat: --api-key) "
-                "or set OPENAI_API_KEY"
+                f"{self.base_url} refused the API key ({_message_error(e)}); pass api_key= "
+                "(llava-nb chat: --api-key) or set OPENAI_API_KEY"
             ) from None
         except openai.APITimeoutError:
             raise ModelError(
@@ -326,7 +328,7 @@ class RemoteGeneration:
             raise self._failed(why + "pass a longer timeout= to ln.Model") from None
         except openai.APIConnectionError:
             raise self._failed("lost the connection while answering; check that it runs") from None
-        except openai.AuthenticationError as e:
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:  # 401, 403
             why = f"refused the API key ({_message_error(e)}); pass api_key= or set OPENAI_API_KEY"
             raise self._failed(why) from None
         except openai.APIStatusError as e:
@@ -384,10 +386,17 @@ def _retry_after(error: Exception) -> float | None:
     status = getattr(error, "status_code", None)
     if status not in (429, 503) or response is None:
         return None
+    value = response.headers.get("retry-after", "nan")
     try:
-        seconds = float(response.headers.get("retry-after", "nan"))
-    except ValueError:  # an HTTP date
-        seconds = math.nan
+        seconds = float(value)
+    except ValueError:  # RFC 9110 allows an HTTP date too: "Wed, 21 Oct 2026 07:28:00 GMT"
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):  # neither: as if it were not there
+            seconds = math.nan
+        else:  # HTTP dates are GMT, "-0000" (no zone) too
+            when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            seconds = (when - datetime.now(timezone.utc)).total_seconds()
     if math.isnan(seconds):  # "nan" too: a wait of NaN returns at once, over and over
         return RETRY_S if status == 503 else None
     return max(seconds, 0.1)

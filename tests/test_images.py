@@ -241,6 +241,27 @@ def test_sixteen_bit_and_wide_modes() -> None:
     assert load_image(Image.new("I", (2, 2), 65535)).getpixel((0, 0)) == WHITE
 
 
+@pytest.mark.parametrize(
+    "fmt", ["PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP", "ICO", "PPM", "TGA", "JPEG2000", "DDS",
+            "SGI", "QOI", "MPO"],
+)  # fmt: skip
+def test_every_format_pillow_writes_loads(photo: Image.Image, fmt: str) -> None:
+    """QOI and DDS are decoded in Python, a read per pixel: not a file of crafted chunks."""
+    out = load_image(png_bytes(photo.resize((128, 150)), fmt))
+    assert out.mode == "RGB" and (fmt == "ICO" or out.size == (128, 150))  # ICO: its sizes
+
+
+@pytest.mark.parametrize("fmt", ["QOI", "DDS"])
+def test_a_large_image_in_a_format_pillow_decodes_in_python_is_refused(fmt: str) -> None:
+    """Pillow decodes these a pixel at a time in Python: a 4 MP photo as DDS took 10 s, the
+    64 MP allowed would take minutes of a frozen notebook."""
+    start = time.monotonic()
+    with pytest.raises(ImageError, match=f"is a {fmt} image of 2001x2000, .*convert it to PNG"):
+        load_image(png_bytes(Image.new("RGB", (2001, 2000), RED), fmt))
+    assert time.monotonic() - start < 3
+    assert load_image(png_bytes(Image.new("RGB", (200, 100), RED), fmt)).size == (200, 100)
+
+
 MODES = ["1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
          "I", "F", "I;16", "I;16B", "I;16L", "I;16N"]  # fmt: skip
 
@@ -350,6 +371,12 @@ class Handler(http.server.SimpleHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.1)
             return
+        if self.path == "/cut":  # announces 1000 bytes, sends 20, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(png_bytes(Image.new("RGB", (6, 4), RED))[:20])
+            return
         if self.headers.get("User-Agent", "").startswith("Python-urllib"):
             self.send_error(403, "default user agent")
             return
@@ -397,6 +424,24 @@ def test_url_success(server: str) -> None:
 def test_url_refused_in_one_line(server: str, path: str, why: str) -> None:
     with pytest.raises(ImageError, match=why) as err:
         load_image(server + path)
+    one_line(err)
+
+
+def test_a_web_page_url_names_the_fix(server: str, tmp_path: Path) -> None:
+    """A page that shows the image (a photo site's, say) said "unknown image format; pass a
+    complete PNG/JPEG/WebP/GIF file", as if the image were broken."""
+    page = "<!doctype html><html><head><title>Cat</title></head><body><img src=cat.jpg>"
+    (tmp_path / "cat.html").write_text(page)
+    with pytest.raises(ImageError, match=r"cat\.html' is a web page, not an image; use the addr"):
+        load_image(f"{server}/cat.html")
+
+
+def test_a_download_cut_short_says_so(server: str) -> None:
+    """The server hung up after 20 of its 1000 bytes: this said "not a readable image"."""
+    with pytest.raises(
+        ImageError, match=r"closed the connection after 20 of 1,000 bytes; try"
+    ) as err:
+        load_image(f"{server}/cut")
     one_line(err)
 
 
@@ -520,14 +565,19 @@ def test_crafted_pngs_are_refused_in_one_line(
         one_line(err)
 
 
-def crafted_png(name: str) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
+def chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: its length, kind, data and CRC."""
+    crc = struct.pack(">I", zlib.crc32(kind + data))
+    return struct.pack(">I", len(data)) + kind + data + crc
 
-    def png(width: int, height: int, *chunks: bytes) -> bytes:
-        ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-        return b"\x89PNG\r\n\x1a\n" + ihdr + b"".join(chunks) + chunk(b"IEND", b"")
+
+def png(width: int, height: int, *chunks: bytes) -> bytes:
+    """An 8-bit RGB PNG of these chunks, its header (IHDR) saying `width` x `height`."""
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + b"".join(chunks) + chunk(b"IEND", b"")
+
+
+def crafted_png(name: str) -> bytes:
 
     if name == "header_only":
         return png(8000, 8000)[:33]
@@ -538,5 +588,96 @@ def crafted_png(name: str) -> bytes:
         return png(100, 100, chunk(b"IDAT", b"garbage"))
     if name == "no_idat":
         return png(100, 100)
-    width, height = {"bomb_20000": (20000, 20000), "bomb_65535x1": (65535, 1)}[name]
+    sizes = {"bomb_20000": (20000, 20000), "bomb_10000": (10000, 10000), "bomb_65535x1": (65535, 1)}
+    width, height = sizes[name]
     return png(width, height, chunk(b"IDAT", b"x"))
+
+
+def test_a_huge_image_is_refused_in_our_one_line_without_pillows_warning() -> None:
+    """89-178 MP: Pillow warned "could be decompression bomb DOS attack" before our refusal."""
+    import warnings
+
+    data = crafted_png("bomb_10000")  # 100 MP announced
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match=r"is 10000x10000, more than 64,000,000 pixels"):
+            load_image(data)
+    assert [str(w.message) for w in caught] == []
+
+
+def jpeg_photo(mode: str = "RGB") -> bytes:
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        return f.read() if mode == "RGB" else png_bytes(Image.open(f).convert(mode), "JPEG")
+
+
+def tall_header(data: bytes) -> bytes:
+    """The photo with its header (SOF0) claiming four times its rows."""
+    sof = data.index(b"\xff\xc0")
+    (height,) = struct.unpack(">H", data[sof + 5 : sof + 7])
+    return data[: sof + 5] + struct.pack(">H", height * 4) + data[sof + 7 :]
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        lambda: jpeg_photo()[:30_000] + b"\xff\xd9",  # cut, its end marker put back
+        lambda: tall_header(jpeg_photo()),  # a header that claims more rows than the data holds
+        lambda: jpeg_photo("CMYK")[:30_000] + b"\xff\xd9",  # the rest showed dark gray
+        lambda: jpeg_photo("L")[:20_000] + b"\xff\xd9",
+    ],
+    ids=["cut", "tall_header", "cmyk_cut", "gray_cut"],
+)
+def test_a_jpeg_whose_data_ends_early_is_refused_as_truncated(tmp_path: Path, damaged) -> None:
+    """Pillow decoded these without an error, the missing part filled with flat gray: the
+    model was asked about a photo half gone."""
+    (tmp_path / "photo.jpg").write_bytes(damaged())
+    for source in (tmp_path / "photo.jpg", damaged()):
+        with pytest.raises(ImageError, match=r"is truncated \(its data ends before its last"):
+            load_image(source)
+
+
+def test_a_complete_jpeg_ending_in_flat_gray_still_loads() -> None:
+    """Flat gray 128 is also what libjpeg fills a cut file with: a letterboxed photo has it."""
+    boxed = Image.new("RGB", (512, 800), (128, 128, 128))
+    with Image.open(io.BytesIO(jpeg_photo())) as photo:
+        boxed.paste(photo, (0, 100))
+    for data in (png_bytes(boxed, "JPEG"), png_bytes(boxed.convert("CMYK"), "JPEG")):
+        out = load_image(data)
+        assert out.size == (512, 800) and out.getpixel((511, 799)) in ((128,) * 3, (64,) * 3)
+
+
+def many_chunks(kind: str, count: int) -> bytes:
+    """A tiny image made of `count` empty chunks (PNG), markers (JPEG) or comments (GIF)."""
+    if kind == "png":
+        data = png_bytes(Image.new("RGB", (8, 8), RED))
+        return data[:33] + chunk(b"abCd", b"") * count + data[33:]  # after the header
+    if kind == "jpeg":
+        data = png_bytes(Image.new("RGB", (8, 8), RED), "JPEG")
+        return data[:2] + b"\xff\xfe\x00\x03x" * count + data[2:]
+    data = png_bytes(Image.new("RGB", (8, 8), RED), "GIF")
+    start = data.index(b"\x2c")  # the image descriptor
+    return data[:start] + b"\x21\xfe\x01x\x00" * count + data[start:]
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg", "gif"])
+def test_a_file_of_a_million_tiny_chunks_is_refused_quickly(kind: str) -> None:
+    """Pillow reads chunks and markers one at a time: 12 MB of empty PNG chunks took 5 s,
+    5 MB of JPEG markers 5.5 s, and a 512 MB file would take minutes."""
+    data = many_chunks(kind, 1_000_000)
+    start = time.monotonic()
+    with pytest.raises(ImageError, match=r"is split into over 100,000 chunks or markers") as err:
+        load_image(data)
+    assert time.monotonic() - start < 3
+    one_line(err)
+    assert load_image(many_chunks(kind, 1000)).getpixel((0, 0))[0] > 250  # a few: fine
+
+
+def test_a_png_of_one_data_chunk_per_row_still_loads() -> None:
+    """Some encoders write each row in its own chunk: many chunks, yet a real image."""
+    rows = zlib.compressobj()
+    row = b"\0" + bytes(RED) * 800  # filter type 0, then the pixels
+    parts = [rows.compress(row) + rows.flush(zlib.Z_SYNC_FLUSH) for _ in range(8000)]
+    out = load_image(png(800, 8000, *(chunk(b"IDAT", part) for part in [*parts, rows.flush()])))
+    assert out.size == (800, 8000) and out.getpixel((799, 7999)) == RED

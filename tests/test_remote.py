@@ -219,6 +219,18 @@ def test_a_key_refused_while_answering_names_the_fix_and_huge_lengths_are_capped
         assert answer._request["max_tokens"] == 2**31 - 1  # llama.cpp wraps 2**40 around to 0
 
 
+def test_a_key_without_permission_names_the_key_as_the_fix(web_server):
+    """A 403 (a key the proxy knows, not allowed this model) said "check the URL"."""
+    forbidden = (403, "application/json", b'{"error": {"message": "key lacks access"}}')
+    refused = r"refused the API key \(key lacks access\); pass api_key= .*OPENAI_API_KEY$"
+    for routes, error in (
+        ({"/v1/models": forbidden}, ModelError),
+        ({"/v1/chat/completions": forbidden}, GenerationError),
+    ):
+        with web_server(routes) as url, pytest.raises(error, match=refused):
+            ln.Chat(url).ask("Hello?")
+
+
 def test_a_model_may_be_named_by_an_alias_the_server_lists(web_server):
     listing = {"object": "list", "data": [{"id": "smol", "aliases": ["smol", "smollm"]}]}
     models = (200, "application/json", json.dumps(listing).encode())
@@ -410,6 +422,26 @@ def test_a_rate_limit_with_retry_after_is_waited_for(stand_in, capsys, monkeypat
         started = time.monotonic()
         ln.Chat(server.url).ask("Hello?")  # an hour is past load_timeout: refused at once
     assert time.monotonic() - started < 10
+
+
+def test_a_retry_after_given_as_an_http_date_is_waited_for(stand_in, capsys):
+    """RFC 9110 allows a date as well as seconds; a 429 with a date failed at once."""
+    import email.utils
+
+    def limited(**headers: str) -> tuple[int, dict[str, str], bytes]:
+        body = b'{"error": {"message": "Rate limit reached"}}'
+        return 429, {"content-type": "application/json", **headers}, body
+
+    in_two_s = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1-2 s
+    with stand_in([limited(**{"retry-after": in_two_s}), ANSWERED]) as server:
+        started = time.monotonic()
+        assert ln.Chat(server.url).ask("Hello?") == "Hi"
+        assert 0.9 <= time.monotonic() - started < 10
+    assert "is not ready (Rate limit reached); waiting up to 600 s" in capsys.readouterr().out
+    for not_a_date in ("soon", "Wed, 99 Foo 2026 25:61:00 GMT"):  # as if none: 429 at once
+        refused = pytest.raises(GenerationError, match="HTTP 429")
+        with stand_in([limited(**{"retry-after": not_a_date})]) as server, refused:
+            ln.Chat(server.url).ask("Hello?")
 
 
 @pytest.mark.parametrize("status", [301, 302, 303])
