@@ -7,15 +7,18 @@ bad input of any kind prints one line (`llava_nb: ...`) and leaves chats and mod
 from __future__ import annotations
 
 import argparse
+import keyword
 import os
 import re
 import shlex
 import string
 import sys
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from typing import Any
 
+from IPython.core.displaypub import DisplayPublisher
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.display import display
 from traitlets import Enum, Float, Integer, TraitError, Unicode, observe, validate
@@ -48,6 +51,8 @@ question text, with {python_variable} interpolation
 %llava history [CHAT] | reset [CHAT] | undo [CHAT]
 %llava panel [CHAT]                 a chat window on CHAT; cells asking CHAT show up there too
 %llava save FILE [CHAT] | open FILE [CHAT]
+%llava adapter FOLDER|none [CHAT]   answer with a fine-tuned adapter (a finetune output_dir),
+            or none: the base model
 %llava config [KEY=VALUE ...]       model, quantization, device, max_new_tokens, temperature, top_p
             (and a server's remote_model, api_key)
 
@@ -67,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _identifier(name: str) -> str:
-    if not name.isidentifier():
+    if not name.isidentifier() or keyword.iskeyword(name):  # `class` could not be read back
         raise argparse.ArgumentTypeError(f"{name!r} is not a Python variable name")
     return name
 
@@ -114,6 +119,9 @@ def _command_parser() -> _Parser:
         cmd.add_argument("file")
         cmd.add_argument("chat", nargs="?", default=DEFAULT_CHAT)
     sub.add_parser("config", add_help=False).add_argument("assignments", nargs="*")
+    adapter = sub.add_parser("adapter", add_help=False)
+    adapter.add_argument("path")
+    adapter.add_argument("chat", nargs="?", default=DEFAULT_CHAT)
     return p
 
 
@@ -270,13 +278,64 @@ class LlavaMagics(Magics):
         self.current: Any = None  # the configured Model, made on first use
         self._retired: list[Any] = []  # models configured before; unloaded once unused
         self.panels: dict[str, Any] = {}  # chat name -> the ChatPanel `%llava panel` made
+        self._holding = False  # settings are being changed together (see _one_change)
         super().__init__(shell=shell, **kwargs)
 
     @observe(*MODEL_KEYS)
     def _model_changed(self, change) -> None:
-        if self.current is not None:
-            self._retired.append(self.current)
+        if not self._holding:  # IPython's %config, or a plain `magics.model = ...`
+            self._switch_model()
+
+    def _switch_model(self) -> None:
+        """The configured model changed: chats that follow it switch now, however it was set
+        (%llava config or load, IPython's %config), so a panel on one answers with the new
+        model as the next `%%llava` cell would."""
+        self._retire(self.current)
         self.current = None
+        self._follow_current()
+
+    def _retire(self, model) -> None:
+        """Mark `model` as maybe used no more: `_release_unused` frees it unless it is used."""
+        if model is not None and all(m is not model for m in self._retired):
+            self._retired.append(model)
+
+    @contextmanager
+    def _one_change(self) -> Iterator[None]:
+        """Settings set in the block apply together or, on any error, not at all; chats that
+        follow the configured model switch once, at the end (not once per key set)."""
+        before = {name: getattr(self, name) for name in self.class_trait_names(config=True)}
+        current, retired = self.current, list(self._retired)
+        self._holding = True
+        try:
+            yield
+            self._holding = False
+            if any(getattr(self, key) != before[key] for key in MODEL_KEYS):
+                self._switch_model()  # fails for a URL that names no server, say
+        except BaseException:
+            self._holding = True
+            for name, value in before.items():
+                if getattr(self, name) != value:
+                    setattr(self, name, value)
+            self.current, self._retired = current, retired
+            self._follow_current()  # back, where the switch got that far
+            raise
+        finally:
+            self._holding = False
+
+    @validate("model")
+    def _valid_model(self, proposal):
+        """A folder that is not there is refused when set (by %config too), not at first use."""
+        from llava_nb.remote import is_remote
+
+        model = proposal["value"].strip()
+        if model and not is_remote(model):
+            from llava_nb.models import check_local_path
+
+            try:
+                check_local_path(model)  # a hub id is checked when it loads
+            except LlavaError as e:
+                raise TraitError(str(e)) from None
+        return model
 
     @validate("max_new_tokens", "temperature", "top_p")
     def _valid_setting(self, proposal):
@@ -354,7 +413,7 @@ class LlavaMagics(Magics):
         used = [self.current, *(chat.model for n, chat in self.chats.items() if n in self.pinned)]
         for model in self._retired:
             if model.loaded and not any(model is m for m in used):
-                model.unload()
+                _unload(model)
         self._retired = [m for m in self._retired if m.loaded]
 
     def _ask(self, args: argparse.Namespace, cell: str):
@@ -417,13 +476,21 @@ class LlavaMagics(Magics):
             if isinstance(e, KeyboardInterrupt):  # while the model loaded, say
                 raise _not_asked() from None
             raise
+        replaced = self.chats.get(args.chat)
         self.chats[args.chat] = chat
+        if replaced is not None:  # its model (-m) may be left to no chat: freed below if so
+            self._retire(previous if replaced is chat else replaced.model)
         if args.model:
             self.pinned.add(args.chat)
         elif args.new:
             self.pinned.discard(args.chat)
-        keep = bool(args.output or args.attention)
-        answer, interrupted = self._stream(chat, pieces, keep=keep)
+        printed = _prints_displays(self.shell)
+        if printed:
+            answer, interrupted = _print_stream(chat, pieces)
+        else:
+            answer, interrupted = self._stream(
+                chat, pieces, keep=bool(args.output or args.attention)
+            )
         self._release_unused()
         if interrupted:
             if args.output:  # the partial answer, as the chat keeps it
@@ -434,7 +501,9 @@ class LlavaMagics(Magics):
             self.shell.user_ns[args.output] = Answer(answer, attention)
         if attention is not None:  # the answer stays shown above its heatmap; no cell value
             display(attention.plot())
-        return None if args.output or args.attention else Answer(answer)
+        if printed or args.output or args.attention:
+            return None  # a value would show the answer a second time
+        return Answer(answer)
 
     def _stream(self, chat, pieces, keep: bool = False) -> tuple[str, bool]:
         """Show the answer as it grows (one display, redrawn at most every UPDATE_INTERVAL_S).
@@ -477,35 +546,34 @@ class LlavaMagics(Magics):
         from llava_nb.remote import is_remote
 
         before = {key: getattr(self, key) for key in MODEL_KEYS}
-        current = self.current
         try:
-            for key in MODEL_KEYS:
-                setattr(self, key, getattr(args, key) or before[key])
-            named = self.model or os.environ.get("LLAVA_NB_MODEL", "")
-            if (args.remote_model or args.api_key) and not is_remote(named):
-                raise LlavaError(
-                    "--remote-model and --api-key are for a server (openai:http://host:port/v1); "
-                    "leave them out for local weights"
-                )
+            with self._one_change():  # a bad id or option: settings and chats stay as they were
+                for key in MODEL_KEYS:
+                    setattr(self, key, getattr(args, key) or before[key])
+                named = self.model or os.environ.get("LLAVA_NB_MODEL", "")
+                if (args.remote_model or args.api_key) and not is_remote(named):
+                    raise LlavaError(
+                        "--remote-model and --api-key are for a server "
+                        "(openai:http://host:port/v1); leave them out for local weights"
+                    )
+        except TraitError as e:
+            raise LlavaError(str(e)) from None
+        try:
             self._current_model().load()
-        except BaseException as e:  # a bad id or option leaves the settings and model as they were
+        except BaseException as e:
             loaded = self.current if isinstance(e, KeyboardInterrupt) else None
             if loaded is not None and loaded.loaded:  # a load cannot stop halfway: it ended
-                self._follow_current()
                 self._release_unused()  # as after any load: one model in memory at a time
                 raise LlavaError(
                     f"interrupted; {loaded.model_id} loaded all the same (a load cannot stop "
                     "halfway), and is the model in use: %llava unload frees it"
                 ) from None
-            for key, value in before.items():
-                setattr(self, key, value)
-            self.current = current
-            if isinstance(e, TraitError):
-                raise LlavaError(str(e)) from None
+            with self._one_change():  # it failed: the model before is the one in use again
+                for key, value in before.items():
+                    setattr(self, key, value)
             if isinstance(e, KeyboardInterrupt):
                 raise LlavaError("interrupted; nothing was loaded") from None
             raise
-        self._follow_current()
         self._release_unused()  # one model in memory at a time
 
     def _cmd_unload(self, args) -> None:
@@ -515,7 +583,7 @@ class LlavaMagics(Magics):
             print("llava_nb: no model is loaded")
             return
         for model in loaded.values():
-            model.unload()
+            _unload(model)
             print(f"llava_nb: unloaded {model.model_id}")
         self._retired.clear()
 
@@ -618,16 +686,34 @@ class LlavaMagics(Magics):
                 f"({reset})"
             )
         if chat.model.model_id == self._current_model().model_id:
+            chat.model = self.current  # with its settings (quantization, device): one copy
             self.pinned.discard(args.chat)
         else:
             self.pinned.add(args.chat)
+        if args.chat in self.chats:
+            self._retire(self.chats[args.chat].model)
         self.chats[args.chat] = chat
+        self._release_unused()
         print(f"llava_nb: opened {args.file} as chat '{args.chat}' ({_turns(chat)})")
+
+    def _cmd_adapter(self, args) -> None:
+        """The way back, too, for a chat opened with an adapter that is no longer there: its
+        every question failed, and only Python (chat.use_adapter(None)) could change it."""
+        chat = self._existing(args.chat)
+        chat.use_adapter(None if args.path.lower() == "none" else args.path)
+        using = f"adapter {chat.adapter}" if chat.adapter else "the base model"
+        print(f"llava_nb: chat '{args.chat}' answers with {using}")
 
     def _cmd_config(self, args):
         names = self.class_trait_names(config=True)
-        before = {name: getattr(self, name) for name in names}
-        try:
+        if not args.assignments:
+            shown = {
+                n: "'***'" if n == "api_key" and self.api_key else repr(getattr(self, n))
+                for n in names
+            }
+            return _table([{"key": n, "value": value} for n, value in shown.items()])
+        device = self.device
+        with self._one_change():  # all or nothing
             for assignment in args.assignments:
                 key, sep, value = assignment.partition("=")
                 key = key.replace("-", "_")
@@ -637,29 +723,11 @@ class LlavaMagics(Magics):
                     setattr(self, key, self.traits()[key].from_string(value))
                 except Exception as e:
                     raise LlavaError(f"bad value for {key}: {value!r} ({e})") from None
-            if self.device and self.device != before["device"]:  # there, not only well spelled
+            if self.device and self.device != device:  # there, not only well spelled
                 from llava_nb.models import _check_device
 
                 _check_device(self.device)
-            if self.model and self.model != before["model"]:
-                from llava_nb.models import check_local_path
-                from llava_nb.remote import is_remote
-
-                if not is_remote(self.model):
-                    check_local_path(self.model)  # a hub id is checked when it loads
-            if any(getattr(self, key) != before[key] for key in MODEL_KEYS):
-                self._follow_current()
-        except LlavaError:  # all or nothing
-            for name, value in before.items():
-                if getattr(self, name) != value:
-                    setattr(self, name, value)
-            raise
-        if not args.assignments:
-            shown = {
-                n: "'***'" if n == "api_key" and self.api_key else repr(getattr(self, n))
-                for n in names
-            }
-            return _table([{"key": n, "value": value} for n, value in shown.items()])
+        return None
 
 
 def _turns(chat) -> str:
@@ -667,12 +735,67 @@ def _turns(chat) -> str:
     return f"{n} turn" if n == 1 else f"{n} turns"
 
 
+def _prints_displays(shell) -> bool:
+    """Whether displays are printed as text (IPython in a terminal): there a display cannot be
+    updated in place, and each update of a streamed answer printed it again on a new line."""
+    publisher = getattr(shell, "display_pub", None)
+    return publisher is not None and type(publisher).publish is DisplayPublisher.publish
+
+
+def _print_stream(chat, pieces) -> tuple[str, bool]:
+    """Print the answer as it grows, on one text, as a terminal chat does. Returns the answer
+    as the chat recorded it, and whether it was interrupted."""
+    turns, written = len(chat.history), False
+    try:
+        with closing(pieces):
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                written = True
+    except KeyboardInterrupt:
+        print(" (interrupted)", flush=True)
+        return (chat.history[-1].answer if len(chat.history) > turns else ""), True
+    except BaseException:
+        if written:  # the error line goes on a line of its own
+            print(flush=True)
+        raise
+    print(flush=True)
+    return chat.history[-1].answer, False
+
+
+def _unload(model) -> None:
+    """Unload `model` whole, even when an interrupt lands meanwhile: there is nothing left for it
+    to stop, and a release cut short leaves its state behind (cached GPU memory, a status that
+    says loaded). The interrupt is told in one line, not raised."""
+    interrupted = False
+    while True:
+        try:
+            model.unload()  # again after an interrupt: it releases what is left
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        print(
+            f"llava_nb: interrupted while releasing {model.model_id}; released all the same "
+            "(a release cannot stop halfway)",
+            file=sys.stderr,
+        )
+
+
 def register(shell) -> None:
     """Register the magics; on `%reload_ext llava_nb`, the new ones carry on the old ones'
     chats, settings and loaded model (else the chats were lost and the weights stranded)."""
     old = next((c for c in shell.configurables if isinstance(c, LlavaMagics)), None)
     if old is None:
-        magics = LlavaMagics(shell=shell)  # %config and ipython_config.py settings apply
+        try:
+            magics = LlavaMagics(shell=shell)  # %config and ipython_config.py settings apply
+        except TraitError as e:  # else %load_ext failed, and there was no %llava to fix it
+            print(
+                f"llava_nb: the configured LlavaMagics settings were refused ({e}); using the "
+                "defaults: fix ipython_config.py, or set them with %llava config",
+                file=sys.stderr,
+            )
+            magics = LlavaMagics(shell=shell, config=Config())
     else:  # the old one's settings: the shell's config may hold values it refused
         magics = LlavaMagics(shell=shell, config=Config())
         for name in magics.class_trait_names(config=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -261,9 +262,10 @@ def test_output_variable(shell, magics):
         assert cap.outputs[-1].data["text/markdown"] == reply  # no cell value: the display keeps it
     finally:
         shell.user_ns.pop("reply", None)
-    result, cap = ask(shell, "-o 2bad", "What is this?")
-    one_error(cap, "-o", "not a Python variable name")
-    assert "2bad" not in shell.user_ns and len(magics.chats["default"].history) == 1
+    for name in ("2bad", "class"):  # `class = ...` is no variable either: it cannot be read
+        result, cap = ask(shell, f"-o {name}", "What is this?")
+        one_error(cap, "-o", f"'{name}' is not a Python variable name")
+        assert name not in shell.user_ns and len(magics.chats["default"].history) == 1
 
 
 def test_attention_without_an_image_is_refused_before_asking(shell, magics):
@@ -330,6 +332,32 @@ def test_model_option_pins_a_chat(shell, magics, tiny_llava, tiny_llava_next):
     assert (
         f"**model**: {tiny_llava}" in status and f"**also loaded**: {tiny_llava_next} (" in status
     )
+
+
+def test_a_model_no_chat_uses_any_more_is_released(
+    shell, magics, tiny_llava, tiny_llava_next, tmp_path
+):
+    """A chat pinned to a model (-m) that starts afresh (--new), moves to another model (-m), or
+    is replaced by a chat file leaves its model to no one: it is released, not kept in memory
+    where neither `%llava status` shows it nor `%llava unload` finds it."""
+    ask(shell, f"-c p -m {tiny_llava_next}", "Pinned?")
+    pinned = magics.chats["p"].model
+    ask(shell, "-c p --new", "Fresh?")
+    assert magics.chats["p"].model.model_id == tiny_llava and not pinned.loaded
+    ask(shell, f"-c q -m {tiny_llava_next}", "Pinned again?")
+    ask(shell, f"-c q -m {tiny_llava}", "Another model?")
+    assert not pinned.loaded and magics.chats["q"].model.model_id == tiny_llava
+    ask(shell, "-c saved", "Saved?")
+    cmd(shell, f"save {tmp_path / 'saved.json'} saved")
+    ask(shell, f"-c r -m {tiny_llava_next}", "Pinned once more?")
+    cmd(shell, "undo r")  # empty: a chat file may be opened over it
+    cmd(shell, "config quantization=none")  # the file says only the model's name
+    _, cap = cmd(shell, f"open {tmp_path / 'saved.json'} r")
+    assert quiet(cap) and not pinned.loaded
+    assert magics.chats["r"].model is magics.current  # not a second copy, as a panel would load
+    ask(shell, f"-c s -m {tiny_llava_next}", "Kept while used?")
+    ask(shell, "-c s", "Still pinned?")
+    assert magics.chats["s"].model.loaded  # a pinned chat's model stays while it is used
 
 
 def test_config_model_switches_panels_and_cells_alike(shell, magics, tiny_llava, tiny_llava_next):
@@ -410,6 +438,38 @@ def test_percent_config_sets_the_default_model(shell, magics, tiny_llava_next):
     with capture_output():
         shell.run_line_magic("config", "LlavaMagics.max_new_tokens = 0")  # IPython logs it
     assert magics.max_new_tokens == 4
+
+
+def test_percent_config_switches_open_chats_as_llava_config_does(
+    shell, magics, tiny_llava, tiny_llava_next, tmp_path, caplog
+):
+    """IPython's own `%config LlavaMagics.model = ...` switches the chats that follow the
+    configured model at once, as `%llava config model=...` does (a panel on one answers with
+    it, `%llava chats` shows it); pinned chats keep theirs; a missing folder is refused by both."""
+    from llava_nb import models
+
+    ask(shell, f"-c pinned -m {tiny_llava}", "Pinned?")
+    ask(shell, "", "Old model?")
+    with capture_output() as cap:
+        shell.run_line_magic("config", f"LlavaMagics.model = {tiny_llava_next!r}")
+    assert quiet(cap)
+    assert magics.current.model_id == tiny_llava_next
+    assert magics.chats["default"].model is magics.current
+    assert magics.chats["pinned"].model.model_id == tiny_llava
+    assert f"| default | {tiny_llava_next} | 1 |" in markdown(cmd(shell, "chats")[0])
+    with capture_output():
+        shell.run_line_magic("config", "LlavaMagics.model = '/no/such/folder'")  # IPython logs
+    assert "model folder '/no/such/folder' does not exist; check the path" in caplog.text
+    assert magics.model == tiny_llava_next and magics.chats["default"].model is magics.current
+    # several model keys at once: the chats switch once, to the model they all name
+    linked = tmp_path / "linked"
+    linked.symlink_to(tiny_llava)
+    _, cap = cmd(shell, f"config model={linked} quantization=none device=cpu")
+    assert quiet(cap)
+    assert [key for key in models._shared if key[0] == str(linked)] == [
+        (str(linked), "none", "cpu")
+    ]
+    assert magics.chats["default"].model is models._shared[(str(linked), "none", "cpu")]
 
 
 def test_env_variable_gives_the_default_model(shell, magics, tiny_llava_next, monkeypatch):
@@ -519,6 +579,8 @@ def test_unknown_model_fails_fast_and_harms_nothing(shell, magics, tiny_llava):
     _, cap = ask(shell, "-c fresh -m /no/such/folder", "Third?")
     one_error(cap, "/no/such/folder")
     _, cap = cmd(shell, "load /no/such/folder --device tpu")  # the model named first
+    one_error(cap, "model folder '/no/such/folder' does not exist")
+    _, cap = cmd(shell, f"load {tiny_llava} --device tpu")
     one_error(cap, "unknown device 'tpu'; use cuda, cuda:N, mps or cpu")
     _, cap = cmd(shell, f"load {tiny_llava} --remote-model m")
     one_error(cap, "--remote-model and --api-key are for a server")
@@ -689,6 +751,29 @@ def test_open_a_damaged_chat_file_names_turn_and_field(shell, magics, tmp_path):
             _, cap = cmd(shell, line)
             one_error(cap, f"chat file '{path}' is damaged", fragment)
     assert snapshot(magics) == before
+
+
+def test_adapter_command_sets_and_clears_a_chats_adapter(shell, magics, tmp_path):
+    """A chat opened from a file whose adapter folder is gone failed every question, and only
+    Python could clear it; `%llava adapter none` answers with the base model again."""
+    ask(shell, "-c tuned", "Saved?")
+    path = tmp_path / "tuned.json"
+    cmd(shell, f"save {path} tuned")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "adapter": str(tmp_path / "gone")}))
+    cmd(shell, f"open {path} restored")
+    _, cap = ask(shell, "-c restored", "Still there?")
+    one_error(cap, f"adapter folder '{tmp_path / 'gone'}' not found")
+    _, cap = cmd(shell, f"adapter {tmp_path / 'nowhere'} restored")
+    one_error(cap, "not found")
+    assert magics.chats["restored"].adapter == str(tmp_path / "gone")  # unchanged
+    _, cap = cmd(shell, "adapter none restored")
+    assert cap.stdout.strip() == "llava_nb: chat 'restored' answers with the base model"
+    result, cap = ask(shell, "-c restored", "Still there?")
+    assert quiet(cap) and result == magics.chats["restored"].history[-1].answer
+    assert len(magics.chats["restored"].history) == 2
+    _, cap = cmd(shell, "adapter none nope")
+    one_error(cap, "no chat named 'nope'")
 
 
 # ---------------------------------------------------------------- bad input
@@ -862,6 +947,34 @@ print("HEAVY:", sorted(m for m in ("torch", "transformers") if m in sys.modules)
     assert "HEAVY: []" in done.stdout, done.stdout + done.stderr
 
 
+def test_a_refused_configured_value_leaves_the_magics_loaded():
+    """A value ipython_config.py (or a %config before %load_ext) gives that the magics refuse
+    is one line at %load_ext, and the magics load with their defaults: not a traceback, and no
+    %llava to fix it with."""
+    code = """
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+shell.config.LlavaMagics.device = "tpu"
+shell.run_line_magic("load_ext", "llava_nb")
+shell.run_line_magic("llava", "config max_new_tokens=16")
+magics = shell.magics_manager.registry["LlavaMagics"]
+print("SETTINGS:", repr(magics.device), magics.max_new_tokens)
+"""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SETTINGS: '' 16" in done.stdout, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("llava_nb: the configured LlavaMagics settings were refused")
+    assert "unknown device 'tpu'" in lines[0]
+
+
 @pytest.fixture
 def stalled_url():
     """An image URL whose server answers only once the test is done (an interrupt comes first)."""
@@ -916,9 +1029,24 @@ def test_an_interrupted_load_keeps_the_model_it_loaded_and_no_other(shell, magic
     in_use = magics.current
     other = get_model(make_tiny_llava(tmp_path / "other", "llava", width=256, layers=4))
 
+    def waiting_for_the_load() -> bool:
+        """The main thread waits for the load thread to finish (not still starting it: an
+        interrupt in Thread.start escapes models._on_a_thread_of_its_own, a race of its own)."""
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        while frame is not None and frame.f_back is not None:
+            if (frame.f_code.co_name, frame.f_back.f_code.co_name) == (
+                "wait",
+                "_on_a_thread_of_its_own",
+            ):
+                return True
+            frame = frame.f_back
+        return False
+
     def interrupt_while_loading() -> None:  # a real SIGINT, once the load says it began
         deadline = time.monotonic() + 30
-        while "llava_nb: loading" not in getattr(sys.stdout, "getvalue", str)():
+        while "llava_nb: loading" not in getattr(sys.stdout, "getvalue", str)() or (
+            not waiting_for_the_load()
+        ):
             if time.monotonic() > deadline:
                 return
             time.sleep(0.001)
@@ -950,3 +1078,130 @@ def test_values_read_as_text_where_markdown_is_not_shown(shell, magics):
         data, _ = shell.display_formatter.format(value)
         assert data["text/plain"] == data["text/markdown"], data
     assert "**You:**" in shell.display_formatter.format(values[2])[0]["text/plain"]
+
+
+def test_an_interrupt_while_the_old_model_is_released_prints_one_line(shell, magics, tmp_path):
+    """`%llava load other` releases the model used before, after the answer a panel's thread is
+    finishing on it; an interrupt landing there (a real SIGINT) leaves one line, the new model
+    in use and the old one wholly released."""
+    from llava_nb.models import Model, get_model
+    from llava_nb.testing import make_tiny_llava
+
+    cmd(shell, "load")
+    old = magics.current
+    other = get_model(make_tiny_llava(tmp_path / "other", "llava"))
+    other.load()  # loaded already: the command goes straight to releasing the old model
+    held, release = threading.Event(), threading.Event()
+
+    def answer_finishing() -> None:  # another thread holds the old model, as a panel's does
+        with old._lock:
+            held.set()
+            release.wait(30)
+
+    def releasing() -> bool:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        while frame is not None and frame.f_code is not Model.unload.__code__:
+            frame = frame.f_back
+        return frame is not None
+
+    def interrupt_while_releasing() -> None:
+        deadline = time.monotonic() + 30
+        while not releasing() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(os.getpid(), SIGINT)
+        time.sleep(0.2)
+        release.set()
+
+    holder = threading.Thread(target=answer_finishing)
+    holder.start()
+    held.wait(30)
+    watcher = threading.Thread(target=interrupt_while_releasing)
+    watcher.start()
+    try:
+        _, cap = cmd(shell, f"load {other.model_id}")
+        watcher.join()
+        time.sleep(0.05)
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the magic as a traceback")
+    finally:
+        release.set()
+        holder.join()
+    assert "Traceback" not in cap.stdout + cap.stderr
+    one_error(cap, f"interrupted while releasing {old.model_id}; released all the same")
+    assert magics.current is other and other.loaded and magics.model == other.model_id
+    assert not old.loaded and old.status()["state"] == "unloaded"
+    assert magics._retired == []
+    _, cap = ask(shell, "", "Still there?")
+    assert quiet(cap) and magics.chats["default"].model is other
+
+
+# ---------------------------------------------------------------- terminal IPython
+
+
+def test_terminal_ipython_prints_the_streamed_answer_once(endless_llava, tmp_path):
+    """In IPython in a terminal (a real pty; displays are printed there, never updated) the
+    answer streams on one growing text, printed once: not a new line per partial answer, nor a
+    placeholder, nor the answer again as the cell's value."""
+    import pexpect
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+        "HF_HUB_OFFLINE": "1",
+        "TERM": "xterm",
+    }
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False"],
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 200),
+    )
+    prompts = iter(range(1, 100))
+    child.expect(rf"In \[{next(prompts)}\]")
+
+    def run(*lines: str, interrupt: bool = False) -> str:
+        """Type a cell as a user does (Esc-Enter runs it); what it printed, colours stripped.
+        With `interrupt`, Ctrl-C once the answer has begun to stream."""
+        for line in lines[:-1]:
+            child.send(line + "\r")
+        child.send(lines[-1] + "\x1b\r")
+        begun = ""
+        if interrupt:
+            child.expect("\x1b\\[\\?2004l.")  # the cell runs and has printed a first piece
+            begun = child.after
+            child.sendintr()
+        child.expect(rf"In \[{next(prompts)}\]")
+        printed = (begun + child.before).split("\x1b[?2004l")[-1]  # from where the cell ran
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", printed).replace("\r\n", "\n")
+
+    try:
+        run("%load_ext llava_nb")
+        run(f"%llava config model={endless_llava!r} max_new_tokens=12")
+        run("%llava load")
+        printed = run("%%llava", "What is in this picture?")
+        answer = json.loads(
+            run(
+                "import json; print(json.dumps(get_ipython().magics_manager.registry"
+                "['LlavaMagics'].chats['default'].history[-1].answer))"
+            ).strip()
+        )
+        stopped = run("%%llava --max-new-tokens 5000", "Go on and on.", interrupt=True)
+        last = json.loads(
+            run(
+                "print(json.dumps(get_ipython().magics_manager.registry['LlavaMagics']"
+                ".chats['default'].history[-1].__dict__, default=str))"
+            ).strip()
+        )
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert answer and printed.strip("\n") == answer.strip("\n"), printed
+    assert "Out[" not in printed and "…" not in printed
+    # Ctrl-C: the partial answer stays on its line, marked; the chat keeps it
+    assert last["question"] == "Go on and on." and last["interrupted"]
+    assert stopped.rstrip("\n").endswith(" (interrupted)") and "Traceback" not in stopped
+    assert last["answer"] and last["answer"].strip("\n") in stopped
