@@ -329,6 +329,8 @@ class Model:
         self._weights_version = 0  # bumped whenever the weights change (adapters): stale caches
         self._generator: ThreadPoolExecutor | None = None  # the thread answers run on
         self._answers: weakref.WeakSet[Generation] = weakref.WeakSet()  # started, not ended
+        self._watchers: list[Callable[[], Callable[[str], None] | None]] = []  # on_state_change
+        self._watchers_lock = threading.Lock()
 
     def _generation_thread(self) -> ThreadPoolExecutor:
         """The one thread this model's answers run on, kept until it is unloaded. A thread per
@@ -375,11 +377,38 @@ class Model:
             status["gpu_memory_allocated"] = torch.cuda.memory_allocated(self.device)
         return status
 
+    def on_state_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call `callback(event)` when the model starts loading ("loading"), has loaded
+        ("loaded"), failed to load ("failed": unloaded again) or was unloaded ("unloaded"), on
+        the thread that did it, so views (a panel's status line) follow loads and unloads made
+        anywhere. A bound method is held weakly (a view that is dropped is not kept alive by the
+        model it showed); any other callable until the returned function unsubscribes it."""
+        ref = weakref.WeakMethod(callback) if inspect.ismethod(callback) else lambda: callback
+        with self._watchers_lock:
+            self._watchers = [w for w in self._watchers if w() is not None] + [ref]
+
+        def unsubscribe() -> None:
+            with self._watchers_lock:
+                self._watchers = [w for w in self._watchers if w is not ref]
+
+        return unsubscribe
+
+    def _changed(self, event: str) -> None:
+        for ref in self._watchers:  # a list replaced, never changed in place: safe to walk
+            callback = ref()
+            if callback is None:
+                continue
+            try:
+                callback(event)
+            except Exception:  # a broken view must not break a load or an unload
+                logging.getLogger(__name__).exception("llava_nb: a model listener failed")
+
     def load(self) -> Model:
         """Load weights and processor now (a no-op when loaded); prints one progress line."""
         with self._lock:
             if self.model is None:
                 self._state = "loading"
+                self._changed("loading")
                 try:
                     _on_a_thread_of_its_own(self._load)
                 except KeyboardInterrupt:
@@ -387,11 +416,14 @@ class Model:
                         self._release()
                     else:  # it came during a load that then succeeded: keep it
                         self._state = "loaded"
+                    self._changed(self._state)
                     raise
                 except BaseException:
                     self._release()
+                    self._changed("failed")
                     raise
                 self._state = "loaded"
+                self._changed("loaded")
         return self
 
     def _load(self) -> None:
@@ -474,7 +506,10 @@ class Model:
         for answer in list(self._answers):
             answer.stop()
         with self._lock:
+            was = self._state
             self._release()
+        if was != "unloaded":
+            self._changed("unloaded")
 
     def _release(self) -> None:
         with _generator_made:  # its thread ends once the answers queued on it have run

@@ -45,14 +45,6 @@ def _panels() -> list[ChatPanel]:
         return list(_open_panels)
 
 
-def _show_model_state(model: Any) -> None:
-    """Redraw the status line of every open panel on `model`: it tells no one when it loads or
-    unloads (so this runs after a panel's question, and `_after_cell` after each cell)."""
-    for panel in _panels():
-        if panel.chat.model is model:
-            panel.status = panel._status_text()
-
-
 def _show_settings(chat: Any) -> None:
     """Show every open panel on `chat` its settings, which another panel changed."""
     for panel in _panels():
@@ -61,18 +53,19 @@ def _show_settings(chat: Any) -> None:
 
 
 def _after_cell(result: Any = None) -> None:
-    """IPython's post_run_cell: a cell may have loaded or unloaded a model (`model.unload()`), or
-    changed a chat's settings (`%llava config`, `chat.settings[...] = ...`)."""
+    """IPython's post_run_cell, for what tells no one when it changes: a chat's settings (a
+    plain dict: `%llava config`, `chat.settings[...] = ...`), its model replaced (`chat.model =
+    ...`), a server's connection (a `RemoteModel` has no `on_state_change`)."""
     for panel in _panels():
         try:
-            panel.status = panel._status_text()
+            panel._watch_model()
             panel._sync_settings()
         except Exception:  # a chat edited into what it cannot show: no traceback after each cell
             logging.getLogger(__name__).debug("llava_nb: panel not redrawn", exc_info=True)
 
 
 def _follow_cells() -> None:
-    """Redraw the panels' status lines and settings after each cell of this IPython session."""
+    """Redraw the panels' settings (and models, if replaced) after each cell of this session."""
     from IPython import get_ipython
 
     shell = get_ipython()
@@ -124,6 +117,9 @@ class ChatPanel(anywidget.AnyWidget):
     live_answer = t.Unicode("").tag(sync=True)
     attachments = t.List(t.Unicode()).tag(sync=True)  # images waiting for the next question
     busy = t.Bool(False).tag(sync=True)
+    # False while a running cell reads the answer: the kernel takes the panel's Stop only once
+    # the cell ends (with the answer), so Stop is greyed out and says to interrupt the kernel
+    stoppable = t.Bool(True).tag(sync=True)
     status = t.Unicode("").tag(sync=True)
     error = t.Unicode("").tag(sync=True)
     draft = t.Unicode("").tag(sync=True)  # a question that failed, given back to the input box
@@ -136,6 +132,8 @@ class ChatPanel(anywidget.AnyWidget):
 
         self._stopping = threading.Event()
         self._unsubscribe = lambda: None  # so close() works whatever happens below
+        self._unwatch_model: Any = lambda: None
+        self._model: Any = None  # the model whose loads and unloads the status line follows
         if chat is None:
             chat = Chat(model)
         elif model is not None:
@@ -165,6 +163,7 @@ class ChatPanel(anywidget.AnyWidget):
                 self._joining, self._pieces = True, [answering.text]  # redone at its next piece
                 self._live = answering
         self.on_msg(self._on_message)
+        self._watch_model()
         self._sync()
         with _open_panels_lock:
             _open_panels.add(self)
@@ -177,6 +176,7 @@ class ChatPanel(anywidget.AnyWidget):
         """Stop following the chat (and stop an answer being written), then close the widget."""
         self._stopping.set()
         self._unsubscribe()
+        self._unwatch_model()
         with _open_panels_lock:
             _open_panels.discard(self)
         super().close()
@@ -190,6 +190,7 @@ class ChatPanel(anywidget.AnyWidget):
             if live is not None and turn is live.turn:  # (a second question at once: not shown)
                 if self._joining:  # opened mid-answer: all it has said so far, this piece too
                     self._pieces, self._joining = [live.text], False
+                    self.stoppable = threading.current_thread() is not threading.main_thread()
                 else:
                     self._pieces.append(piece)
                 if time.monotonic() - self._shown >= UPDATE_INTERVAL_S:
@@ -199,11 +200,26 @@ class ChatPanel(anywidget.AnyWidget):
         with self._lock:
             if event == "start":  # the chat's `answering` is this turn's, set before the event
                 self._live, self._pieces, self._shown = self.chat.answering, [], 0.0
+                self.stoppable = threading.current_thread() is not threading.main_thread()
             else:  # end, undo, reset
                 self._live, self._joining = None, False
             self._sync()
-        if event in ("start", "end"):  # the model is loaded (or an unload stopped the answer)
-            _show_model_state(self.chat.model)
+
+    def _watch_model(self) -> None:
+        """Follow the chat's model as it loads and unloads, on whatever thread does it (a cell,
+        a timer, another chat's panel): the status line says so at once. The chat's model may
+        have been replaced (`chat.model = ...`): the new one is followed instead."""
+        model = self.chat.model
+        if model is not self._model:
+            self._unwatch_model()
+            self._model = model
+            watch = getattr(model, "on_state_change", None)  # a server's RemoteModel has none
+            self._unwatch_model = watch(self._on_model_state) if watch else lambda: None
+        self.status = self._status_text()
+
+    def _on_model_state(self, event: str) -> None:
+        """The model's `on_state_change` (held weakly: it does not keep this panel alive)."""
+        self.status = self._status_text()
 
     def _sync(self) -> None:
         """Send the chat as it is now: its turns, the turn it is answering (if any: this panel's
@@ -298,6 +314,8 @@ class ChatPanel(anywidget.AnyWidget):
                 self._stop()
             elif kind == "regenerate":
                 self._regenerate()
+            elif kind == "undo":
+                self._undo()
             elif kind == "clear":
                 self._clear()
         except LlavaError as e:
@@ -368,6 +386,13 @@ class ChatPanel(anywidget.AnyWidget):
         self.attachments = []
         self.error = ""
         self.chat.reset()
+
+    def _undo(self) -> None:
+        """Forget the last question and its answer, in the chat (so in every view of it)."""
+        self._check_idle()
+        if self.chat.undo() is None:
+            raise PanelError("there is nothing to undo; the chat has no questions yet")
+        self.error = ""
 
     def _ask(self, text: str) -> None:
         self._check_idle()
@@ -466,4 +491,4 @@ class ChatPanel(anywidget.AnyWidget):
             loaded.set()
             ticker.join()
             self._loading_since = None
-            _show_model_state(self.chat.model)  # other chats' panels on this model too
+            self.status = self._status_text()  # (other panels on the model: on_state_change)

@@ -141,6 +141,7 @@ def test_stop_ends_the_answer_and_keeps_it_marked_stopped(endless_llava):
     other.close()
 
     stopped_at = time.monotonic()
+    assert panel.stoppable  # the panel's own worker reads it: Stop works
     message(panel, "stop")
     finish(panel)
     assert time.monotonic() - stopped_at < 2
@@ -213,6 +214,38 @@ def test_a_regeneration_stopped_or_failed_keeps_the_previous_answer(endless_llav
     assert [t["answer"] for t in other.turns] == [before.answer]
 
 
+def test_undo_forgets_the_last_turn_in_every_view(endless_llava):
+    """Undo in one panel: the chat forgets its last question and answer, and so does every
+    panel on it; nothing to undo, or an answer being written, says so and changes nothing."""
+    chat = ln.Chat(endless_llava, max_new_tokens=4)
+    chat.ask("One?")
+    chat.ask("Two?")
+    first, second = ChatPanel(chat), ChatPanel(chat)
+    message(first, "undo")
+    assert [t.question for t in chat.history] == ["One?"] and first.error == ""
+    for view in (first, second):
+        assert [t["question"] for t in view.turns] == ["One?"]
+
+    chat.settings["max_new_tokens"] = 1000
+    message(second, "send", text="Tell me everything.")
+    deadline = time.monotonic() + WAIT_S
+    while not first.live_answer and time.monotonic() < deadline:
+        time.sleep(0.01)
+    message(second, "undo")
+    assert second.error.startswith("an answer is still being written")
+    message(first, "undo")  # the other panel's answer
+    assert first.error.startswith("this chat is still answering a question")
+    message(second, "stop")
+    finish(second)
+    assert [t.question for t in chat.history] == ["One?", "Tell me everything."]
+
+    for _ in range(2):
+        message(second, "undo")
+    assert chat.history == [] and first.turns == second.turns == []
+    message(first, "undo")
+    assert first.error == "there is nothing to undo; the chat has no questions yet"
+
+
 def test_settings_from_the_front_end_go_to_the_chat(tiny_llava):
     chat = ln.Chat(tiny_llava, temperature=0.0, max_new_tokens=9)
     panel = ChatPanel(chat)
@@ -260,6 +293,8 @@ def test_questions_asked_elsewhere_stream_into_the_panel(endless_llava, photo):
     seen = []
     for piece in chat.stream("From a cell?", photo):  # as a %%llava cell asks it
         seen.append((piece, panel.live_question.get("question"), panel.live_answer))
+        # the kernel, busy with the cell, would take the panel's Stop only once it ends
+        assert not panel.stoppable
     assert all(question == "From a cell?" for _, question, _ in seen)
     shown = "".join(piece for piece, _, _ in seen)
     assert seen[0][2] == seen[0][0]  # the first piece is shown at once, later ones throttled
@@ -335,6 +370,7 @@ def test_a_panel_opened_mid_answer_shows_the_live_turn(endless_llava, photo):
     assert paused.live_question["question"] == "And then?"
     assert paused.live_answer == "".join(read)
     read.append(next(pieces))
+    assert not paused.stoppable  # read on the main thread, as by a cell
     pieces.close()
     assert chat.history[-1].answer == "".join(read) and paused.live_question == {}
 
@@ -358,33 +394,90 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def test_the_status_line_follows_unload_and_load_from_cells(tiny_llava, monkeypatch, tmp_path):
-    """The model unloaded (or loaded) in a cell, or loaded by another chat's panel: every panel
-    on it says so once the cell ends, and the next question loads it again."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from IPython.utils.capture import capture_output
+def _on_a_thread(work) -> None:
+    """`work()` on a thread of its own (a timer, a server's worker), not the kernel's."""
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(WAIT_S)
 
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
-    shell = InteractiveShell.instance()
+
+def test_the_status_line_follows_loads_and_unloads_made_anywhere(tiny_llava):
+    """The model loaded or unloaded on another thread (no cell runs), or loaded by another
+    chat's panel: every panel on it says so at once, and the next question loads it again."""
     model = ln.Model(tiny_llava)
-    shell.user_ns["chat"] = ln.Chat(model, max_new_tokens=4)
-    with capture_output():
-        shell.run_cell("import llava_nb as ln\npanel = ln.ChatPanel(chat)")
-    panel = shell.user_ns["panel"]
+    panel = ChatPanel(ln.Chat(model, max_new_tokens=4))
+    statuses = record(panel, "status")
     assert "not loaded" in panel.status
-    with capture_output():
-        shell.run_cell("chat.model.load()")
+    _on_a_thread(model.load)
+    assert any(s.endswith("· loading…") for s in statuses)
     assert re.search(r"· loaded in \d+\.\d s$", panel.status)
-    with capture_output():
-        shell.run_cell("chat.model.unload()")
+    _on_a_thread(model.unload)
     assert "not loaded (loads with the next question)" in panel.status
 
     other = ChatPanel(ln.Chat(model, max_new_tokens=4))  # another chat on the same model
     message(other, "send", text="Loaded again?")
     finish(other)
     assert "· loaded in" in panel.status and "· loaded in" in other.status
-    panel.close()
+    panel.close()  # a closed panel no longer follows it
+    _on_a_thread(model.unload)
+    assert "· loaded in" in panel.status and "not loaded" in other.status
     other.close()
+
+
+def test_a_panel_follows_the_model_its_chat_is_given(tiny_llava, monkeypatch, tmp_path):
+    """`chat.model = ...` in a cell: the panel shows the new model, and follows its unloads."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    shell = InteractiveShell.instance()
+    shell.user_ns["chat"] = chat = ln.Chat(ln.Model(tiny_llava), max_new_tokens=4)
+    panel = ChatPanel(chat)
+    new = ln.Model(tiny_llava).load()
+    shell.user_ns["new"] = new
+    with capture_output():
+        shell.run_cell("chat.model = new")
+    assert "· loaded in" in panel.status
+    _on_a_thread(new.unload)
+    assert "not loaded" in panel.status
+    panel.close()
+
+
+def test_model_state_events_and_their_listeners(tiny_llava, tmp_path):
+    """`Model.on_state_change`: loading, loaded, failed, unloaded; a bound method is held
+    weakly (a dropped view is not kept alive), unsubscribing ends the calls."""
+    import gc
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llava, broken)
+    (broken / "model.safetensors").write_bytes(b"truncated")
+
+    class View:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def changed(self, event: str) -> None:
+            self.events.append(event)
+
+    model, view, events = ln.Model(str(broken)), View(), []
+    model.on_state_change(view.changed)
+    unsubscribe = model.on_state_change(events.append)
+    with pytest.raises(ln.LlavaError, match="cannot be loaded"):
+        model.load()
+    model.unload()  # not loaded: nothing changes, nothing is said
+    model.model_id = tiny_llava  # fixed
+    _on_a_thread(model.load)
+    model.unload()
+    assert view.events == events == ["loading", "failed", "loading", "loaded", "unloaded"]
+    unsubscribe()
+    dropped = __import__("weakref").ref(view)
+    del view
+    gc.collect()
+    assert dropped() is None  # the model did not keep it
+    model.load()
+    assert events == ["loading", "failed", "loading", "loaded", "unloaded"]
+    model.unload()
 
 
 def test_two_panels_on_two_chats_do_not_mix(tiny_llava):

@@ -160,9 +160,10 @@ DROP_AND_PASTE = """async (what) => {
         const options = {dataTransfer: dropped, bubbles: true, cancelable: true};
         panel.dispatchEvent(new DragEvent("dragover", options));
         panel.dispatchEvent(new DragEvent("drop", options));
-    } else if (what === "paste") {
+    } else if (what.startsWith("paste")) {  // returns whether the browser may paste it as well
         const pasted = files(new File([png], "pasted.png", {type: "image/png"}));
-        panel.querySelector("textarea").dispatchEvent(
+        if (what === "paste with text") pasted.setData("text/plain", "Copied from a report");
+        return panel.querySelector("textarea").dispatchEvent(
             new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
     } else {  // two files that are no images, in one drop
         const text = new File(["hello"], "notes.txt", {type: "text/plain"});
@@ -170,6 +171,25 @@ DROP_AND_PASTE = """async (what) => {
         const options = {dataTransfer: files(text, empty), bubbles: true, cancelable: true};
         panel.dispatchEvent(new DragEvent("drop", options));
     }
+}"""
+
+# A file dragged over the panel, from its edge onto its messages, then off it: whether the
+# panel is outlined as a drop target after each step (it flickered off over each of its parts).
+DRAG_ACROSS = """() => {
+    const panel = document.querySelector(".llava-panel");
+    const messages = panel.querySelector(".llava-messages");
+    const transfer = new DataTransfer();
+    transfer.items.add(new File(["x"], "x.png", {type: "image/png"}));
+    const drag = (type, target, relatedTarget) => target.dispatchEvent(new DragEvent(type,
+        {dataTransfer: transfer, relatedTarget, bubbles: true, cancelable: true}));
+    const outlined = () => panel.classList.contains("llava-drop");
+    drag("dragover", panel, null);
+    const seen = [outlined()];
+    drag("dragleave", panel, messages);  // onto its messages: still over the panel
+    seen.push(outlined());
+    drag("dragleave", messages, document.body);
+    seen.push(outlined());
+    return seen;
 }"""
 
 # The read of a file so named waits until window.__release() is called (a slow disk, a big file):
@@ -204,6 +224,7 @@ def lightness(colour: str) -> float:
 MARKDOWN_ANSWER = (
     "Some **bold** text:\n\n- one\n- two\n\n```python\nprint(1)\n```\n\n"
     "[a link](https://example.org) ![tracker](http://127.0.0.1:9/t.png)\n\n"
+    "Java's List<String> and C's #include <stdio.h>.\n\n"  # text, though it looks like HTML
     '<img src="x" onerror="window.__hacked = 1"><script>window.__hacked = 2</script>'
     "<style>body{visibility:hidden !important}</style>"  # restyle the whole page
     '<div style="position:fixed;inset:0;z-index:2147483647" class="jp-Dialog">cover</div>'
@@ -211,17 +232,18 @@ MARKDOWN_ANSWER = (
 )
 
 
-def run_new_cell(page, source: str) -> None:
-    """Add a cell at the end of the notebook and run it."""
+def run_new_cell(page, source: str, wait: bool = True) -> None:
+    """Add a cell at the end of the notebook and run it (`wait`: until it ends)."""
     page.evaluate(
-        """async (source) => {
+        """async ([source, wait]) => {
             const notebook = window.jupyterapp.shell.currentWidget.content;
             notebook.activeCellIndex = notebook.widgets.length - 1;
             await window.jupyterapp.commands.execute("notebook:insert-cell-below");
             notebook.activeCell.model.sharedModel.setSource(source);
-            return window.jupyterapp.commands.execute("notebook:run-cell");
+            const ran = window.jupyterapp.commands.execute("notebook:run-cell");
+            return wait ? ran : null;
         }""",
-        source,
+        [source, wait],
     )
 
 
@@ -324,6 +346,7 @@ def stream_then_stop(page, panel, question: str) -> None:
     expect(panel.locator(".llava-stop")).to_be_visible()
     panel.locator(".llava-stop").click()
     expect(panel.locator(".llava-send")).to_be_visible()
+    expect(box).to_be_focused()  # not lost with the Stop button: typing goes on in the panel
     stopped = panel.locator(".llava-assistant").last
     expect(stopped.locator(".llava-stopped")).to_have_text("stopped")
     answer = stopped.locator(".llava-text").inner_text()
@@ -358,6 +381,7 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         # drop's file arrives between them; x removes an attachment
         page.evaluate(DROP_AND_PASTE, "drop")
         expect(panel.locator(".llava-attachment img")).to_have_count(1)
+        assert page.evaluate(DRAG_ACROSS) == [True, True, False]  # outlined till it leaves
         page.evaluate(HOLD_READ, "empty.png")
         page.evaluate(DROP_AND_PASTE, "two bad files")
         error = panel.locator(".llava-error")
@@ -371,6 +395,11 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         expect(error).to_be_hidden()
         for _ in range(2):
             panel.locator(".llava-detach").first.click()
+        expect(panel.locator(".llava-attachment")).to_have_count(0)
+        # an image copied with text (from a document): both are pasted, the image attached
+        assert page.evaluate(DROP_AND_PASTE, "paste with text") is True
+        expect(panel.locator(".llava-attachment img")).to_have_count(1)
+        panel.locator(".llava-detach").click()
         expect(panel.locator(".llava-attachment")).to_have_count(0)
 
         # a file over what the notebook's connection carries is refused in the browser
@@ -401,7 +430,8 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         box.press("Shift+Enter")
         box.type("wearing?")
         expect(box).to_have_value("What is she\nwearing?")
-        box.press("Enter")
+        panel.locator(".llava-send").click()  # as Enter does; the next question is typed here
+        expect(box).to_be_focused()
         asked = panel.locator(".llava-user").nth(1)
         expect(asked.locator(".llava-text")).to_have_text("What is she\nwearing?")
         expect(asked.locator("img")).to_have_count(1)
@@ -446,6 +476,7 @@ def test_chat_panel_in_jupyterlab(browser, jupyter, endless_llava, tmp_path):
         expect(rendered.locator("strong")).to_have_text("bold")
         expect(rendered.locator("li")).to_have_text(["one", "two"])
         expect(rendered.locator("pre code")).to_have_text("print(1)")
+        expect(rendered).to_contain_text("Java's List<String> and C's #include <stdio.h>.")
         link = rendered.locator("a")
         expect(link).to_have_text("a link")  # opens a tab of its own
         assert (link.get_attribute("target"), link.get_attribute("rel")) == (
@@ -498,6 +529,36 @@ LAST_QUESTION_IN_VIEW = """([messages, text]) => {
 }"""
 
 
+# Grows a panel's live answer from the kernel as its worker does (every 50 ms, all of it), to
+# 60,000 characters of Markdown: far more than the tiny model's context lets it write.
+LONG_ANSWER = """import time
+def stream_long_answer(panel):
+    panel.live_question = {"question": "A very long answer?", "images": []}
+    text = ""
+    while len(text) < 60_000:
+        text += "Some **bold** words and `code` in a sentence, " * 5 + "\\n\\n"
+        panel.live_answer = text
+        time.sleep(0.05)
+    panel.live_answer = text + "The end."
+stream_long_answer(long_panel)"""
+
+# How late a 20 ms timer fires, on average and at worst, while it runs: the page's lag.
+WATCH_LAG = """() => {
+    window.__lags = [];
+    let last = performance.now();
+    window.__watch = setInterval(() => {
+        const now = performance.now();
+        window.__lags.push(now - last - 20);
+        last = now;
+    }, 20);
+}"""
+LAG = """() => {
+    clearInterval(window.__watch);
+    const lags = window.__lags;
+    return [lags.reduce((a, b) => a + b, 0) / lags.length, Math.max(...lags)];
+}"""
+
+
 def test_panel_on_a_long_chat_shows_its_end(browser, jupyter, endless_llava, tmp_path):
     """A panel opened on a chat with a long history starts at its last turn (thumbnails
     loaded), and a question sent while the user reads further up is scrolled into view."""
@@ -522,8 +583,11 @@ def test_panel_on_a_long_chat_shows_its_end(browser, jupyter, endless_llava, tmp
         page.goto(url)
         page.wait_for_selector(".jp-Notebook .jp-Cell")
         kernel_idle(page)
+        chat_file = str(work / "long.json")
         run_new_cell(
-            page, f"import llava_nb as ln\nln.ChatPanel(ln.Chat.load({str(work / 'long.json')!r}))"
+            page,
+            f"import llava_nb as ln\nlong_panel = ln.ChatPanel(ln.Chat.load({chat_file!r}))"
+            "\nlong_panel",
         )
         panel = page.locator(".llava-panel").first
         expect(panel.locator(".llava-user")).to_have_count(6)
@@ -548,6 +612,18 @@ def test_panel_on_a_long_chat_shows_its_end(browser, jupyter, endless_llava, tmp
         page.wait_for_function(AT_BOTTOM, arg=messages.element_handle())
         page.screenshot(path=str(screenshot), full_page=True)
         print(f"screenshot: {screenshot}")
+
+        # a very long answer streams in without freezing the page (each update was parsed and
+        # drawn whole: 41 ms late on average, 458 ms at worst), and its end is drawn
+        kernel_idle(page)
+        page.evaluate(WATCH_LAG)
+        run_new_cell(page, LONG_ANSWER)
+        kernel_idle(page)
+        live = panel.locator('.llava-assistant[data-live=""] .llava-text')
+        expect(live).to_contain_text("The end.")
+        mean, worst = page.evaluate(LAG)
+        print(f"lag while a 60,000-character answer streamed: {mean:.1f} ms mean, {worst:.0f} max")
+        assert mean < 15, (mean, worst)  # the worst: one draw of it all, ~150-250 ms here
         assert not errors, errors
 
 
@@ -584,9 +660,10 @@ def test_chat_panel_in_notebook7(browser, jupyter, tmp_path):
 
 
 def test_panel_follows_other_cells_and_views(browser, jupyter, tmp_path):
-    """What happens elsewhere shows in the panel: a model unloaded in a cell (the status line
-    says so), a panel opened while its chat answers (it shows the question and the answer as it
-    streams, and can stop it), a kernel restart (said at once; a typed question stays)."""
+    """What happens elsewhere shows in the panel: a model unloaded on another thread after its
+    cell ended (the status line says so at once), a panel opened while its chat answers (it
+    shows the question and the answer as it streams, and can stop it), Undo and New chat in
+    another panel on the chat, a kernel restart (said at once; a typed question stays)."""
     from playwright.sync_api import expect
 
     screenshot = screenshot_path(tmp_path, "chat_panel_views.png")
@@ -598,7 +675,8 @@ def test_panel_follows_other_cells_and_views(browser, jupyter, tmp_path):
         kernel_idle(page)
         expect(panel.locator(".llava-status")).to_contain_text("loaded in")
 
-        run_new_cell(page, "%llava unload")
+        # unloaded by a timer's thread, after its cell ended: no cell runs to tell the panels
+        run_new_cell(page, "import threading\nthreading.Timer(1.0, chat.model.unload).start()")
         kernel_idle(page)
         for view in (panel, other):  # the same model: both say so, and how it comes back
             expect(view.locator(".llava-status")).to_contain_text(
@@ -627,6 +705,36 @@ def test_panel_follows_other_cells_and_views(browser, jupyter, tmp_path):
             expect(view.locator(".llava-assistant").last.locator(".llava-stopped")).to_be_visible()
         page.screenshot(path=str(screenshot), full_page=True)
         print(f"screenshot: {screenshot}")
+
+        # Undo in one panel forgets the last turn in the other too; New chat asks first
+        expect(other.locator(".llava-user")).to_have_count(2)
+        late.locator(".llava-undo").click()
+        for view in (other, late):
+            expect(view.locator(".llava-user")).to_have_text(["What is in this picture?"])
+        other.locator(".llava-clear").click()
+        confirm = other.locator(".llava-confirm")
+        expect(confirm).to_contain_text("This chat's question and its answer will be forgotten")
+        expect(other.locator(".llava-keep")).to_be_focused()
+        page.keyboard.press("Enter")  # the safe choice: kept
+        expect(confirm).to_be_hidden()
+        expect(other.locator("textarea.llava-input")).to_be_focused()
+        expect(late.locator(".llava-user")).to_have_count(1)
+        other.locator(".llava-clear").click()
+        other.locator(".llava-confirm-clear").click()
+        for view in (other, late):
+            expect(view.locator(".llava-empty")).to_have_text("No messages yet.")
+            expect(view.locator(".llava-undo")).to_be_disabled()
+        expect(panel.locator(".llava-user").first).to_be_visible()  # another chat: kept
+
+        # an answer read by a running cell: the kernel would take Stop only once the cell (and
+        # the answer) ended, so Stop is greyed out and says what stops it
+        run_new_cell(page, "for _ in chat.stream('From a cell?'): pass", wait=False)
+        expect(other.locator(live)).not_to_be_empty()
+        stop = other.locator(".llava-stop")
+        expect(stop).to_be_disabled()
+        expect(stop).to_have_attribute("title", re.compile("interrupt the kernel"))
+        kernel_idle(page)
+        expect(other.locator(".llava-send")).to_be_visible()
 
         page.evaluate("() => { window.jupyterapp.commands.execute('kernelmenu:restart'); }")
         page.locator(".jp-Dialog .jp-mod-accept").click()

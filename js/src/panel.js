@@ -6,6 +6,15 @@ import { marked } from "marked";
 import "./panel.css";
 
 marked.setOptions({ gfm: true, breaks: true });
+// HTML in model text is shown as the text it is: passed through, DOMPurify dropped what it does
+// not allow, and with it words ("a List<String> in Java" read "a List in Java").
+const escapeHtml = (text) =>
+  text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+marked.use({
+  renderer: {
+    html: ({ text, block }) => (block ? `<p>${escapeHtml(text)}</p>` : escapeHtml(text)),
+  },
+});
 
 // What model text may become: Markdown's own elements, no more. DOMPurify's defaults keep
 // <style>, style= and class= (which restyle or cover the whole page), forms (which navigate it)
@@ -90,6 +99,11 @@ function render({ model, el }) {
     "aria-label": "max new tokens",
   });
   const clearButton = h("button", { class: "llava-clear", title: "Start a new chat" }, "New chat");
+  const undo = h(
+    "button",
+    { class: "llava-undo", title: "Forget the last question and its answer" },
+    "Undo",
+  );
   const regenerate = h(
     "button",
     { class: "llava-regenerate", title: "Answer the last question again" },
@@ -105,8 +119,20 @@ function render({ model, el }) {
       h("label", {}, "temperature ", temperature),
       h("label", {}, "max tokens ", maxTokens),
       regenerate,
+      undo,
       clearButton,
     ),
+  );
+  // New chat forgets every turn, for every view of the chat: asked first, never undone by a slip.
+  const confirmText = h("span", { class: "llava-confirm-text" });
+  const confirmClear = h("button", { class: "llava-confirm-clear" }, "Forget them");
+  const keep = h("button", { class: "llava-keep" }, "Keep");
+  const confirm = h(
+    "div",
+    { class: "llava-confirm", role: "alertdialog", "aria-label": "start a new chat?", hidden: true },
+    confirmText,
+    confirmClear,
+    keep,
   );
   const messages = h("div", { class: "llava-messages", role: "log", "aria-live": "polite" });
   const error = h("div", { class: "llava-error", role: "alert" });
@@ -128,7 +154,7 @@ function render({ model, el }) {
   const send = h("button", { class: "llava-send", title: "Send (Enter)" }, "Send");
   const stop = h("button", { class: "llava-stop", title: "Stop the answer" }, "Stop");
   const composer = h("div", { class: "llava-composer" }, attach, fileInput, input, send, stop);
-  root.append(header, messages, error, attachments, composer);
+  root.append(header, confirm, messages, error, attachments, composer);
   el.append(root);
 
   /** Send to the kernel; once it restarted or the page lost it, say so instead of throwing.
@@ -163,7 +189,14 @@ function render({ model, el }) {
   resized.observe(messages);
   messages.addEventListener("load", toBottom, true); // a thumbnail's height comes once it loads
 
+  // A growing answer is parsed and drawn whole each time: a long one costs tens of ms a draw,
+  // more than the kernel's 50 ms between updates, and the page froze. Each draw waits four times
+  // as long as the last took (and for the next frame), so the page keeps most of its time.
+  let liveRedraw = null;
+  let nextDraw = 0;
   function drawMessages() {
+    clearTimeout(liveRedraw); // drawn here, newest text included
+    liveRedraw = null;
     keepBottom(() => {
       const nodes = [];
       for (const turn of model.get("turns")) {
@@ -179,9 +212,16 @@ function render({ model, el }) {
   }
 
   function drawLiveAnswer() {
-    const live = messages.querySelector('.llava-assistant[data-live=""]');
-    if (!live) return drawMessages();
-    keepBottom(() => live.replaceWith(assistantMessage(model.get("live_answer"), { live: true })));
+    if (liveRedraw) return; // already due: it draws the newest text
+    liveRedraw = setTimeout(() => requestAnimationFrame(() => {
+      if (!liveRedraw) return; // drawMessages came first
+      liveRedraw = null;
+      const live = messages.querySelector('.llava-assistant[data-live=""]');
+      if (!live) return drawMessages();
+      const start = performance.now();
+      keepBottom(() => live.replaceWith(assistantMessage(model.get("live_answer"), { live: true })));
+      nextDraw = performance.now() + 4 * (performance.now() - start);
+    }), Math.max(0, nextDraw - performance.now()));
   }
 
   /** Whether the chat is answering: this panel's question, or another view's shown here. */
@@ -191,18 +231,30 @@ function render({ model, el }) {
   }
 
   function drawState() {
+    const focused = root.contains(document.activeElement) ? document.activeElement : null;
     const busy = answering() && !kernelGone; // Stop, in whichever view of the chat
     status.textContent = kernelGone ? "not connected to a kernel" : model.get("status");
     root.classList.toggle("llava-busy", busy);
     send.hidden = busy;
     stop.hidden = !busy;
-    regenerate.disabled = busy || !model.get("turns").length;
+    stop.disabled = !model.get("stoppable");
+    stop.title = model.get("stoppable")
+      ? "Stop the answer"
+      : "A running cell is reading this answer: interrupt the kernel (■) to stop it";
+    const turns = model.get("turns").length;
+    regenerate.disabled = busy || !turns;
+    undo.disabled = busy || !turns;
     clearButton.disabled = busy;
+    if (busy || !turns) confirm.hidden = true; // nothing (or nothing now) to ask about
+    confirmText.textContent =
+      `Start a new chat? This chat's ${turns === 1 ? "question and its answer" : `${turns} ` +
+      "questions and their answers"} will be forgotten, here and wherever else it is shown.`;
     const message = kernelGone
       ? "the kernel is gone (restarted?); run the panel's cell again"
       : model.get("error");
     error.textContent = message;
     error.hidden = !message;
+    if (focused && (focused.hidden || focused.disabled)) input.focus(); // not the page's: typing
     if (document.activeElement !== temperature) temperature.value = model.get("temperature");
     if (document.activeElement !== maxTokens) maxTokens.value = model.get("max_new_tokens");
   }
@@ -235,6 +287,7 @@ function render({ model, el }) {
     if (!text || answering()) return;
     if (!post({ type: "send", text })) return; // kept in the box: nobody received it
     input.value = "";
+    input.focus(); // Send clicked: the next question is typed here, not into the notebook
     following = true; // the question and its answer are what the user wants to see now
     toBottom();
   }
@@ -294,10 +347,10 @@ function render({ model, el }) {
   });
   input.addEventListener("paste", (event) => {
     const files = [...(event.clipboardData?.files || [])];
-    if (files.length) {
-      event.preventDefault();
-      upload(files);
-    }
+    if (!files.length) return;
+    // copied from a document: its text is pasted as well (not dropped for the image beside it)
+    if (!event.clipboardData.types.includes("text/plain")) event.preventDefault();
+    upload(files);
   });
   root.addEventListener("dragover", (event) => {
     if ([...(event.dataTransfer?.types || [])].includes("Files")) {
@@ -306,7 +359,10 @@ function render({ model, el }) {
       root.classList.add("llava-drop");
     }
   });
-  root.addEventListener("dragleave", () => root.classList.remove("llava-drop"));
+  root.addEventListener("dragleave", (event) => {
+    // left for one of its own parts (the messages, the input): still over the panel
+    if (!root.contains(event.relatedTarget)) root.classList.remove("llava-drop");
+  });
   root.addEventListener("drop", (event) => {
     root.classList.remove("llava-drop");
     const files = [...(event.dataTransfer?.files || [])];
@@ -324,7 +380,25 @@ function render({ model, el }) {
   send.addEventListener("click", submit);
   stop.addEventListener("click", () => post({ type: "stop" }));
   regenerate.addEventListener("click", () => post({ type: "regenerate" }));
-  clearButton.addEventListener("click", () => post({ type: "clear" }));
+  undo.addEventListener("click", () => post({ type: "undo" }));
+  clearButton.addEventListener("click", () => {
+    const turns = model.get("turns").length;
+    if (!turns) return post({ type: "clear" });
+    confirm.hidden = false;
+    keep.focus(); // Enter keeps them
+  });
+  function closeConfirm() {
+    confirm.hidden = true;
+    input.focus(); // the focused button is gone: typing goes on in the panel
+  }
+  confirmClear.addEventListener("click", () => {
+    closeConfirm();
+    post({ type: "clear" });
+  });
+  keep.addEventListener("click", closeConfirm);
+  confirm.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") closeConfirm();
+  });
   error.addEventListener("click", () => {
     model.set("error", "");
     model.save_changes();
@@ -348,7 +422,7 @@ function render({ model, el }) {
   model.on("change:turns", onMessages);
   model.on("change:live_question", onMessages);
   model.on("change:live_answer", drawLiveAnswer);
-  for (const name of ["busy", "status", "error", "turns", "live_question"]) {
+  for (const name of ["busy", "stoppable", "status", "error", "turns", "live_question"]) {
     model.on(`change:${name}`, onState);
   }
   model.on("change:attachments", drawAttachments);
@@ -359,11 +433,12 @@ function render({ model, el }) {
   drawAttachments();
 
   return () => {
+    clearTimeout(liveRedraw);
     resized.disconnect();
     model.off("change:turns", onMessages);
     model.off("change:live_question", onMessages);
     model.off("change:live_answer", drawLiveAnswer);
-    for (const name of ["busy", "status", "error", "turns", "live_question"]) {
+    for (const name of ["busy", "stoppable", "status", "error", "turns", "live_question"]) {
       model.off(`change:${name}`, onState);
     }
     model.off("change:attachments", drawAttachments);
