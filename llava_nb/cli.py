@@ -51,7 +51,7 @@ EXAMPLES = {  # a value for each option, to show in its usage error
 NOTEBOOK_FIXES = (  # shared messages name a notebook's fix; a terminal user needs these
     ("%llava config model=...", "--model M"),
     (" (see %llava models)", ", e.g. llava-hf/llava-1.5-7b-hf"),
-    ("use_adapter(None) answers", "/adapter none answers"),
+    ("use_adapter(None) (%llava adapter none) answers", "/adapter none answers"),
     ("chat.save()", "/save FILE"),
     ("pass api_key= (llava-nb chat: --api-key) or", "start llava-nb chat with --api-key KEY, or"),
     ("pass api_key= or", "start llava-nb chat with --api-key KEY, or"),

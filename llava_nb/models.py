@@ -482,6 +482,8 @@ class Model:
                 f"{self.model_id} cannot be loaded ({first_line(e)}); it needs a complete "
                 "checkpoint: config, weights, processor and tokenizer files"
             ) from None
+        if quant == "4bit" and device == "cpu":
+            keep_4bit_weights_as_loaded(self.model)
         self.device, self._loaded_quantization = device, quant
         self._load_seconds = time.perf_counter() - start
         from llava_nb.decoding import ConversationCache
@@ -915,6 +917,16 @@ def stop_asked() -> bool:
     return threading.get_ident() in _STOP_ASKED
 
 
+def keep_4bit_weights_as_loaded(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its CPU kernel the
+    first time it runs without gradients, and reading the weights back (`state_dict()`: peft
+    does when it loads an adapter; training's backward) unpacks them lossily: base answers
+    drifted after an adapter was loaded, and QLoRA trained on wrong gradients. Turned off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
     """`work()` (a load), run on a new thread that ends with it.
 
@@ -939,16 +951,15 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
 
     worker = threading.Thread(target=run, name="llava_nb-load", daemon=True)
     # An interrupt landing in start() or just after it would escape while the thread loads on:
-    # SIGINT waits (blocked, then pending) until the loop below can take it. One that came
-    # before the block raises here, with no thread started.
-    blocked = _block_sigint()
-    worker.start()
+    # one is recorded there instead, and raised once the work ends. One that came before
+    # raises here, with no thread started.
+    with _interrupts_recorded() as caught:
+        worker.start()
     interrupted = None
-    while blocked is not None or not finished.is_set():
+    while caught or not finished.is_set():
         try:
-            if blocked is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-                blocked = None
+            if caught:
+                raise caught.pop()
             finished.wait()
         except KeyboardInterrupt as e:
             if interrupted is None:
@@ -969,12 +980,23 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
     return outcome.pop("value")  # the thread's closure keeps no reference to it
 
 
-def _block_sigint() -> set | None:
-    """Block SIGINT on this thread (threads started meanwhile inherit it: none of ours needs
-    it); the signal mask to restore, or None where signals cannot be masked."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+@contextlib.contextmanager
+def _interrupts_recorded() -> Iterator[list[KeyboardInterrupt]]:
+    """Within the block, SIGINT is put in the yielded list instead of raised. Blocking the
+    signal is not enough: a kernel's other threads (heartbeat, iopub) take Jupyter's interrupt,
+    and Python raises it on the main thread whatever that thread's mask says."""
+    caught: list[KeyboardInterrupt] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # else none is raised here
+        previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # ignored, default, or set outside Python: left as it is
+        yield caught
+        return
+    signal.signal(signal.SIGINT, lambda *_: caught.append(KeyboardInterrupt()))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wait_through_interrupts(running) -> None:

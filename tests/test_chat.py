@@ -565,11 +565,6 @@ def test_answering_tells_the_turn_and_its_text_while_it_streams(tiny_llava, phot
     assert chat.answering is None and same_turns(chat.history, [turn])
 
 
-@pytest.mark.xfail(
-    reason="bitsandbytes 0.50's CPU weight packing is undone lossily by state_dict() (which "
-    "loading an adapter calls); fix proposed in models.py: support_avx512bf16_for_cpu = False",
-    strict=False,  # passes on CPUs without AVX512-BF16, where nothing is packed
-)
 def test_a_4bit_model_answers_alike_after_its_weights_are_read(tiny_llava, photo):
     """On 2 CPU cores here, a 4-bit chat's base answers changed once an adapter had been
     loaded (and switched off again): each state_dict() moved down_proj further from its

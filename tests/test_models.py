@@ -2,6 +2,7 @@
 
 import gc
 import json
+import os
 import sys
 import threading
 import time
@@ -442,13 +443,49 @@ def test_an_interrupt_as_the_load_thread_starts_still_waits_for_it(monkeypatch):
     assert done == [True]
 
 
+def test_an_interrupt_sent_to_the_process_as_the_load_thread_starts_waits_for_it(monkeypatch):
+    """A kernel has other threads (heartbeat, iopub), and Jupyter's stop is sent to the
+    process: one of them takes the signal, and the interrupt is raised on the main thread
+    whatever its signal mask says. Landing just after start(), it escaped while the load went
+    on."""
+    import signal
+    import threading
+
+    from llava_nb import models
+
+    other = threading.Event()
+    bystander = threading.Thread(target=other.wait, daemon=True)  # as the kernel's threads
+    bystander.start()
+    start = threading.Thread.start
+
+    def start_then_interrupted(thread):
+        start(thread)
+        if thread.name == "llava_nb-load":
+            os.kill(os.getpid(), signal.SIGINT)  # process-directed, as Jupyter's interrupt
+            time.sleep(0.05)  # some thread takes it; the main thread raises at its next check
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupted)
+    done = []
+
+    def work():
+        time.sleep(0.3)
+        done.append(True)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            models._on_a_thread_of_its_own(work)
+        assert done == [True]
+    finally:
+        other.set()
+
+
 def test_an_interrupt_before_the_load_began_leaves_the_model_unloaded(tiny_llava, monkeypatch):
     from llava_nb import models
 
     def interrupted():
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # before the load thread could start
 
-    monkeypatch.setattr(models, "_block_sigint", interrupted)
+    monkeypatch.setattr(models, "_interrupts_recorded", interrupted)
     model = Model(tiny_llava)
     with pytest.raises(KeyboardInterrupt):
         model.load()

@@ -172,7 +172,9 @@ def activate(model, path: str | os.PathLike | None) -> None:
         except AdapterError as e:  # a chat's adapter, deleted since: the chat can go on without
             if isinstance(path, str | os.PathLike) and os.path.exists(path):
                 raise  # there, but not an adapter folder: the message says what to pass
-            raise AdapterError(f"{e}; use_adapter(None) answers with the base model") from None
+            raise AdapterError(
+                f"{e}; use_adapter(None) (%llava adapter none) answers with the base model"
+            ) from None
         key = _key(folder)
         if key not in adapters:
             name = f"llava_nb_{len(adapters)}"

@@ -160,7 +160,7 @@ def _load_for_training(model_id: str, method: str, device: str):
     import torch
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    from llava_nb.models import _import_bitsandbytes, _pick_dtype
+    from llava_nb.models import _import_bitsandbytes, _pick_dtype, keep_4bit_weights_as_loaded
 
     dtype = _pick_dtype(device) if device.startswith("cuda") else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
@@ -175,10 +175,8 @@ def _load_for_training(model_id: str, method: str, device: str):
         )
     with quiet_loading():
         model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
-    for module in model.modules():  # on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # layer for inference the first time
-            module.support_avx512bf16_for_cpu = False  # it runs without gradients (evaluation),
-    return model  # and its repacked form has no backward: training went on with wrong gradients
+    keep_4bit_weights_as_loaded(model)  # else the first evaluation repacks them, no backward
+    return model
 
 
 def _wrap(model, stage: str, method: str, r: int, alpha: int, dropout: float, target: str, vision):
