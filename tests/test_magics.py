@@ -44,6 +44,18 @@ def shell(tmp_path_factory):
     return shell
 
 
+def _env() -> dict[str, str]:
+    """The environment for a fresh Python that imports this checkout's llava_nb."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+    )
+
+
 def _reset(magics: LlavaMagics) -> None:
     magics.chats.clear()
     magics.pinned.clear()
@@ -936,13 +948,7 @@ for line in ("help", "models", "config", "config max_new_tokens=16", "chats", "s
     shell.run_line_magic("llava", line)
 print("HEAVY:", sorted(m for m in ("torch", "transformers") if m in sys.modules))
 """
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
+    done = _python(code)
     assert done.returncode == 0, done.stderr
     assert "HEAVY: []" in done.stdout, done.stdout + done.stderr
 
@@ -960,13 +966,7 @@ shell.run_line_magic("llava", "config max_new_tokens=16")
 magics = shell.magics_manager.registry["LlavaMagics"]
 print("SETTINGS:", repr(magics.device), magics.max_new_tokens)
 """
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
+    done = _python(code)
     assert done.returncode == 0, done.stderr
     assert "SETTINGS: '' 16" in done.stdout, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
@@ -1145,8 +1145,7 @@ def test_terminal_ipython_prints_the_streamed_answer_once(endless_llava, tmp_pat
     import pexpect
 
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **_env(),
         "IPYTHONDIR": str(tmp_path / "ipython"),
         "HF_HUB_OFFLINE": "1",
         "TERM": "xterm",
