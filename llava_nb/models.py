@@ -286,6 +286,38 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(m in message for m in _OOM_MESSAGES)
 
 
+class StateListeners:
+    """Who to tell when a model loads or unloads (`on_state_change`). A bound method is held
+    weakly: a view that is dropped (a closed panel) is not kept alive by the model it showed;
+    any other callable until it is unsubscribed. A listener's error is logged, never raised
+    into the load or unload that told it."""
+
+    def __init__(self) -> None:
+        self._refs: list[Callable[[], Callable[[str], None] | None]] = []
+        self._lock = threading.Lock()
+
+    def add(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        ref = weakref.WeakMethod(callback) if inspect.ismethod(callback) else lambda: callback
+        with self._lock:
+            self._refs = [r for r in self._refs if r() is not None] + [ref]
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._refs = [r for r in self._refs if r is not ref]
+
+        return unsubscribe
+
+    def tell(self, event: str) -> None:
+        for ref in self._refs:  # a list replaced, never changed in place: safe to walk
+            callback = ref()
+            if callback is None:
+                continue
+            try:
+                callback(event)
+            except Exception:  # a broken view must not break a load or an unload
+                logging.getLogger(__name__).exception("llava_nb: a model listener failed")
+
+
 class Model:
     """A LLaVA or LLaVA-NeXT checkpoint (hub id or local folder), loaded on first use.
 
@@ -329,8 +361,7 @@ class Model:
         self._weights_version = 0  # bumped whenever the weights change (adapters): stale caches
         self._generator: ThreadPoolExecutor | None = None  # the thread answers run on
         self._answers: weakref.WeakSet[Generation] = weakref.WeakSet()  # started, not ended
-        self._watchers: list[Callable[[], Callable[[str], None] | None]] = []  # on_state_change
-        self._watchers_lock = threading.Lock()
+        self._listeners = StateListeners()  # on_state_change
 
     def _generation_thread(self) -> ThreadPoolExecutor:
         """The one thread this model's answers run on, kept until it is unloaded. A thread per
@@ -381,34 +412,15 @@ class Model:
         """Call `callback(event)` when the model starts loading ("loading"), has loaded
         ("loaded"), failed to load ("failed": unloaded again) or was unloaded ("unloaded"), on
         the thread that did it, so views (a panel's status line) follow loads and unloads made
-        anywhere. A bound method is held weakly (a view that is dropped is not kept alive by the
-        model it showed); any other callable until the returned function unsubscribes it."""
-        ref = weakref.WeakMethod(callback) if inspect.ismethod(callback) else lambda: callback
-        with self._watchers_lock:
-            self._watchers = [w for w in self._watchers if w() is not None] + [ref]
-
-        def unsubscribe() -> None:
-            with self._watchers_lock:
-                self._watchers = [w for w in self._watchers if w is not ref]
-
-        return unsubscribe
-
-    def _changed(self, event: str) -> None:
-        for ref in self._watchers:  # a list replaced, never changed in place: safe to walk
-            callback = ref()
-            if callback is None:
-                continue
-            try:
-                callback(event)
-            except Exception:  # a broken view must not break a load or an unload
-                logging.getLogger(__name__).exception("llava_nb: a model listener failed")
+        anywhere. Returns the function that unsubscribes it (see `StateListeners`)."""
+        return self._listeners.add(callback)
 
     def load(self) -> Model:
         """Load weights and processor now (a no-op when loaded); prints one progress line."""
         with self._lock:
             if self.model is None:
                 self._state = "loading"
-                self._changed("loading")
+                self._listeners.tell("loading")
                 try:
                     _on_a_thread_of_its_own(self._load)
                 except KeyboardInterrupt:
@@ -416,14 +428,14 @@ class Model:
                         self._release()
                     else:  # it came during a load that then succeeded: keep it
                         self._state = "loaded"
-                    self._changed(self._state)
+                    self._listeners.tell(self._state)
                     raise
                 except BaseException:
                     self._release()
-                    self._changed("failed")
+                    self._listeners.tell("failed")
                     raise
                 self._state = "loaded"
-                self._changed("loaded")
+                self._listeners.tell("loaded")
         return self
 
     def _load(self) -> None:
@@ -511,7 +523,7 @@ class Model:
             was = self._state
             self._release()
         if was != "unloaded":
-            self._changed("unloaded")
+            self._listeners.tell("unloaded")
 
     def _release(self) -> None:
         with _generator_made:  # its thread ends once the answers queued on it have run

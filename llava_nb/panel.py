@@ -54,8 +54,8 @@ def _show_settings(chat: Any) -> None:
 
 def _after_cell(result: Any = None) -> None:
     """IPython's post_run_cell, for what tells no one when it changes: a chat's settings (a
-    plain dict: `%llava config`, `chat.settings[...] = ...`), its model replaced (`chat.model =
-    ...`), a server's connection (a `RemoteModel` has no `on_state_change`)."""
+    plain dict: `%llava config`, `chat.settings[...] = ...`) and its model replaced
+    (`chat.model = ...`)."""
     for panel in _panels():
         try:
             panel._watch_model()
@@ -213,8 +213,7 @@ class ChatPanel(anywidget.AnyWidget):
         if model is not self._model:
             self._unwatch_model()
             self._model = model
-            watch = getattr(model, "on_state_change", None)  # a server's RemoteModel has none
-            self._unwatch_model = watch(self._on_model_state) if watch else lambda: None
+            self._unwatch_model = model.on_state_change(self._on_model_state)
         self.status = self._status_text()
 
     def _on_model_state(self, event: str) -> None:

@@ -38,6 +38,7 @@ from llava_nb.models import (
     ContextFullError,
     GenerationError,
     ModelError,
+    StateListeners,
     check_settings,
 )
 
@@ -101,6 +102,7 @@ class RemoteModel:
         self.load_timeout = load_timeout  # how long to wait on a server still loading its model
         self.client: Any = None
         self._lock = threading.Lock()
+        self._listeners = StateListeners()
 
     def __repr__(self) -> str:
         return f"RemoteModel({self.model_id!r}, remote_model={self.remote_model!r})"
@@ -122,12 +124,17 @@ class RemoteModel:
             "sampling": SAMPLING,
         }
 
+    def on_state_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """As `Model.on_state_change`: "loaded" once connected, "unloaded" once closed."""
+        return self._listeners.add(callback)
+
     def load(self) -> RemoteModel:
         """Connect: check that the server answers and serves `remote_model`; prints one line."""
         with self._lock:
             if self.client is None:
                 self.client = self._connect()
                 print(f"llava_nb: connected to {self.base_url} ({self.remote_model})", flush=True)
+                self._listeners.tell("loaded")
         return self
 
     def _connect(self):
@@ -203,9 +210,11 @@ class RemoteModel:
     def unload(self) -> None:
         """Close the connection (the server keeps its weights)."""
         with self._lock:
-            if self.client is not None:
-                self.client.close()
+            if self.client is None:
+                return
+            self.client.close()
             self.client = None
+            self._listeners.tell("unloaded")
 
     def generate(
         self,
