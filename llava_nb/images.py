@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import http.client
 import io
 import math
@@ -20,10 +21,10 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_nb.errors import LlavaError, first_line
 
@@ -207,26 +208,40 @@ class _Budgeted(io.BytesIO):
         return super().read(size)
 
 
+def image_header(data: bytes | str, label: str | None = None) -> tuple[int, int]:
+    """Width and height of an encoded image (bytes, or a data:image URI), from its header:
+    every check a load makes before decoding pixels (PostScript, the pixel limit, the shape,
+    slow formats, crafted chunks), with the ImageError a load would raise; not a cut or broken
+    pixel stream, which only decoding finds. ``label`` names it in errors (default: as a load)."""
+    if isinstance(data, str):
+        data, uri_label = _data_uri_bytes(data)
+        label = label or uri_label
+    else:
+        data = bytes(data)
+        label = label or f"image bytes ({len(data):,} bytes)"
+    with _refusals(label), _header(data, label) as img:
+        return img.size
+
+
 def _decode(data: bytes, label: str) -> Image.Image:
-    if data.startswith(POSTSCRIPT):
+    with _refusals(label):
+        img = _header(data, label)
+        out = _pixels(img, label, upright=True)
+    if img.format == "JPEG" and _jpeg_cut_short(img, data):
         raise ImageError(
-            f"{label} is PostScript (EPS), which Pillow reads by running Ghostscript on it; "
-            "convert it to PNG first"
+            f"{label} is truncated (its data ends before its last rows, which would show gray); "
+            "pass the complete JPEG file"
         )
+    return out
+
+
+@contextlib.contextmanager
+def _refusals(label: str) -> Iterator[None]:
+    """Turn what Pillow raises on a file (and our read budget) into one-line ImageErrors."""
     try:
-        with warnings.catch_warnings():  # over MAX_PIXELS we refuse it in one line of our own
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(stream := _Budgeted(data))  # reads the header only
-        if any(tile[0] in Image.DECODERS for tile in img.tile):  # decoded in Python, by pixel
-            if img.width * img.height > SLOW_FORMAT_PIXELS:
-                raise ImageError(
-                    f"{label} is a {img.format} image of {img.width}x{img.height}, which Pillow "
-                    "decodes slowly (3 s per megapixel); convert it to PNG first"
-                )
-            stream.reads_left = math.inf
-        out = _finish(img, label, upright=True)
+        yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise _too_big(label) from err
+        raise _too_big(label) from err  # the warning: where warnings are made errors
     except _TooManyReads:
         raise ImageError(
             f"{label} is split into over {MAX_READS:,} chunks or markers, far more than an "
@@ -236,12 +251,34 @@ def _decode(data: bytes, label: str) -> Image.Image:
         raise
     except Exception as err:
         raise ImageError(_unreadable(label, err)) from err
-    if img.format == "JPEG" and _jpeg_cut_short(img, data):
+
+
+def _header(data: bytes, label: str) -> ImageFile.ImageFile:
+    """The header half of a load: identify the file and check it, nothing decoded yet."""
+    if data.startswith(POSTSCRIPT):
         raise ImageError(
-            f"{label} is truncated (its data ends before its last rows, which would show gray); "
-            "pass the complete JPEG file"
+            f"{label} is PostScript (EPS), which Pillow reads by running Ghostscript on it; "
+            "convert it to PNG first"
         )
-    return out
+    img = _open(stream := _Budgeted(data))
+    if any(tile[0] in Image.DECODERS for tile in img.tile):  # decoded in Python, by pixel
+        if img.width * img.height > SLOW_FORMAT_PIXELS:
+            raise ImageError(
+                f"{label} is a {img.format} image of {img.width}x{img.height}, which Pillow "
+                "decodes slowly (3 s per megapixel); convert it to PNG first"
+            )
+        stream.reads_left = math.inf
+    _check_size(img.size, label)
+    return img
+
+
+def _open(stream: io.BytesIO) -> ImageFile.ImageFile:
+    """``Image.open``, without Pillow's DecompressionBombWarning (from 89 MP): we refuse from
+    64 MP, in one line of our own. (The warnings filter is process-wide until Python 3.14:
+    another thread's warning of this one kind may go unshown meanwhile.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(stream)  # reads the header only
 
 
 def _jpeg_cut_short(img: Image.Image, data: bytes) -> bool:
@@ -266,7 +303,12 @@ def _jpeg_cut_short(img: Image.Image, data: bytes) -> bool:
 def _finish(img: Image.Image, label: str, upright: bool = False) -> Image.Image:
     """Check the size and shape, decode fully, and convert to RGB; `upright`: a file's pixels,
     turned as its EXIF orientation says (a viewer shows it so)."""
-    width, height = img.size
+    _check_size(img.size, label)
+    return _pixels(img, label, upright)
+
+
+def _check_size(size: tuple[int, int], label: str) -> None:
+    width, height = size
     if width * height > MAX_PIXELS:
         raise _too_big(label, f"{width}x{height}, ")
     if width * height == 0:
@@ -276,6 +318,10 @@ def _finish(img: Image.Image, label: str, upright: bool = False) -> Image.Image:
             f"{label} is {width}x{height}, one side over {MAX_ASPECT} times the other; crop "
             "it, or pad it to a squarer shape"
         )
+
+
+def _pixels(img: Image.Image, label: str, upright: bool) -> Image.Image:
+    """Decode fully and convert to RGB (its size checked already)."""
     try:
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img) if upright else img.copy())  # never aliased
@@ -350,6 +396,11 @@ def image_to_data_uri(img: Image.Image, format: str = "PNG") -> str:
 
 def image_from_data_uri(uri: str) -> Image.Image:
     """Decode a ``data:image/...;base64,...`` URI (as from ``image_to_data_uri``) to RGB."""
+    return _decode(*_data_uri_bytes(uri))
+
+
+def _data_uri_bytes(uri: str) -> tuple[bytes, str]:
+    """The bytes of a base64 data:image URI, and its label for errors."""
     head, comma, payload = uri.partition(",")
     label = f"data URI {_short(uri)}"
     if not (comma and head.lower().startswith("data:image/") and head.lower().endswith(";base64")):
@@ -361,4 +412,4 @@ def image_from_data_uri(uri: str) -> Image.Image:
         raise ImageError(
             f"{label} has broken base64 ({first_line(err, 80)}); re-encode it"
         ) from err
-    return _decode(data, label)
+    return data, label

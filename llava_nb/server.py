@@ -22,9 +22,9 @@ Endpoints:
 Safe by default: it listens on loopback; remote image URLs and local paths are refused unless
 ``--allow-image-urls`` / ``--allowed-local-media-path DIR`` allow them, and allowed URLs that
 resolve to loopback, private, link-local or reserved addresses are still refused; requests and
-images have size limits (images read from URLs or files count toward the request's); queued
-requests hold their images encoded, only those being answered decoded; a client that
-disconnects stops its generation.
+images have size limits (images read from URLs or files count toward the request's); each
+image is checked from its header on arrival, and queued requests hold their images encoded,
+only those being answered decoded; a client that disconnects stops its generation.
 
 Errors come in OpenAI's format, ``{"error": {"message", "type", "param", "code"}}``, so the
 official clients raise their usual exceptions (400, 401, 404, 413, 415, 429, 503).
@@ -33,13 +33,10 @@ official clients raise their usual exceptions (400, 401, 404, 413, 415, 429, 503
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hmac
 import http.client
 import importlib.resources
-import io
 import ipaddress
 import json
 import logging
@@ -74,6 +71,7 @@ from llava_nb.images import (
     USER_AGENT,
     ImageError,
     image_from_data_uri,
+    image_header,
     load_image,
 )
 from llava_nb.models import ContextFullError
@@ -445,28 +443,23 @@ class _Image:
         return self.url[:5].lower() == "data:"
 
     def pixels(self) -> int:
-        """Width x height, from the image's header (nothing decoded yet); an unreadable image
-        is decoded, to raise the decoder's own message."""
-        data = self.encoded
-        if isinstance(data, str):
-            payload = "".join(data.partition(",")[2].split())
-            try:
-                data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
-            except binascii.Error:
-                data = b""
-        try:
-            with Image.open(io.BytesIO(data)) as header:  # reads the header only
-                return header.width * header.height
-        except Exception:  # unreadable, or over PIL's bomb limit
-            image = self.decode()
-            return image.width * image.height
+        """Width x height, from the image's header (nothing decoded yet), after every check a
+        load makes before decoding: an image it would refuse is refused now, not once queued."""
+        with self._refusal():
+            width, height = image_header(self.encoded)
+        return width * height
 
     def decode(self) -> Image.Image:
         """The RGB pixels (in a worker thread: a big image takes a second)."""
-        try:
+        with self._refusal():
             if isinstance(self.encoded, str):
                 return image_from_data_uri(self.encoded)
             return load_image(self.encoded)
+
+    @contextlib.contextmanager
+    def _refusal(self) -> Iterator[None]:
+        try:
+            yield
         except ImageError as e:
             raise ApiError(400, str(e), param=self.param, code="invalid_image") from None
 

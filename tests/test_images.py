@@ -681,3 +681,49 @@ def test_a_png_of_one_data_chunk_per_row_still_loads() -> None:
     parts = [rows.compress(row) + rows.flush(zlib.Z_SYNC_FLUSH) for _ in range(8000)]
     out = load_image(png(800, 8000, *(chunk(b"IDAT", part) for part in [*parts, rows.flush()])))
     assert out.size == (800, 8000) and out.getpixel((799, 7999)) == RED
+
+
+# --- header only -----------------------------------------------------------------------------
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+REFUSED_FROM_THE_HEADER = {
+    "eps": lambda: EPS,
+    "dos_eps": lambda: b"\xc5\xd0\xd3\xc6" + bytes(26),
+    "bomb_20000": lambda: crafted_png("bomb_20000"),
+    "bomb_10000": lambda: crafted_png("bomb_10000"),
+    "thin": lambda: crafted_png("bomb_65535x1"),
+    "thin_101": lambda: png_bytes(Image.new("RGB", (1010, 10))),
+    "zero_size": lambda: b"P6 0 0 255\n",
+    "unknown": lambda: crafted_png("header_only"),
+    "text": lambda: b"not an image\n",
+    "slow_qoi": lambda: png_bytes(Image.new("RGB", (2001, 2000), RED), "QOI"),
+    "chunks": lambda: many_chunks("png", 1_000_000),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED_FROM_THE_HEADER)
+def test_image_header_refuses_what_a_load_refuses_in_the_same_words(name: str) -> None:
+    """The server checks a queued request's images from their headers: each refusal a load
+    makes before decoding must come from the header alone, word for word (bytes and URIs)."""
+    data = REFUSED_FROM_THE_HEADER[name]()
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    for source in (data, uri):
+        with pytest.raises(ImageError) as loaded:
+            load_image(source)
+        with pytest.raises(ImageError) as header:
+            images.image_header(source)
+        assert one_line(header) == one_line(loaded)
+
+
+def test_image_header_reads_the_size_without_decoding() -> None:
+    photo = png_bytes(Image.new("RGB", (300, 200), RED), "JPEG")
+    uri = image_to_data_uri(Image.new("RGB", (30, 20), RED))
+    assert images.image_header(photo) == images.image_header(bytearray(photo)) == (300, 200)
+    assert images.image_header(uri) == (30, 20)
+    assert images.image_header(crafted_png("idat_garbage")) == (100, 100)  # pixels unread
+    for uri, why in (("data:text/plain;base64,aGk=", "not a base64 image URI"),
+                     ("data:image/png;base64,a$b", "has broken base64")):  # fmt: skip
+        with pytest.raises(ImageError, match=why):
+            images.image_header(uri)
+    with pytest.raises(ImageError, match=r"^upload \(3 bytes\) is not a readable image"):
+        images.image_header(b"abc", "upload (3 bytes)")

@@ -13,7 +13,9 @@ import http.server
 import io
 import json
 import os
+import re
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -998,3 +1000,40 @@ def test_answered_requests_let_go_of_their_images(client):
         assert ask(client, [big], max_tokens=1).choices
     grown = _rss() - before
     assert grown < 200e6, f"3 answered requests kept {grown / 1e6:.0f} MB"
+
+
+def test_an_image_a_load_refuses_is_a_400_on_arrival_not_after_the_queue(strict, strict_client):
+    """Only the pixel budget was checked on arrival: a 101:1 image, PostScript, a 100 MP
+    header or a large QOI waited in the queue (behind a long answer: minutes) for its 400."""
+
+    def uri(data: bytes) -> str:
+        return "data:image/png;base64," + base64.b64encode(data).decode()
+
+    def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+        out = io.BytesIO()
+        img.save(out, fmt)
+        return out.getvalue()
+
+    bomb = bytearray(png(Image.new("L", (1, 1))))
+    ihdr = (10_000).to_bytes(4, "big") * 2 + bomb[24:29]  # its header says 10000x10000
+    bomb[16:33] = ihdr + zlib.crc32(b"IHDR" + ihdr).to_bytes(4, "big")
+    refused = {
+        "one side over 100 times the other": png(picture("red", (1010, 10))),
+        r"is PostScript \(EPS\)": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n",
+        "is 10000x10000, more than 64,000,000 pixels": bytes(bomb),
+        "is a QOI image of 2001x2000": png(Image.new("RGB", (2001, 2000), "red"), "QOI"),
+    }
+    service = strict[1]
+    with ThreadPoolExecutor(1) as pool, model_held(service.model):
+        first = pool.submit(ask, strict_client, [user("Hi?")], max_tokens=2)
+        wait_for(lambda: service.admission.active == 1, what="the first request")
+        for why, data in refused.items():
+            part = {"type": "image_url", "image_url": {"url": uri(data)}}
+            body = {"messages": [{"role": "user", "content": [part]}], "max_tokens": 1}
+            response = httpx.post(strict[0] + "/v1/chat/completions", json=body, timeout=5)
+            assert response.status_code == 400, why
+            error = response.json()["error"]
+            assert re.search(why, error["message"]) and error["code"] == "invalid_image"
+            assert error["param"] == "messages[0].content[0].image_url"
+        assert service.admission.waiting == 0 and not first.done()
+    assert first.result().choices
