@@ -185,6 +185,8 @@ class Chat:
     ) -> Iterator[str]:
         """Start answering `turn` after the turns `before`; the answer is recorded as it ends
         (in place of `replacing`, when that is given)."""
+        if self.adapter is not None and not isinstance(self.model, Model):
+            raise _no_adapters_here(self.model, self.adapter)  # it would answer without it
         self._attention = None
         generation = self.model.generate(
             _as_messages(before, turn),
@@ -298,7 +300,11 @@ class Chat:
             self.adapter = None
             return
         if not isinstance(self.model, Model):
-            raise LlavaError("adapters need local weights; this chat's model is a server")
+            raise LlavaError(
+                f"adapters need local weights; this chat's model is the server "
+                f"{_server(self.model)}; ask on a local model "
+                f"({_on_its_base(path)}), then use_adapter"
+            )
         from llava_nb.models import _activate_adapter
         from llava_nb.training.adapters import check_adapter
 
@@ -376,7 +382,10 @@ class Chat:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model | str | None = None) -> Chat:
-        """Read a chat written by `save`; `model` overrides the model it was saved with."""
+        """Read a chat written by `save`; `model` overrides the model it was saved with.
+
+        A chat saved with an adapter answers with it: on a server (which cannot load it) its
+        questions are refused, naming the fixes, as when the adapter's folder is gone."""
         path = _chat_path(path)
         info = _stat(path)
         if info is None:
@@ -423,6 +432,40 @@ class Chat:
         except (KeyError, TypeError, LlavaError) as e:
             raise ChatFileError(f"chat file '{path}' is damaged ({e}); check the file") from None
         return chat
+
+
+def _server(model: Any) -> str:
+    return getattr(model, "base_url", None) or model.model_id
+
+
+def _on_its_base(adapter: str | os.PathLike) -> str:
+    """How to give a chat the local model an adapter was fine-tuned from, as its
+    adapter_config.json names it (a placeholder where the folder is not here)."""
+    try:
+        config = json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError, TypeError):
+        base = None
+    named = repr(base) if isinstance(base, str) and base.strip() else "'BASE-MODEL'"
+    return f"chat.model = ln.Model({named})"
+
+
+def _no_adapters_here(model: Any, adapter: str) -> LlavaError:
+    """A chat that answers with an adapter, asked on a server: it cannot load the adapter, and
+    its base model's answer would pass for the fine-tuned one."""
+    from llava_nb.training.adapters import AdapterError
+
+    without = "use_adapter(None) (%llava adapter none) answers with the server's model"
+    if not os.path.isdir(os.path.expanduser(adapter)):  # gone: no local model can answer either
+        return AdapterError(
+            f"this chat answers with the adapter {adapter}, which is not here (nor could the "
+            f"server {_server(model)} load it: adapters need local weights); {without}"
+        )
+    return AdapterError(
+        f"this chat answers with the adapter {adapter}, which the server {_server(model)} "
+        f"cannot load (adapters need local weights); answer with its base model "
+        f"({_on_its_base(adapter)}), or {without}"
+    )
 
 
 def _check_names(settings: dict[str, Any]) -> None:

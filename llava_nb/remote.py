@@ -289,7 +289,9 @@ class RemoteGeneration:
     """One streamed answer from the server; the same surface as `models.Generation`.
 
     Leaving the loop early, `stop()` or KeyboardInterrupt closes the stream, which tells the
-    server to stop generating; the partial answer is kept.
+    server to stop generating; the partial answer is kept. A reasoning model's thinking
+    (vLLM's and llama.cpp's `reasoning_content`, Ollama's `reasoning`) is not the answer: it
+    is kept apart, in `.reasoning`.
     """
 
     def __init__(self, model: RemoteModel, request: dict[str, Any]) -> None:
@@ -299,6 +301,7 @@ class RemoteGeneration:
         self.max_new_tokens: int = request["max_tokens"]
         self.prompt_tokens: int | None = None
         self.text = ""
+        self.reasoning = ""  # a reasoning model's thinking, which servers send apart
         self.stopped = False
         self.done = False
         self.finish_reason: str | None = None
@@ -323,12 +326,15 @@ class RemoteGeneration:
                     continue
                 choice = chunk.choices[0]
                 piece = choice.delta.content if choice.delta else None
+                self.reasoning += _thought(choice.delta)
                 if piece:
                     self.text += str(piece)
                     yield str(piece)
                 self.finish_reason = choice.finish_reason or self.finish_reason
             self.done = True
-            if not self.text and self.finish_reason is None:  # no event was an answer's
+            if not self.text and self.reasoning and self.finish_reason is not None:
+                raise self._failed(self._only_thought())  # not an answer of ''
+            if not (self.text or self.reasoning) and self.finish_reason is None:  # none answered
                 raise self._failed(f"sent no streamed answer; {NOT_A_SERVER}")
             if self.finish_reason is None:  # llama.cpp sends an error as an `error:` line,
                 raise self._failed(MIDWAY)  # which SSE clients skip: the stream just ends
@@ -359,6 +365,21 @@ class RemoteGeneration:
             if not self.done:  # stopped, interrupted or abandoned: keep the partial answer
                 self.stopped, self.done, self.finish_reason = True, True, "interrupted"
 
+    def _only_thought(self) -> str:
+        """Why an answer that ended with reasoning but no text is none, and the fix."""
+        if self.finish_reason != "length":  # a reasoning parser that took it all, say
+            return (
+                f"ended the answer with reasoning only, no text (finish_reason "
+                f"{self.finish_reason!r}); ask again, or check the server's reasoning parser"
+            )
+        if self.max_new_tokens >= MAX_TOKENS:  # no limit of ours: the server's context
+            return f"ran out of context while its model was reasoning, before any answer; {SHORTER}"
+        more = min(self.max_new_tokens * 4, MAX_TOKENS)
+        return (
+            f"spent all {self.max_new_tokens} tokens (max_new_tokens) on its model's reasoning, "
+            f"before any answer; raise max_new_tokens, e.g. max_new_tokens={more}"
+        )
+
     def _failed(self, why: str, kind: type[GenerationError] = GenerationError) -> GenerationError:
         """The error for an answer the server spoiled; what came before it is kept."""
         self.done = True
@@ -373,6 +394,16 @@ class RemoteGeneration:
         for _ in self:
             pass
         return self.text
+
+
+def _thought(delta: Any) -> str:
+    """The reasoning in a chunk's delta: `reasoning_content` (vLLM, llama.cpp) or `reasoning`
+    (Ollama, newer vLLM); extra fields, which the openai client keeps as attributes."""
+    for name in ("reasoning_content", "reasoning"):
+        value = getattr(delta, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def _context_full(error: Exception) -> bool:

@@ -526,3 +526,94 @@ def test_a_server_silent_past_the_timeout_is_named_so(stand_in):
         with pytest.raises(GenerationError, match=silent):
             chat.ask("Hello?")
         assert chat.history == []
+
+
+def test_a_chat_with_an_adapter_is_not_answered_by_a_server_without_it(stand_in, tmp_path):
+    """A chat saved with a fine-tuned adapter, opened on a server model, was answered by the
+    server's base model without a word: a server cannot load our adapter. As for an adapter
+    folder gone since: the chat opens, its question is refused (nothing sent), naming the
+    adapter and the fixes; use_adapter(None) goes on with the server's model."""
+    from llava_nb.chat import Chat
+    from llava_nb.errors import LlavaError
+
+    adapter = tmp_path / "tuned"
+    adapter.mkdir()
+    base = "llava-hf/llava-1.5-7b-hf"
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    saved = tmp_path / "chat.json"
+    saved.write_text(json.dumps({
+        "format": "llava_nb.chat", "version": 1, "model": base, "settings": {},
+        "adapter": str(adapter), "turns": [{"question": "Q", "images": [], "answer": "A"}],
+    }))  # fmt: skip
+    with stand_in([ANSWERED]) as server:
+        chat = Chat.load(saved, model=server.url)
+        refused = (
+            f"^this chat answers with the adapter {adapter}, which the server {server.url} "
+            f"cannot load .adapters need local weights.; answer with its base model "
+            rf"\(chat.model = ln.Model\('{base}'\)\), or use_adapter\(None\) \(%llava adapter "
+            "none\\) answers with the server's model$"
+        )
+        for ask in (lambda: chat.ask("Hello?"), chat.regenerate, lambda: next(chat.stream("H"))):
+            with pytest.raises(LlavaError, match=refused):
+                ask()
+        assert server.requests == [] and [(t.question, t.answer) for t in chat.history] == [
+            ("Q", "A")
+        ]
+        chat.use_adapter(None)
+        assert chat.ask("Hello?") == "Hi" and len(chat.history) == 2
+        not_here = f"^adapters need local weights; this chat's model is the server {server.url}"
+        with pytest.raises(LlavaError, match=not_here + r".*; ask on a local model .*\n?$") as e:
+            chat.use_adapter(adapter)
+        assert "\n" not in str(e.value) and chat.adapter is None
+        saved.write_text(saved.read_text().replace(str(adapter), str(tmp_path / "gone")))
+        gone = (
+            f"^this chat answers with the adapter {tmp_path / 'gone'}, which is not here "
+            f"\\(nor could the server {server.url} load it: adapters need local weights\\); "
+            r"use_adapter\(None\) \(%llava adapter none\) answers with the server's model$"
+        )
+        with pytest.raises(LlavaError, match=gone):
+            Chat.load(saved, model=server.url).ask("Hello?")
+
+
+def _thought(field: str, text: str) -> str:
+    """A chunk of a reasoning model's thinking: vLLM and llama.cpp send it as
+    `reasoning_content`, Ollama (and newer vLLM) as `reasoning`; Ollama's content is ""."""
+    delta = {"content": ""} if field == "reasoning" else {}
+    return completion(
+        "chat.completion.chunk", {"delta": {**delta, field: text}, "finish_reason": None}
+    )
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_a_reasoning_model_that_only_thought_is_one_clear_error(stand_in, field):
+    """A reasoning model out of tokens while thinking sends only its reasoning: the answer
+    was '' without a word (recorded as if the model had said nothing)."""
+
+    def answer(finish: str | None, *chunks: str) -> tuple[int, dict[str, str], bytes]:
+        end = completion("chat.completion.chunk", {"delta": {}, "finish_reason": finish})
+        return 200, SSE, events(*chunks, *([end] if finish else []), "[DONE]")[2]
+
+    thinking = [_thought(field, "Let me see. "), _thought(field, "The user greets me.")]
+    with stand_in([answer("length", *thinking)]) as server:
+        chat = ln.Chat(server.url, max_new_tokens=40)
+        spent = (
+            f"^{server.url} spent all 40 tokens \\(max_new_tokens\\) on its model's reasoning, "
+            "before any answer; raise max_new_tokens, e.g. max_new_tokens=160$"
+        )
+        with pytest.raises(GenerationError, match=spent):
+            chat.ask("Hello?")
+        assert chat.history == []
+    stopped = (
+        "ended the answer with reasoning only, no text \\(finish_reason 'stop'\\); ask "
+        "again, or check the server's reasoning parser$"
+    )
+    for finish, error in (("stop", stopped), (None, "stopped answering midway")):
+        with stand_in([answer(finish, *thinking)]) as server:
+            chat = ln.Chat(server.url)
+            with pytest.raises(GenerationError, match=f"^{server.url} {error}"):
+                chat.ask("Hello?")
+            assert chat.history == []
+    with stand_in([answer("stop", *thinking, CHUNK)]) as server:
+        chat = ln.Chat(server.url)
+        assert chat.ask("Hello?") == "Hi"  # thinking, then the answer: only the answer is kept
+    assert [(t.question, t.answer) for t in chat.history] == [("Hello?", "Hi")]
