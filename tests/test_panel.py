@@ -669,9 +669,8 @@ def test_a_panel_on_a_server_names_it_and_says_when_it_is_connected(tiny_llava):
         assert panel.turns[0]["answer"] == panel.chat.history[0].answer
         other = ChatPanel(ln.Chat(panel.chat.model))  # another chat on the same connection
         panel.chat.model.unload()  # from anywhere: both status lines say so at once
-        assert panel.status == other.status == (
-            f"openai:{url}/v1 · not connected (connects with the next question)"
-        )
+        closed = f"openai:{url}/v1 · not connected (connects with the next question)"
+        assert panel.status == other.status == closed
         other.close()
         panel.close()
 
