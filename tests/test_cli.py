@@ -461,7 +461,8 @@ def test_chat_with_a_server_url_takes_an_api_key(tiny_llava):
         refused = _run(*args, stdin="What is this?\n")
         assert refused.returncode == 1
         assert refused.stderr.endswith(
-            "refused the API key; start llava-nb chat with --api-key KEY, or set OPENAI_API_KEY\n"
+            "refused the API key (incorrect API key; use the key the server was started with "
+            "(--api-key)); start llava-nb chat with --api-key KEY, or set OPENAI_API_KEY\n"
         )
         result = _run(*args, "--api-key", "sekret", stdin="What is this?\n")
         assert result.returncode == 0, result.stderr
