@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import difflib
 import functools
+import gc
 import inspect
 import json
 import math
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +53,9 @@ DERIVED = ("base", "base_shape", "data", "eval_data")
 
 
 class FinetuneError(LlavaError):
-    """Fine-tuning could not start: bad settings, no trainable rows, or a clash in output_dir."""
+    """Fine-tuning could not start (bad settings, no trainable rows, a clash in output_dir) or
+    stopped for a reason the user can fix (out of memory, a callback's error, a row that cannot
+    be read now), saying where the training so far is kept."""
 
 
 @dataclass
@@ -284,7 +288,22 @@ def _training_now(record: dict[str, Any]) -> int | None:
         return None
     except PermissionError:  # alive, another user's
         pass
+    started, now = record.get("started"), _process_start(pid)
+    if isinstance(started, int) and now is not None and now != started:
+        return None  # the pid was given to another process since
     return pid
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot: field 22 of /proc/<pid>/stat), which
+    tells it from a later process given the same pid; None where there is no /proc (not Linux)
+    or no such process, and the pid alone is recorded."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # the name (field 2) is in parentheses and may hold spaces: count from after it
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _check_output_dir(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -340,6 +359,7 @@ class _RunControl:
 
     def __init__(self) -> None:
         self.stepped = False
+        self.in_step = False  # between a step's beginning and its end (the step it fails in)
         self.requested = False
         self.saving = False
         self.writing = False
@@ -352,9 +372,10 @@ class _RunControl:
 
         class RunControl(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                run.stepped = True
+                run.stepped = run.in_step = True
 
             def on_step_end(self, args, state, control, **kwargs):
+                run.in_step = False
                 if not run.requested and _load_stop_asked():  # training inside a model load
                     run.requested = True
                 if run.requested:
@@ -531,7 +552,9 @@ def finetune(
     starts out trained and LoRA needs large steps. `group_by_length`
     batches samples of similar length together (transformers' `LengthGroupedSampler`, batches
     in random order): less padding, so faster when lengths vary. Interrupting saves a
-    checkpoint and the adapter; calling again with the same output_dir resumes exactly.
+    checkpoint and the adapter; calling again with the same output_dir resumes exactly. Running
+    out of memory, a callback's error, or a row that cannot be read during training raises a
+    one-line `FinetuneError` naming the step and the checkpoint the training so far is kept in.
     `progress=False` shows nothing; `callbacks` are extra transformers `TrainerCallback`s.
     """
     from llava_nb.training.collate import context_length
@@ -825,22 +848,43 @@ def _train(
             grouped = self.args.train_sampling_strategy == "group_by_length"
             return _ShuffledGroups(sampler) if grouped and sampler is not None else sampler
 
+    class NamedRows(TrainingSet):
+        """A row that cannot be read now (its image gone since it was checked) names itself."""
+
+        def __init__(self, name: str, data: Dataset, rows: list[int]) -> None:
+            super().__init__(processor, data, rows)
+            self.name = name
+
+        def __getitem__(self, index: int) -> dict[str, Any]:
+            row = self.rows[index]  # past the end: IndexError, which ends an iteration
+            try:
+                return super().__getitem__(index)
+            except Exception as e:
+                raise _RowFailed(self.name, row, self.data[row].id, e) from e
+
     trainer = LlavaTrainer(
         model=model,
         args=args,
-        train_dataset=TrainingSet(processor, data, rows),
-        eval_dataset=TrainingSet(processor, eval_data, eval_rows) if eval_data else None,
+        train_dataset=NamedRows("data", data, rows),
+        eval_dataset=NamedRows("eval_data", eval_data, eval_rows) if eval_data else None,
         data_collator=Collator(processor.tokenizer.pad_token_id),
         callbacks=[recorder, run_control.callback(), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
+    theirs = [  # the user's callbacks, as Trainer holds them (it makes one of a class given)
+        held
+        for held in trainer.callback_handler.callbacks
+        if any(held is c or (isinstance(c, type) and type(held) is c) for c in callbacks)
+    ]
     if progress:
         trainer.add_callback(Progress(recorder))
     main = trainer.is_world_process_zero()
     if main:
+        started = _process_start(os.getpid())  # with the pid: tells this process from a later one
         _write_run(out, {"config": config, "status": "running", "step": resumed,
                          "max_steps": total, "history": earlier, "metrics": {},
-                         "pid": os.getpid(), "host": socket.gethostname()})  # fmt: skip
+                         "pid": os.getpid(), "host": socket.gethostname(),
+                         **({"started": started} if started is not None else {})})  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     status = "finished"
@@ -861,7 +905,11 @@ def _train(
                 raise
             status = "interrupted"
         except Exception as e:
-            if checkpoint is not None and not run_control.stepped:
+            step = trainer.state.global_step
+            saved = next((folder.name for _, folder, ok in _checkpoints(out) if ok), None)
+            failed = _failure(e, step, run_control.in_step, total, config, theirs, saved)
+            unchanged = checkpoint is not None and not run_control.stepped
+            if unchanged and failed is None:  # the failure is the checkpoint's loading
                 if main:
                     _write_run(out, record)  # as it was: this call changed nothing
                 raise FinetuneError(
@@ -869,10 +917,20 @@ def _train(
                     "resume from an earlier checkpoint, or choose a new output_dir"
                 ) from None
             if main:  # the next call says so, and resumes from the newest checkpoint
-                _record_failure(out, {**(record or {}), "config": config, "max_steps": total,
-                                      "step": trainer.state.global_step,
-                                      "history": recorder.history}, first_line(e))  # fmt: skip
-            raise
+                ran = {**(record or {}), "config": config, "max_steps": total, "step": step,
+                       "history": recorder.history}  # fmt: skip
+                _record_failure(out, record if unchanged else ran,
+                                failed[0] if failed else first_line(e))  # fmt: skip
+            if failed is None:  # not the user's to fix: the traceback says where it broke
+                raise
+            # a notebook keeps the last error, and with it these frames: let the model go now,
+            # or a call with a smaller batch_size after running out of memory runs out again
+            del trainer, model
+            traceback.clear_frames(e.__traceback__)
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+            raise FinetuneError(failed[1]) from None
         run_control.writing = True  # an interrupt now waits for the adapter and the run file
         if run_control.requested:
             status = "interrupted"
@@ -936,6 +994,88 @@ def _train(
     )
     del trainer, model
     return run
+
+
+class _RowFailed(Exception):
+    """A row of the data could not be read during training."""
+
+    def __init__(self, name: str, row: int, sample_id: str, error: Exception) -> None:
+        super().__init__(f"row {row} of {name}: {first_line(error)}")
+        self.name, self.row, self.sample_id, self.error = name, row, sample_id, error
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _raised_by(error: BaseException, callbacks: list) -> tuple[Any, str] | None:
+    """The user's callback (and its method) that `error` was raised in, if it was."""
+    frames = error.__traceback__
+    while frames is not None:
+        owner = frames.tb_frame.f_locals.get("self")
+        if any(owner is callback for callback in callbacks):
+            return owner, frames.tb_frame.f_code.co_name
+        frames = frames.tb_next
+    return None
+
+
+def _failure(
+    error: Exception, done: int, in_step: bool, total: int, config: dict[str, Any],
+    callbacks: list, saved: str | None,
+) -> tuple[str, str] | None:  # fmt: skip
+    """For a failure the user can fix (out of memory, their callback, a row that cannot be read
+    now): the reason to record and the one-line message, given the steps `done`, whether one
+    had begun, and the newest complete checkpoint `saved` (None: there is none); None for any
+    other failure."""
+    step = done + in_step
+    at = f"at step {step}" if step else "before the first step"
+    of = f"{at} of {total}" if step else at
+    kept = f"the training so far is kept in {saved}" if saved else "no checkpoint was saved yet"
+    again = "run ln.finetune again with the same output_dir " + (
+        "to resume from there" if saved else "to start over"
+    )
+    if isinstance(error, _RowFailed):  # batches are read before their step begins, some ahead
+        at = f"after step {done}" if done else "before the first step"
+        of = f"{at} of {total}" if done else at
+        cause, name = error.error, error.name
+        why = first_line(cause) if isinstance(cause, LlavaError) else _described(cause)
+        return f"row {error.row} of {name} could not be read {at}: {why}", (
+            f"row {error.row} of {name} ({error.sample_id!r}) could not be read {of} ({why}); "
+            f"{kept}; make that row readable again ({name}.validate() lists such rows), then "
+            f"{again}"
+        )
+    if _out_of_memory(error):
+        smaller = (
+            f"a smaller batch_size (now {config['batch_size']}; a larger grad_accum keeps the "
+            f"batch size) or max_length (now {config['max_length']})"
+        ) + (", or method='qlora'" if config["method"] == "lora" else "")
+        then = (
+            "run ln.finetune again with the same output_dir to resume, or start over in a new "
+            f"output_dir with {smaller}"
+            if saved
+            else f"run ln.finetune again, or in a new output_dir with {smaller}"
+        )
+        reason = first_line(error)
+        return f"out of memory {at}: {reason}", (
+            f"ran out of memory {of} ({reason}); {kept}; free memory and {then}"
+        )
+    raised = _raised_by(error, callbacks)
+    if raised is not None:
+        where = f"your callback {type(raised[0]).__name__}.{raised[1]}"
+        return f"{where} failed {at}: {_described(error)}", (
+            f"{where} failed {of} ({_described(error)}); {kept}; fix the callback, then {again}"
+        )
+    return None
+
+
+def _described(error: BaseException) -> str:
+    """`Type: first line` of an exception (the type alone when it says nothing more)."""
+    line = first_line(error)
+    return line if line == type(error).__name__ else f"{type(error).__name__}: {line}"
 
 
 def _record_failure(out: Path, record: dict[str, Any], reason: str) -> None:
