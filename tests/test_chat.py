@@ -15,27 +15,37 @@ from llava_nb.images import ImageError
 from llava_nb.models import Model
 
 
+def plain_greedy_answer(model, processor, messages, max_new_tokens: int) -> str:
+    """What plain transformers `generate` answers greedily to `messages` (chat format)."""
+    import torch
+
+    inputs = processor.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def user_message(question: str, images) -> dict:
+    content = [{"type": "image", "image": image} for image in images]
+    return {"role": "user", "content": [*content, {"type": "text", "text": question}]}
+
+
 def _plain_transformers_answers(path, turns, max_new_tokens):
     """What plain transformers answers, turn by turn, with the same processor chat format."""
-    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path)
     messages, answers = [], []
     for question, images in turns:
-        content = [{"type": "image", "image": image} for image in images]
-        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
-        inputs = processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
-        with torch.no_grad():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-        answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        messages.append(user_message(question, images))
+        answer = plain_greedy_answer(model, processor, messages, max_new_tokens)
         answers.append(answer)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return answers

@@ -9,6 +9,8 @@ from PIL import Image
 import llava_nb as ln
 from llava_nb.training.adapters import AdapterError, _compare_items
 
+from .test_chat import plain_greedy_answer, user_message
+
 RED = Image.new("RGB", (8, 8), "red")
 
 
@@ -49,22 +51,6 @@ def test_a_dataset_gives_its_first_turns_and_answers():
         _compare_items(ln.data.load([{"answer": "no image"}]))
 
 
-def _plain_generate(model, processor, question: str, images, max_new_tokens: int) -> str:
-    import torch
-
-    content = [{"type": "image", "image": image} for image in images]
-    inputs = processor.apply_chat_template(
-        [{"role": "user", "content": [*content, {"type": "text", "text": question}]}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
 @pytest.mark.parametrize("decoding", ["0", "1"])  # plain generate; the static-cache decoder
 def test_compare_answers_as_plain_transformers_and_plain_peft(
     tiny_llava, photo, tmp_path, monkeypatch, decoding
@@ -95,7 +81,8 @@ def test_compare_answers_as_plain_transformers_and_plain_peft(
         question, images = (item, []) if isinstance(item, str) else (item[0], [item[1]])
         row = {}
         for label, model in (("base", base()), ("tuned", tuned)):
-            row[label] = _plain_generate(model, processor, question, images, 8).strip()
+            messages = [user_message(question, images)]
+            row[label] = plain_greedy_answer(model, processor, messages, 8).strip()
         expected.append(row)
     assert [{k: row[k] for k in ("base", "tuned")} for row in table.rows] == expected
     assert any(row["base"] != row["tuned"] for row in expected)  # the adapter really acts

@@ -611,6 +611,16 @@ def interrupt_after_step2():
     return InterruptAfterStep2()
 
 
+def stopped_at_step3(tiny_llava, tmp_path) -> tuple[dict, Path]:
+    """A 4-step run in tmp_path/run interrupted after step 3 (checkpoint-2 saved, the adapter
+    written at step 3): its settings, to call again, and its adapter file."""
+    settings = dict(max_steps=4, save_every=2, output_dir=tmp_path / "run", **SETTINGS)
+    settings["batch_size"] = 2
+    first = ln.finetune(tiny_llava, squares(8), callbacks=[interrupt_after_step2()], **settings)
+    assert first.status == "interrupted" and first.step == 3
+    return settings, tmp_path / "run" / "adapter_model.safetensors"
+
+
 def test_each_progress_line_shows_its_own_steps_loss(tiny_llava, tmp_path, monkeypatch, capsys):
     """Trainer calls on_step_end before it logs the step: a line drawn there showed the loss
     of the log before (so step N came twice at the end, and a resumed run began with the
@@ -644,11 +654,7 @@ def test_an_interrupt_while_the_adapter_is_written_waits_for_it(
     how the run ended)."""
     import peft.peft_model
 
-    settings = dict(max_steps=4, save_every=2, output_dir=tmp_path / "run", **SETTINGS)
-    settings["batch_size"] = 2
-    first = ln.finetune(tiny_llava, squares(8), callbacks=[interrupt_after_step2()], **settings)
-    assert first.status == "interrupted" and first.step == 3
-    adapter = tmp_path / "run" / "adapter_model.safetensors"
+    settings, adapter = stopped_at_step3(tiny_llava, tmp_path)
     step3 = adapter.read_bytes()
     save = peft.peft_model.safe_save_file
 
@@ -707,11 +713,7 @@ def test_a_failed_adapter_write_is_recorded_and_the_next_call_writes_it(
     """The run file said "running" after the final write failed, and the next call resumed
     as if training had been cut, saying nothing. Now it says "failed" and why; the previous
     adapter and every checkpoint stay; the next call says what it does and writes it."""
-    settings = dict(max_steps=4, save_every=2, output_dir=tmp_path / "run", **SETTINGS)
-    settings["batch_size"] = 2
-    first = ln.finetune(tiny_llava, squares(8), callbacks=[interrupt_after_step2()], **settings)
-    assert first.status == "interrupted" and first.step == 3
-    adapter = tmp_path / "run" / "adapter_model.safetensors"
+    settings, adapter = stopped_at_step3(tiny_llava, tmp_path)
     step3 = adapter.read_bytes()
     run_file = tmp_path / "run" / "llava_nb_run.json"
 

@@ -1019,6 +1019,20 @@ def test_an_interrupt_before_the_answer_begins_prints_one_line(shell, magics, st
     assert snapshot(magics) == before
 
 
+def _load_with_an_interrupt(shell, model_id: str, interrupter):
+    """`%llava load MODEL_ID` while `interrupter`, on a thread of its own, sends a real SIGINT:
+    what the magic printed; an interrupt escaping the magic fails the test."""
+    watcher = threading.Thread(target=interrupter)
+    watcher.start()
+    try:
+        _, cap = cmd(shell, f"load {model_id}")
+        watcher.join()
+        time.sleep(0.05)
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the magic as a traceback")
+    return cap
+
+
 def test_an_interrupted_load_keeps_the_model_it_loaded_and_no_other(shell, magics, tmp_path):
     """A load cannot stop halfway: interrupted, it ends, and that model is the one in use (as
     the README says), not loaded behind the magics' back with the old settings back."""
@@ -1052,14 +1066,7 @@ def test_an_interrupted_load_keeps_the_model_it_loaded_and_no_other(shell, magic
             time.sleep(0.001)
         os.kill(os.getpid(), SIGINT)
 
-    watcher = threading.Thread(target=interrupt_while_loading)
-    watcher.start()
-    try:
-        _, cap = cmd(shell, f"load {other.model_id}")
-        watcher.join()
-        time.sleep(0.05)
-    except KeyboardInterrupt:
-        pytest.fail("the interrupt escaped the magic as a traceback")
+    cap = _load_with_an_interrupt(shell, other.model_id, interrupt_while_loading)
     assert "Traceback" not in cap.stdout + cap.stderr
     last = cap.stderr.strip().splitlines()[-1]
     assert last.startswith(f"llava_nb: interrupted; {other.model_id} loaded all the same")
@@ -1115,14 +1122,8 @@ def test_an_interrupt_while_the_old_model_is_released_prints_one_line(shell, mag
     holder = threading.Thread(target=answer_finishing)
     holder.start()
     held.wait(30)
-    watcher = threading.Thread(target=interrupt_while_releasing)
-    watcher.start()
     try:
-        _, cap = cmd(shell, f"load {other.model_id}")
-        watcher.join()
-        time.sleep(0.05)
-    except KeyboardInterrupt:
-        pytest.fail("the interrupt escaped the magic as a traceback")
+        cap = _load_with_an_interrupt(shell, other.model_id, interrupt_while_releasing)
     finally:
         release.set()
         holder.join()

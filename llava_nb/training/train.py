@@ -1004,14 +1004,6 @@ class _RowFailed(Exception):
         self.name, self.row, self.sample_id, self.error = name, row, sample_id, error
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    if isinstance(error, MemoryError | torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
 def _raised_by(error: BaseException, callbacks: list) -> tuple[Any, str] | None:
     """The user's callback (and its method) that `error` was raised in, if it was."""
     frames = error.__traceback__
@@ -1048,7 +1040,9 @@ def _failure(
             f"{kept}; make that row readable again ({name}.validate() lists such rows), then "
             f"{again}"
         )
-    if _out_of_memory(error):
+    from llava_nb.models import _is_oom  # CUDA's, MPS's and the CPU's ways of saying it
+
+    if _is_oom(error):
         smaller = (
             f"a smaller batch_size (now {config['batch_size']}; a larger grad_accum keeps the "
             f"batch size) or max_length (now {config['max_length']})"
