@@ -1044,8 +1044,9 @@ def test_an_interrupted_load_keeps_the_model_it_loaded_and_no_other(shell, magic
     other = get_model(make_tiny_llava(tmp_path / "other", "llava", width=256, layers=4))
 
     def waiting_for_the_load() -> bool:
-        """The main thread waits for the load thread to finish (not still starting it: an
-        interrupt in Thread.start escapes models._on_a_thread_of_its_own, a race of its own)."""
+        """The main thread waits for the load thread to finish (the interrupt lands in the
+        load's wait, the case this test is about; one in Thread.start has its own test in
+        test_models)."""
         frame = sys._current_frames().get(threading.main_thread().ident)
         while frame is not None and frame.f_back is not None:
             if (frame.f_code.co_name, frame.f_back.f_code.co_name) == (
