@@ -60,7 +60,8 @@ class Answering:
     """What a chat is answering now (`Chat.answering`), for a view that opens mid-answer."""
 
     turn: Turn  # the chat's own turn, as its on_change events pass it; its answer comes at "end"
-    generation: Any  # the model's generation: `generation.stop()` ends it after the current token
+    generation: Any  # the model's generation: `generation.stop()` ends it after the current token;
+    # a server's streams its model's thinking to `generation.on_reasoning` (no pieces meanwhile)
     text: str = ""  # the answer so far: every piece handed out, the one being handed out included
     replacing: bool = False  # a regeneration: the chat's last turn stays until it ends whole
 
@@ -137,6 +138,32 @@ class Chat:
         """
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def on_thinking(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call `callback(piece)` with each piece of a reasoning model's thinking (on a server)
+        as it streams, for every answer: no answer piece comes meanwhile, for a minute at
+        times, and a view should show that the model is not hung. Returns a function that
+        unsubscribes."""
+        hooked: list[Callable[[], None]] = []
+
+        def unhook() -> None:
+            while hooked:
+                hooked.pop()()
+
+        def follow(event: str, turn: Turn | None, piece: str) -> None:
+            generation = getattr(self.answering, "generation", None)
+            if event == "start" and hasattr(generation, "on_reasoning"):
+                hooked.append(generation.on_reasoning(callback))
+            elif event == "end":
+                unhook()
+
+        unfollow = self.on_change(follow)
+
+        def unsubscribe() -> None:
+            unfollow()
+            unhook()
+
+        return unsubscribe
 
     def _notify(self, event: str, turn: Turn | None = None, piece: str = "") -> None:
         for callback in list(self._listeners):
@@ -303,7 +330,7 @@ class Chat:
             raise LlavaError(
                 f"adapters need local weights; this chat's model is the server "
                 f"{_server(self.model)}; ask on a local model "
-                f"({_on_its_base(path)}), then use_adapter"
+                f"({_on_its_base(path)}), then chat.use_adapter('{path}')"
             )
         from llava_nb.models import _activate_adapter
         from llava_nb.training.adapters import check_adapter
@@ -440,14 +467,15 @@ def _server(model: Any) -> str:
 
 def _on_its_base(adapter: str | os.PathLike) -> str:
     """How to give a chat the local model an adapter was fine-tuned from, as its
-    adapter_config.json names it (a placeholder where the folder is not here)."""
+    adapter_config.json names it (a placeholder where the folder is not here). Quoted in the
+    literal, so front ends can render the fix their way (cli.NOTEBOOK_FIXES)."""
     try:
         config = json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError, TypeError):
         base = None
-    named = repr(base) if isinstance(base, str) and base.strip() else "'BASE-MODEL'"
-    return f"chat.model = ln.Model({named})"
+    named = base.strip() if isinstance(base, str) and base.strip() else "BASE-MODEL"
+    return f"chat.model = ln.Model('{named}')"
 
 
 def _no_adapters_here(model: Any, adapter: str) -> LlavaError:

@@ -21,7 +21,8 @@ import os
 import re
 import shlex
 import sys
-from contextlib import closing, redirect_stderr, redirect_stdout
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, redirect_stderr, redirect_stdout
 from typing import Any, NoReturn, TextIO
 
 from llava_nb import __version__
@@ -31,6 +32,7 @@ PROG = "llava-nb"
 PROMPT = "you> "
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but newline and tab
 INTERRUPTED = " [interrupted]"
+THINKING = "thinking…"  # on a terminal while a reasoning model thinks before its answer
 SERVE_EXTRA = f"{PROG} serve needs the serve extra: pip install 'llava_nb[serve]'"
 SERVE_MODULES = ("fastapi", "uvicorn", "starlette")
 EXAMPLES = {  # a value for each option, to show in its usage error
@@ -48,7 +50,8 @@ EXAMPLES = {  # a value for each option, to show in its usage error
     "--max-concurrency": "4",
     "--allowed-local-media-path": "images/",
 }
-NOTEBOOK_FIXES = (  # shared messages name a notebook's fix; a terminal user needs these
+NOTEBOOK_FIXES = (  # shared messages name a notebook's fix; a terminal user needs these.
+    # "{}" stands for a name the message gives (a model, a folder), kept in the terminal's fix
     ("%llava config model=...", "--model M"),
     (" (see %llava models)", ", e.g. llava-hf/llava-1.5-7b-hf"),
     ("use_adapter(None) (%llava adapter none) answers", "/adapter none answers"),
@@ -60,6 +63,10 @@ NOTEBOOK_FIXES = (  # shared messages name a notebook's fix; a terminal user nee
     ("try --4bit (quantization='4bit')", "try --4bit"),
     ("lower max_new_tokens, start a new chat,", "lower --max-new-tokens, /reset,"),
     ("or in a new chat", "or after /reset"),
+    ("chat.model = ln.Model('{}')", "/model {}"),
+    ("chat.use_adapter('{}')", "/adapter {}"),
+    ("(chat.reset())", "(/reset)"),
+    ("(chat.undo())", "(/undo)"),
 )
 
 CHAT_HELP = """\
@@ -349,8 +356,9 @@ def _for_the_terminal(message: object) -> str:
     notebook's."""
     text = " ".join(str(message).split()) or "unknown error"
     text = re.sub(r"^(llava[-_]nb: )+", "", text)
-    for notebook, terminal in NOTEBOOK_FIXES:
-        text = text.replace(notebook, terminal)
+    for notebook, terminal in NOTEBOOK_FIXES:  # "{}": the name the message gives, kept
+        pattern = re.escape(notebook).replace(re.escape("{}"), "(.+?)")
+        text = re.sub(pattern, terminal.replace("{}", r"\g<1>"), text)
     return text
 
 
@@ -638,8 +646,9 @@ class ChatSession:
             return
         printed = ""
         try:
-            with closing(pieces):
+            with closing(pieces), self._thinking_shown() as thinking:
                 for piece in pieces:
+                    thinking.erase()
                     self._out(self._shown(piece))
                     printed += piece
         except KeyboardInterrupt:
@@ -657,6 +666,18 @@ class ChatSession:
         finally:
             if len(chat.history) > turns:  # the question was asked: its images are in the chat
                 self.pending.clear()
+
+    @contextmanager
+    def _thinking_shown(self) -> Iterator[_ThinkingLine]:
+        """A `_ThinkingLine` that a reasoning model's thinking shows, on a terminal only; the
+        caller erases it when the answer starts, the exit in any case."""
+        line = _ThinkingLine(self.stderr)
+        unfollow = self.chat.on_thinking(line.show) if self.stderr.isatty() else lambda: None
+        try:
+            yield line
+        finally:
+            unfollow()
+            line.erase()
 
     def _pending_hint(self) -> str:
         """After a failed question: the attached images stay for the next one, unless dropped
@@ -821,6 +842,29 @@ class ChatSession:
             old.unload()  # one model in memory at a time
         turns = _count(len(self.chat.history), "turn")
         self._info(f"now using {new.model_id}; the conversation ({turns}) continues")
+
+
+class _ThinkingLine:
+    """`THINKING` on a terminal while a reasoning model thinks: a server streams no answer
+    meanwhile, for a minute at times, which looked hung. Shown once per answer, erased in
+    place (carriage return) so the answer starts where it stood."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.shown = self.over = False
+
+    def show(self, reasoning: str = "") -> None:
+        if self.shown or self.over:
+            return
+        self.stream.write(THINKING)
+        self.stream.flush()
+        self.shown = True
+
+    def erase(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * len(THINKING) + "\r")
+            self.stream.flush()
+        self.shown, self.over = False, True
 
 
 def _unknown_command(name: str) -> str:

@@ -33,6 +33,8 @@ MAX_ASPECT = 100  # processors scale the short side up to the tower's size: 1x50
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # cap on downloaded bytes
 MAX_FILE_BYTES = 512 * 1024 * 1024  # cap on a local file: 64 MP at 16 bits x 4 channels, raw
 FLOAT_ONE_AT_MOST = 2  # float pixels up to this are in 0-1 (a little over: clipped), else 0-255
+SIXTEEN_TO_EIGHT = 257  # 65535 / 255: a 16-bit pixel (PNG, TIFF, uint16 array) to 8 bits
+ARRAY_DTYPES = "uint8 (0-255), uint16 (0-65535), float (0-1 or 0-255) or bool"
 FETCH_TIMEOUT_S = 10  # seconds, so a dead server cannot hang a notebook cell
 FETCH_DEADLINE_S = 60  # for the whole download: a server trickling bytes cannot hang it either
 POSTSCRIPT = (b"%!PS", b"\xc5\xd0\xd3\xc6")  # EPS, plain and in DOS binary: Pillow's marks
@@ -84,11 +86,11 @@ def load_image(source: object, *, namespace: Mapping[str, object] | None = None)
         return _finish(source, label)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return _decode(data, f"image bytes ({len(data):,} bytes)")
+        return decode_image(data, f"image bytes ({len(data):,} bytes)")
     if isinstance(source, str) and source[:5].lower() == "data:":
         return image_from_data_uri(source)
     if isinstance(source, str) and re.match(r"(?i)https?://", source):
-        return _decode(_fetch(source), f"image at {_short(source)}")
+        return decode_image(_fetch(source), f"image at {_short(source)}")
     if isinstance(source, str) and re.match(r"(?i)([a-z][\w+.-]+://|file:)", source):
         raise ImageError(f"cannot load {_short(source)}: only http(s) URLs are fetched; use a path")
     if isinstance(source, str) and not source.strip():
@@ -97,7 +99,7 @@ def load_image(source: object, *, namespace: Mapping[str, object] | None = None)
     if named and not Path(source).exists():  # a name, not a path: say both were looked for
         raise ImageError(f"no notebook variable or image file named {source!r}; check the name")
     if isinstance(source, (str, os.PathLike)):
-        return _decode(*_read_file(source))
+        return decode_image(*_read_file(source))
     np = sys.modules.get("numpy")  # an ndarray implies numpy is imported already
     if np is not None and isinstance(source, np.ndarray):
         return _from_array(source, f"array of shape {source.shape}", torch=False)
@@ -214,7 +216,7 @@ def image_header(data: bytes | str, label: str | None = None) -> tuple[int, int]
     slow formats, crafted chunks), with the ImageError a load would raise; not a cut or broken
     pixel stream, which only decoding finds. ``label`` names it in errors (default: as a load)."""
     if isinstance(data, str):
-        data, uri_label = _data_uri_bytes(data)
+        data, uri_label = data_uri_bytes(data)
         label = label or uri_label
     else:
         data = bytes(data)
@@ -223,7 +225,8 @@ def image_header(data: bytes | str, label: str | None = None) -> tuple[int, int]
         return img.size
 
 
-def _decode(data: bytes, label: str) -> Image.Image:
+def decode_image(data: bytes, label: str) -> Image.Image:
+    """An image file's bytes as an RGB image, every limit checked; `label` names it in errors."""
     with _refusals(label):
         img = _header(data, label)
         out = _pixels(img, label, upright=True)
@@ -341,11 +344,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.array(img, dtype=np.float32)
         high = arr.max(initial=0)
         if img.mode.startswith("I;16") or high > 255:
-            arr /= 257  # 16-bit range
+            arr /= SIXTEEN_TO_EIGHT  # 16-bit range
         elif img.mode == "F" and high <= FLOAT_ONE_AT_MOST:
             arr *= 255  # float in [0, 1]
-        np.nan_to_num(arr, copy=False).clip(0, 255, out=arr).round(out=arr)
-        img = Image.fromarray(arr.astype(np.uint8))
+        img = Image.fromarray(_eight_bits(arr))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")  # La: no direct way
         img = Image.new("RGB", rgba.size, "white")
@@ -353,7 +355,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _eight_bits(arr):
+    """Float pixels in 0-255 as uint8: rounded, NaN as 0, the rest clipped (in place)."""
+    import numpy as np
+
+    np.nan_to_num(arr, copy=False).clip(0, 255, out=arr).round(out=arr)
+    return arr.astype(np.uint8)
+
+
 def _from_array(arr: object, label: str, *, torch: bool) -> Image.Image:
+    """An array's pixels, read as a PIL image of that depth would be: uint16 as 16-bit
+    (a 16-bit PNG's pixels, whatever their values), integers in 0-255 as 8-bit."""
     import numpy as np
 
     arr = np.asarray(arr)
@@ -364,7 +376,14 @@ def _from_array(arr: object, label: str, *, torch: bool) -> Image.Image:
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
         shapes = "HxW, HxWx1, HxWx3 or HxWx4" + (" (or CxHxW)" if torch else "")
         raise ImageError(f"{label} is not an image; use shape {shapes}")
-    if arr.dtype == np.bool_:
+    _check_size((arr.shape[1], arr.shape[0]), label)  # before any converted copy is made
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:  # a band of rows at a time: a float
+        eight = np.empty(arr.shape, np.uint8)  # copy of 64 MP of RGB would take 768 MB
+        for rows in range(0, len(arr), 256):
+            band = np.divide(arr[rows : rows + 256], SIXTEEN_TO_EIGHT, dtype=np.float32)
+            eight[rows : rows + 256] = _eight_bits(band)
+        arr = eight
+    elif arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype.kind == "f":  # 0-1 (a little over or under: clipped), or 0-255
         arr = np.nan_to_num(arr)
@@ -379,7 +398,8 @@ def _from_array(arr: object, label: str, *, torch: bool) -> Image.Image:
     elif arr.dtype.kind in "iu" and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255)):
         arr = arr.astype(np.uint8)
     elif arr.dtype != np.uint8:
-        raise ImageError(f"{label} has dtype {arr.dtype}; use uint8 in 0-255 or float in 0-1")
+        values = f" (values {arr.min()} to {arr.max()})" if arr.dtype.kind in "iu" else ""
+        raise ImageError(f"{label} has dtype {arr.dtype}{values}; use {ARRAY_DTYPES}")
     return _finish(Image.fromarray(np.ascontiguousarray(arr)), label)
 
 
@@ -396,10 +416,10 @@ def image_to_data_uri(img: Image.Image, format: str = "PNG") -> str:
 
 def image_from_data_uri(uri: str) -> Image.Image:
     """Decode a ``data:image/...;base64,...`` URI (as from ``image_to_data_uri``) to RGB."""
-    return _decode(*_data_uri_bytes(uri))
+    return decode_image(*data_uri_bytes(uri))
 
 
-def _data_uri_bytes(uri: str) -> tuple[bytes, str]:
+def data_uri_bytes(uri: str) -> tuple[bytes, str]:
     """The bytes of a base64 data:image URI, and its label for errors."""
     head, comma, payload = uri.partition(",")
     label = f"data URI {_short(uri)}"

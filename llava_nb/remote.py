@@ -49,6 +49,10 @@ RETRY_S = 2.0  # between tries while a server answers 503 without saying how lon
 NOT_A_SERVER = "check the URL: an OpenAI-compatible server's, which usually ends in /v1"
 LOSSLESS_PIXELS = 2_000_000  # images up to this go as PNG, larger ones (photos) as JPEG
 SAMPLING = "temperature, top_p, seed; top-k, min-p and penalties are the server's defaults"
+CONTEXT_FIX = (  # not max_new_tokens: the conversation, not the answer, is what fills it
+    "start afresh (chat.reset()) or drop the last turn (chat.undo()), or give the server a "
+    "larger context (llama.cpp: --ctx-size)"
+)
 
 
 def is_remote(model_id: object) -> bool:
@@ -244,6 +248,7 @@ class RemoteModel:
             "temperature": 0.0 if greedy else settings["temperature"],  # llama.cpp samples
             "top_p": settings["top_p"],
             "stream": True,
+            "stream_options": {"include_usage": True},  # token counts: why an answer stopped
         }
         if settings["seed"] is not None:
             request["seed"] = settings["seed"]
@@ -291,7 +296,8 @@ class RemoteGeneration:
     Leaving the loop early, `stop()` or KeyboardInterrupt closes the stream, which tells the
     server to stop generating; the partial answer is kept. A reasoning model's thinking
     (vLLM's and llama.cpp's `reasoning_content`, Ollama's `reasoning`) is not the answer: it
-    is kept apart, in `.reasoning`.
+    is kept apart, in `.reasoning`, and streams to `on_reasoning` callbacks, so a front end can
+    show that the model is thinking (no answer piece comes meanwhile, for a minute at times).
     """
 
     def __init__(self, model: RemoteModel, request: dict[str, Any]) -> None:
@@ -299,15 +305,28 @@ class RemoteGeneration:
         self._request = request
         self._stop = threading.Event()
         self.max_new_tokens: int = request["max_tokens"]
-        self.prompt_tokens: int | None = None
+        self.prompt_tokens: int | None = None  # as the server counts them (its `usage`)
+        self.completion_tokens: int | None = None
         self.text = ""
         self.reasoning = ""  # a reasoning model's thinking, which servers send apart
+        self._reasoning_listeners = StateListeners()
         self.stopped = False
         self.done = False
         self.finish_reason: str | None = None
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the model is thinking before its answer: reasoning came, no answer text yet."""
+        return bool(self.reasoning) and not self.text and not self.done
+
+    def on_reasoning(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call `callback(piece)` with each piece of the model's thinking as it streams, on the
+        thread reading the answer (a front end hooks it on the chat's "start" event). Returns
+        a function that unsubscribes."""
+        return self._reasoning_listeners.add(callback)
 
     def __iter__(self) -> Iterator[str]:
         import openai
@@ -322,18 +341,21 @@ class RemoteGeneration:
             for chunk in stream:
                 if self._stop.is_set():
                     return  # the finally below keeps the partial answer
+                self._count(getattr(chunk, "usage", None))
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
                 piece = choice.delta.content if choice.delta else None
-                self.reasoning += _thought(choice.delta)
+                if thought := _thought(choice.delta):
+                    self.reasoning += thought
+                    self._reasoning_listeners.tell(thought)
                 if piece:
                     self.text += str(piece)
                     yield str(piece)
                 self.finish_reason = choice.finish_reason or self.finish_reason
             self.done = True
             if not self.text and self.reasoning and self.finish_reason is not None:
-                raise self._failed(self._only_thought())  # not an answer of ''
+                raise self._only_thought()  # not an answer of ''
             if not (self.text or self.reasoning) and self.finish_reason is None:  # none answered
                 raise self._failed(f"sent no streamed answer; {NOT_A_SERVER}")
             if self.finish_reason is None:  # llama.cpp sends an error as an `error:` line,
@@ -365,17 +387,39 @@ class RemoteGeneration:
             if not self.done:  # stopped, interrupted or abandoned: keep the partial answer
                 self.stopped, self.done, self.finish_reason = True, True, "interrupted"
 
-    def _only_thought(self) -> str:
-        """Why an answer that ended with reasoning but no text is none, and the fix."""
+    def _count(self, usage: Any) -> None:
+        """Keep the server's token counts: vLLM sends them in a last chunk of their own
+        (include_usage), llama.cpp in its last chunk or one of their own."""
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        if isinstance(prompt, int) and isinstance(completion, int):
+            self.prompt_tokens, self.completion_tokens = prompt, completion
+
+    def _out_of_context(self) -> bool:
+        """Whether a "length" ending was the server's context filling up, not max_new_tokens:
+        llama.cpp says "length" for both; it stopped short of max_tokens, or we set none."""
+        if self.max_new_tokens >= MAX_TOKENS:
+            return True
+        return self.completion_tokens is not None and self.completion_tokens < self.max_new_tokens
+
+    def _only_thought(self) -> GenerationError:
+        """The error for an answer that ended with reasoning but no text, with the fix."""
         if self.finish_reason != "length":  # a reasoning parser that took it all, say
-            return (
+            return self._failed(
                 f"ended the answer with reasoning only, no text (finish_reason "
                 f"{self.finish_reason!r}); ask again, or check the server's reasoning parser"
             )
-        if self.max_new_tokens >= MAX_TOKENS:  # no limit of ours: the server's context
-            return f"ran out of context while its model was reasoning, before any answer; {SHORTER}"
+        if self._out_of_context():
+            counts = (
+                f" (the conversation: {self.prompt_tokens} tokens, its reasoning: "
+                f"{self.completion_tokens})"
+                if self.completion_tokens is not None
+                else ""
+            )
+            why = f"ran out of context{counts} while its model was reasoning, before any answer"
+            return self._failed(f"{why}; {CONTEXT_FIX}", ContextFullError)
         more = min(self.max_new_tokens * 4, MAX_TOKENS)
-        return (
+        return self._failed(
             f"spent all {self.max_new_tokens} tokens (max_new_tokens) on its model's reasoning, "
             f"before any answer; raise max_new_tokens, e.g. max_new_tokens={more}"
         )

@@ -544,6 +544,103 @@ def test_errors_name_the_terminal_fix_not_a_notebook_one(tiny_llava, tmp_path):
     )
 
 
+def test_a_chat_with_an_adapter_on_a_server_names_the_terminal_fixes(web_server, tmp_path):
+    """The refusal of an adapter chat on a server named Python's fix for the terminal too
+    ("chat.model = ln.Model('BASE')"): the terminal's own commands take its place, the names
+    (base model, adapter folder) kept."""
+    adapter, base = tmp_path / "tuned", "llava-hf/llava-1.5-7b-hf"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    saved = tmp_path / "chat.json"
+    with web_server({}) as url:
+        Chat(url).save(saved)
+        saved.write_text(json.dumps(json.loads(saved.read_text()) | {"adapter": str(adapter)}))
+        script = f"/open {saved}\nHello?\n/adapter none\n/adapter {adapter}\n"
+        result = _run("chat", "--model", url, stdin=script)
+    lines = _said(result.stderr)
+    assert lines[1] == (
+        f"llava-nb: this chat answers with the adapter {adapter}, which the server {url} cannot "
+        f"load (adapters need local weights); answer with its base model (/model {base}), or "
+        "/adapter none answers with the server's model"
+    )
+    assert lines[3] == (
+        f"llava-nb: adapters need local weights; this chat's model is the server {url}; ask on "
+        f"a local model (/model {base}), then /adapter {adapter}"
+    )
+    assert not any(hint in result.stderr for hint in ("ln.Model", "chat.model", "use_adapter"))
+
+
+def _reasoning(text: str) -> str:
+    """A chunk of a reasoning model's thinking, as vLLM and llama.cpp stream it."""
+    return completion(
+        "chat.completion.chunk", {"delta": {"reasoning_content": text}, "finish_reason": None}
+    )
+
+
+def test_a_reasoning_model_shows_thinking_until_its_answer_starts():
+    """A reasoning model streams no answer while it thinks (a minute at times): the chat
+    looked hung. A terminal shows "thinking…" meanwhile, erased in place once the answer
+    starts; the thinking itself is not shown, and a file of answers gets none of it."""
+    import http.server
+    import threading
+
+    thought = threading.Event()  # the test saw "thinking…": the server may answer
+    answer = completion("chat.completion.chunk", {"delta": {"content": "Hi there"}})
+    end = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "stop"})
+
+    class Thinker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"object": "list", "data": [{"id": "m"}]}')
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+            self.wfile.write(f"data: {_reasoning('Let me see.')}\n\n".encode())
+            self.wfile.flush()
+            thought.wait(30)
+            for data in (_reasoning(" A greeting."), answer, end, "[DONE]"):
+                self.wfile.write(f"data: {data}\n\n".encode())
+
+        def log_message(self, *args):
+            pass
+
+    with loopback_server(Thinker) as url:
+        child = _spawn("--model", f"{url}/v1")
+        try:
+            child.sendline("Hello?")
+            child.expect_exact("thinking…", timeout=15)  # before any answer came
+        finally:
+            thought.set()
+        child.expect_exact(PROMPT)
+        erased = "\r" + " " * len("thinking…") + "\r"
+        assert child.before.replace("\r\n", "\n") == erased + "Hi there\n\n"
+        _quit_with_ctrl_d(child)
+        result = _run("chat", "--model", f"{url}/v1", stdin="Hello?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hi there\n" and "thinking" not in result.stderr
+
+
+def test_a_reasoning_model_out_of_context_names_the_terminal_fix(web_server):
+    """llama.cpp says "length" when its context is full too: the fix is /reset or /undo, or
+    a larger context on the server, never a larger --max-new-tokens."""
+    usage = {"completion_tokens": 12, "prompt_tokens": 4084, "total_tokens": 4096}
+    end = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "length"})
+    end = json.dumps(json.loads(end) | {"usage": usage})
+    with web_server({"/v1/chat/completions": events(_reasoning("Hmm."), end, "[DONE]")}) as url:
+        result = _run("chat", "--model", url, "--max-new-tokens", "1000", stdin="Hello?\n")
+    assert result.returncode == 1 and result.stdout == ""
+    assert _said(result.stderr) == [
+        f"llava-nb: {url} ran out of context (the conversation: 4084 tokens, its reasoning: 12) "
+        "while its model was reasoning, before any answer; start afresh (/reset) or drop the "
+        "last turn (/undo), or give the server a larger context (llama.cpp: --ctx-size)"
+    ]
+
+
 def test_ctrl_c_stops_piped_questions(slow_llava, tmp_path):
     """Piped, Ctrl-C ends the run (exit 130) rather than going on with the next question."""
     import signal

@@ -241,6 +241,32 @@ def test_sixteen_bit_and_wide_modes() -> None:
     assert load_image(Image.new("I", (2, 2), 65535)).getpixel((0, 0)) == WHITE
 
 
+def test_sixteen_bit_arrays_read_as_sixteen_bit_images_do() -> None:
+    """A uint16 array was refused (and one with values up to 255 read as 8-bit) while the
+    same pixels as a 16-bit PIL image were scaled to 8 bits: they now read alike, whatever
+    the values, the byte order, the channels or the container (numpy, torch)."""
+    gray = np.random.default_rng(0).integers(0, 65536, (300, 7), dtype=np.uint16)  # 300: row bands
+    gray[0, :3] = (0, 200, 65535)  # 200 of 65535 is near black, not 200 of 255
+    as_pil = load_image(Image.fromarray(gray))
+    assert as_pil.getpixel((1, 0)) == (1, 1, 1) and as_pil.getpixel((2, 0)) == WHITE
+    for arr in (gray, gray[..., None], gray.astype(">u2"), torch.from_numpy(gray[None] * 1)):
+        assert load_image(arr).tobytes() == as_pil.tobytes()
+    rgb = np.stack([gray, 65535 - gray, gray // 2], axis=-1)
+    channels = [load_image(Image.fromarray(c)).getchannel("R") for c in np.moveaxis(rgb, -1, 0)]
+    assert load_image(rgb).tobytes() == Image.merge("RGB", channels).tobytes()
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [np.full((4, 6), 1000, np.int64), np.full((4, 6), 70000, np.uint32), np.zeros((4, 6), complex)],
+)
+def test_other_dtypes_are_refused_naming_the_accepted_ones(arr: np.ndarray) -> None:
+    accepted = r"use uint8 \(0-255\), uint16 \(0-65535\), float \(0-1 or 0-255\) or bool$"
+    with pytest.raises(ImageError, match=f"has dtype {arr.dtype}.*; {accepted}") as err:
+        load_image(arr)
+    one_line(err)
+
+
 @pytest.mark.parametrize(
     "fmt", ["PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP", "ICO", "PPM", "TGA", "JPEG2000", "DDS",
             "SGI", "QOI", "MPO"],

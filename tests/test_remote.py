@@ -7,7 +7,7 @@ import time
 import pytest
 
 import llava_nb as ln
-from llava_nb.models import GenerationError, ModelError, get_model
+from llava_nb.models import ContextFullError, GenerationError, ModelError, get_model
 from llava_nb.remote import RemoteModel, is_remote
 from tests.conftest import MODELS, completion, events, loopback_server
 
@@ -617,3 +617,73 @@ def test_a_reasoning_model_that_only_thought_is_one_clear_error(stand_in, field)
         chat = ln.Chat(server.url)
         assert chat.ask("Hello?") == "Hi"  # thinking, then the answer: only the answer is kept
     assert [(t.question, t.answer) for t in chat.history] == [("Hello?", "Hi")]
+
+
+LLAMA_CPP_USAGE = {"completion_tokens": 12, "prompt_tokens": 4084, "total_tokens": 4096}
+
+
+@pytest.mark.parametrize(
+    "own_chunk", [False, True], ids=["in-the-last-chunk", "a-chunk-of-its-own"]
+)
+def test_a_reasoning_model_out_of_context_names_the_context_not_max_new_tokens(stand_in, own_chunk):
+    """llama.cpp ends with finish_reason "length" when max_tokens is spent and when its context
+    is full: this one stopped at 12 of 1000 tokens, its context of 4096 full, and the fix was
+    not to raise max_new_tokens. It sends its token counts in the last chunk (or, asked for
+    them with include_usage, in one of their own, as vLLM)."""
+    end = {"delta": {}, "finish_reason": "length"}
+    finish = json.loads(completion("chat.completion.chunk", end))
+    usage = {**finish, "choices": [], "usage": LLAMA_CPP_USAGE}
+    if not own_chunk:
+        finish |= {"usage": LLAMA_CPP_USAGE, "timings": {"prompt_n": 4084, "predicted_n": 12}}
+    chunks = [_thought("reasoning_content", "Let me see."), json.dumps(finish)]
+    body = events(*chunks, *([json.dumps(usage)] if own_chunk else []), "[DONE]")[2]
+    with stand_in([(200, SSE, body)]) as server:
+        spent = f"^{server.url} spent all 12 tokens \\(max_new_tokens\\) on its model's reasoning"
+        with pytest.raises(GenerationError, match=spent):  # 12 of 12: max_tokens, after all
+            ln.Chat(server.url, max_new_tokens=12).ask("Hello?")
+        chat = ln.Chat(server.url, max_new_tokens=1000)
+        full = (
+            f"^{server.url} ran out of context \\(the conversation: 4084 tokens, its reasoning: "
+            "12\\) while its model was reasoning, before any answer; start afresh "
+            r"\(chat.reset\(\)\) or drop the last turn \(chat.undo\(\)\), or give the server a "
+            "larger context \\(llama.cpp: --ctx-size\\)$"
+        )
+        with pytest.raises(ContextFullError, match=full):
+            chat.ask("Hello?")
+        assert chat.history == []
+    assert server.requests[0]["stream_options"] == {"include_usage": True}
+
+
+def test_a_reasoning_model_s_thinking_streams_to_its_listeners_before_the_answer(stand_in):
+    """A reasoning model streams no answer while it thinks (a minute at times), so a view
+    showed nothing, as if hung: the thinking now reaches `on_reasoning` as it streams (hooked
+    on the chat's "start"), and `thinking` says so until the answer starts."""
+    thinking = [_thought("reasoning_content", "Let me see. "), _thought("reasoning", "Hello.")]
+    with stand_in([(200, SSE, events(*thinking, CHUNK, END, "[DONE]")[2])]) as server:
+        chat, seen = ln.Chat(server.url), []
+
+        def follow(event: str, turn, piece: str) -> None:
+            generation = chat.answering.generation if chat.answering else None
+            if event == "start":
+                generation.on_reasoning(lambda text: seen.append((text, generation.thinking)))
+            elif event == "piece":
+                seen.append((f"answer: {piece}", generation.thinking))
+
+        chat.on_change(follow)
+        assert chat.ask("Hello?") == "Hi"
+    assert seen == [("Let me see. ", True), ("Hello.", True), ("answer: Hi", False)]
+    assert chat.history[-1].answer == "Hi"
+
+
+def test_chat_on_thinking_follows_every_answer_until_unsubscribed(stand_in):
+    """`Chat.on_thinking` is what views hook (cells, the terminal, a panel): it reaches each
+    answer's generation as it starts, and after unsubscribing, nothing more."""
+    thinking = [_thought("reasoning_content", "Let me see. "), _thought("reasoning", "Hi?")]
+    body = events(*thinking, CHUNK, END, "[DONE]")[2]
+    with stand_in([(200, SSE, body)]) as server:
+        chat, seen = ln.Chat(server.url), []
+        unsubscribe = chat.on_thinking(seen.append)
+        assert chat.ask("Hello?") == "Hi" and chat.ask("Again?") == "Hi"
+        assert seen == ["Let me see. ", "Hi?"] * 2
+        unsubscribe()
+        assert chat.ask("Once more?") == "Hi" and len(seen) == 4
