@@ -15,7 +15,9 @@ import io
 import json
 import os
 import re
+import sys
 import time
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -742,13 +744,16 @@ def test_an_empty_system_message_changes_nothing(client):
 
 
 @contextlib.contextmanager
-def image_host():
+def image_host(log: list | None = None):
     """A real HTTP server on loopback: /trickle sends its body a byte every 0.1 s,
     /slow-headers its headers, /broken-redirect redirects to a malformed URL, /ftp-redirect
-    to ftp://itself/a.png, /a.png is a picture and /noise.png one of 600 kB."""
+    to ftp://itself/a.png, /a.png is a picture and /noise.png one of 600 kB. `log` gets
+    (path, time.monotonic()) for each request, and ("hung up", time) when a trickle ends."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if log is not None:
+                log.append((self.path, time.monotonic()))
             port = self.server.server_address[1]
             redirects = {
                 "/broken-redirect": "http://[::1/a.png",
@@ -777,11 +782,14 @@ def image_host():
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", "100000")
                 self.end_headers()
-            with contextlib.suppress(OSError):  # until the server gives up and hangs up
+            try:  # until the server gives up and hangs up
                 for _ in range(100_000):
                     self.wfile.write(b"a")
                     self.wfile.flush()
                     time.sleep(0.1)
+            except OSError:
+                if log is not None:
+                    log.append(("hung up", time.monotonic()))
 
         def log_message(self, *args):
             pass
@@ -866,6 +874,45 @@ def test_slow_image_urls_leave_threads_for_other_requests(model, monkeypatch):
         assert [f.result().status_code for f in trickling] == [400] * 6
 
 
+def test_a_client_gone_while_its_image_is_fetched_frees_the_image_thread(model, monkeypatch):
+    """A client that left while its image URL was fetched held an image thread until the fetch
+    ended (FETCH_DEADLINE_S, 60 s): now the fetch is hung up. With one image thread, the next
+    request's image is fetched at once."""
+    import socket
+
+    import llava_nb.server
+
+    monkeypatch.setattr(llava_nb.server, "_blocked", lambda _ip: False)  # loopback as public
+    monkeypatch.setattr(llava_nb.server, "FETCH_DEADLINE_S", 20)
+    monkeypatch.setattr(llava_nb.server, "IMAGE_READ_THREADS", 1)
+    app = create_app(model, allow_image_urls=True)
+    log: list[tuple[str, float]] = []
+
+    def with_image(url: str) -> dict:
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return {"messages": [{"role": "user", "content": [part]}], "max_tokens": 1}
+
+    with serving(app) as url, image_host(log) as images:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps(with_image(images + "/trickle")).encode()
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            wait_for(lambda: log, what="the slow fetch")  # under way: then the client leaves
+        left = time.monotonic()
+        answer = httpx.post(
+            url + "/v1/chat/completions", json=with_image(images + "/a.png"), timeout=60
+        )
+        assert answer.status_code == 200, answer.text
+    when = dict(log)
+    late = when["/a.png"] - left
+    assert late < 3, f"the next request's image was fetched {late:.1f} s after the client left"
+    assert when["hung up"] - left < 3
+
+
 def test_include_usage_puts_a_null_usage_in_every_other_chunk(server, model):
     """OpenAI's API reference: with include_usage, "all other chunks will also include a usage
     field, but with a null value"; code reading chunk["usage"] relies on it."""
@@ -931,6 +978,53 @@ def test_queued_requests_hold_their_images_encoded(model):
         assert first.result().choices
         answers = [f.result().choices[0].message.content for f in queued]
     assert answers == [answers[0]] * 3
+
+
+def test_a_data_uri_is_decoded_once_and_queued_as_bytes(model, monkeypatch):
+    """A data URI was base64-decoded twice, on arrival (its header checked) and when answered,
+    and a queued request held its text as well: now its bytes only, 3/4 the text's size."""
+    from llava_nb.server import _Image, _images
+
+    noise = Image.frombytes("RGB", (160, 120), os.urandom(160 * 120 * 3))
+    png = io.BytesIO()
+    noise.save(png, "PNG")
+    uri = image_to_data_uri(noise)
+    question = "What is in this picture?"
+    expected = Chat(model, max_new_tokens=8).ask(question, noise)
+    b64decode, decoded = base64.b64decode, []
+
+    def counted(data, *args, **kwargs):
+        decoded.append(len(data))
+        return b64decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(base64, "b64decode", counted)
+    app = create_app(model)
+    service = app.state.llava
+    with (
+        serving(app) as url,
+        ThreadPoolExecutor(3) as pool,
+        openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60) as c,
+    ):
+        c.served = model.model_id
+        with model_held(model):
+            first = pool.submit(ask, c, [user("Say hi.")], max_tokens=2)
+            wait_for(lambda: service.admission.active == 1, what="the first request")
+            queued = [pool.submit(ask, c, [user(question, noise)], max_tokens=8) for _ in range(2)]
+            wait_for(lambda: service.admission.waiting == 2, what="the queued requests")
+            held = [
+                part["image"]
+                for job in service.jobs
+                for part in _images(job.messages)
+                if isinstance(part["image"], _Image)
+            ]
+            assert len(held) == 2 and all(image.encoded == png.getvalue() for image in held)
+            sizes = [sum(sys.getsizeof(v) for v in vars(image).values()) for image in held]
+            assert max(sizes) < 0.8 * len(uri), f"a queued image holds {max(sizes):,} bytes"
+            del held
+        assert first.result().choices
+        answers = [f.result().choices[0].message.content for f in queued]
+    assert answers == [expected] * 2
+    assert sum(n >= len(uri) - 30 for n in decoded) == 2, decoded
 
 
 def test_a_redirect_to_another_scheme_is_refused(strict_client, monkeypatch):
@@ -999,6 +1093,40 @@ def test_answered_requests_let_go_of_their_images(client):
     finally:
         gc.enable()
     assert not kept, f"3 answered requests kept {len(kept)} decoded images"
+
+
+@pytest.mark.parametrize("how", ["plain", "streamed", "left halfway"])
+def test_a_finished_request_frees_its_job_without_the_garbage_collector(server, model, how):
+    """A finished job (its answer, its request) stayed in a reference cycle, through the
+    client-disconnect watch's closures and a cancelled task's traceback, until the garbage
+    collector found it. With the collector off, it must be freed as the request ends."""
+    url, service = server
+    body = {"messages": [user("What is it?", picture("red"))], "max_tokens": 8}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def send() -> None:
+        if how == "plain":
+            httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+            return
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers
+        ) as response:
+            for i, _line in enumerate(response.iter_lines()):
+                if how == "left halfway" and i == 2:
+                    break  # leaving closes the connection
+
+    gc.collect()
+    gc.disable()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            with model_held(model):
+                sent = pool.submit(send)
+                wait_for(lambda: service.jobs, what="the request")
+                job = weakref.ref(next(iter(service.jobs)))
+            sent.result()
+            wait_for(lambda: job() is None, timeout=5, what="the finished job to be freed")
+    finally:
+        gc.enable()
 
 
 def test_an_image_a_load_refuses_is_a_400_on_arrival_not_after_the_queue(strict, strict_client):
