@@ -7,6 +7,7 @@ bad input of any kind prints one line (`llava_nb: ...`) and leaves chats and mod
 from __future__ import annotations
 
 import argparse
+import builtins
 import keyword
 import os
 import re
@@ -74,6 +75,10 @@ class _Parser(argparse.ArgumentParser):
 def _identifier(name: str) -> str:
     if not name.isidentifier() or keyword.iskeyword(name):  # `class` could not be read back
         raise argparse.ArgumentTypeError(f"{name!r} is not a Python variable name")
+    if hasattr(builtins, name):  # -o print would hide print() in the notebook
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is a Python builtin; name the variable otherwise (-o {name}_answer)"
+        )
     return name
 
 
@@ -509,12 +514,21 @@ class LlavaMagics(Magics):
         """Show the answer as it grows (one display, redrawn at most every UPDATE_INTERVAL_S).
 
         Returns the answer as the chat recorded it, and whether it was interrupted. At the end
-        the display is emptied (the cell's value shows the answer), or keeps the answer when
-        `keep` (-o VAR: the cell has no value).
+        the display is emptied: the cell's value shows the answer or, when `keep` (-o VAR: the
+        cell has no value) or interrupted, a display of its own, as a front end that ignores
+        updates (jupyter console) shows it too.
         """
         turns = len(chat.history)
         handle = display(_shown("…"), raw=True, display_id=True)
-        text, shown = "", 0.0
+        text, shown, thought = "", 0.0, False
+
+        def thinking(piece: str) -> None:  # a reasoning model on a server, before its answer
+            nonlocal thought
+            if not (text or thought):
+                handle.update(_shown("*thinking…*"), raw=True)
+                thought = True
+
+        unfollow = chat.on_thinking(thinking)
         try:
             with closing(pieces):
                 for piece in pieces:
@@ -525,13 +539,18 @@ class LlavaMagics(Magics):
         except KeyboardInterrupt:
             if len(chat.history) > turns:
                 text = chat.history[-1].answer  # the partial answer, kept in the chat
-            handle.update(_shown(text + " *(interrupted)*"), raw=True)
+            handle.update(_shown(""), raw=True)
+            display(_shown(text + " *(interrupted)*"), raw=True)
             return text, True
         except BaseException:
             handle.update(_shown(""), raw=True)  # the error line says what happened
             raise
+        finally:
+            unfollow()
         text = chat.history[-1].answer  # the whole decoded answer, as the chat keeps it
-        handle.update(_shown(text if keep else ""), raw=True)
+        handle.update(_shown(""), raw=True)
+        if keep:
+            display(_shown(text), raw=True)
         return text, False
 
     # --- commands
@@ -584,7 +603,8 @@ class LlavaMagics(Magics):
             return
         for model in loaded.values():
             _unload(model)
-            print(f"llava_nb: unloaded {model.model_id}")
+            if not model.loaded:
+                print(f"llava_nb: unloaded {model.model_id}")
         self._retired.clear()
 
     def _cmd_status(self, args) -> Markdown:
@@ -764,22 +784,19 @@ def _print_stream(chat, pieces) -> tuple[str, bool]:
 
 
 def _unload(model) -> None:
-    """Unload `model` whole, even when an interrupt lands meanwhile: there is nothing left for it
-    to stop, and a release cut short leaves its state behind (cached GPU memory, a status that
-    says loaded). The interrupt is told in one line, not raised."""
-    interrupted = False
-    while True:
-        try:
-            model.unload()  # again after an interrupt: it releases what is left
-            break
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted:
-        print(
-            f"llava_nb: interrupted while releasing {model.model_id}; released all the same "
-            "(a release cannot stop halfway)",
-            file=sys.stderr,
-        )
+    """`model.unload()`, an interrupt meanwhile told in one line, not raised: `Model.unload`
+    ends its release before raising it, so there is nothing left for it to stop."""
+    try:
+        model.unload()
+    except KeyboardInterrupt:
+        if model.loaded:  # it came before the release began
+            message = f"interrupted before {model.model_id} was released; %llava unload frees it"
+        else:
+            message = (
+                f"interrupted while releasing {model.model_id}; released all the same "
+                "(a release cannot stop halfway)"
+            )
+        print(f"llava_nb: {message}", file=sys.stderr)
 
 
 def register(shell) -> None:

@@ -516,14 +516,19 @@ class Model:
 
     def unload(self) -> None:
         """Drop the weights and give their memory back (GPU memory included). An answer being
-        written stops after its current token and keeps what it wrote, marked interrupted."""
-        for answer in list(self._answers):
-            answer.stop()
-        with self._lock:
-            was = self._state
-            self._release()
-        if was != "unloaded":
-            self._listeners.tell("unloaded")
+        written stops after its current token and keeps what it wrote, marked interrupted.
+
+        A release cut short would leave a model marked loaded with no weights, or cached GPU
+        memory: an interrupt (Ctrl-C, a kernel's Stop) meanwhile waits for it to end, then is
+        raised once, so the caller still stops where the user asked it to."""
+        with _interrupts_deferred():
+            for answer in list(self._answers):
+                answer.stop()
+            with self._lock:
+                was = self._state
+                self._release()
+            if was != "unloaded":
+                self._listeners.tell("unloaded")
 
     def _release(self) -> None:
         with _generator_made:  # its thread ends once the answers queued on it have run
@@ -753,6 +758,7 @@ class Generation:
                 held.enter_context(self._recorder or contextlib.nullcontext())
                 _activate_adapter(self._model, self.adapter)
                 if seed is not None:
+                    held.enter_context(_rng_kept(self._model.model.device))
                     torch.manual_seed(seed)
                 conversation = self._model._conversation
                 weights = (self.adapter, self._model._weights_version)
@@ -793,7 +799,7 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         if self.done:
             return
-        emitted = ""
+        pieces = _Pieces(self._decode)
         self.started_at = time.perf_counter()
         job, self._job = self._job, None
         reader = threading.current_thread()
@@ -806,19 +812,19 @@ class Generation:
                     if not self.token_ids:
                         self.first_token_at = time.perf_counter()
                     self.token_ids.append(value)
-                    text = self._decode(self.token_ids).rstrip("\ufffd")  # hold back split bytes
+                    piece = pieces.add(self.token_ids)
                 elif kind == "end":  # done before the last piece: a reader may stop there
                     self.token_ids = value
-                    text = self.text = self._decode(value)
+                    piece = pieces.add(value, final=True)
+                    self.text = pieces.text
                     _wait_through_interrupts(self._running)  # the model's lock is free again
                     self.stopped = self._stop.is_set()
                     self.done = True
                 else:
                     self.done = True
                     raise _generation_error(value)
-                if text.startswith(emitted) and len(text) > len(emitted):
-                    yield text[len(emitted) :]
-                    emitted = text
+                if piece:
+                    yield piece
                 if kind == "end":
                     return
         finally:
@@ -829,7 +835,8 @@ class Generation:
                 _wait_through_interrupts(self._running)  # a second Stop must not lose it
                 self.stopped = True
                 # as shown: a character cut in half by the stop is not kept as U+FFFD
-                self.text = self._decode(self.token_ids).rstrip("\ufffd")
+                pieces.add(self.token_ids)
+                self.text = pieces.text
                 self.done = True
 
     def wait(self) -> str:
@@ -853,6 +860,59 @@ class Generation:
         if self._attention is None:
             self._attention = self._recorder.attention_map(self.token_ids)
         return self._attention
+
+
+def _rng_kept(device) -> contextlib.AbstractContextManager:
+    """torch's global random state as it was, once the block ends: a seeded answer must not
+    reseed the notebook's own random numbers. `torch.manual_seed` seeds the CPU's generator
+    and every device's of the model's kind, so all of them are put back."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind not in ("cuda", "mps"):
+        return torch.random.fork_rng(devices=[])
+    count = torch.cuda.device_count() if kind == "cuda" else 1
+    return torch.random.fork_rng(devices=range(count), device_type=kind)
+
+
+class _Pieces:
+    """An answer's text as its tokens arrive, in pieces that only ever add to it.
+
+    Decoding all the tokens again can change text already shown: in a byte-fallback run
+    (Llama's tokenizer) one invalid byte turns every byte of the run into U+FFFD, a whole
+    character shown before it included. Then the tokens up to that text are settled, and the
+    rest is decoded on its own (after one token, for its leading space), so nothing shown is
+    taken back and nothing after it is lost. `text` is what was shown: the whole decode when
+    nothing was rewritten, as `generate` then `decode` gives."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self.text = ""  # every piece so far
+        self._start = 0  # tokens before it are settled: their text is in `text` for good
+        self._shown = ""  # the text of tokens from `_start` on, as far as shown
+        self._shown_upto = 0  # tokens whose text is all shown
+
+    def _since(self, ids: list[int], start: int) -> str:
+        if start == 0:
+            return self._decode(ids)
+        before = self._decode(ids[start - 1 : start])
+        text = self._decode(ids[start - 1 :])
+        return text[len(before) :] if text.startswith(before) else self._decode(ids[start:])
+
+    def add(self, ids: list[int], final: bool = False) -> str:
+        """The piece that `ids` (all tokens so far) adds; a character whose bytes are still
+        coming is held back unless `final`."""
+        text = self._since(ids, self._start)
+        if not text.startswith(self._shown):  # text shown was rewritten: keep it, go on after
+            self._start, self._shown = self._shown_upto, ""
+            text = self._since(ids, self._start)
+        if not final:
+            text = text.rstrip("\ufffd")
+        piece = text[len(self._shown) :]
+        if piece:
+            self._shown, self._shown_upto = text, len(ids)
+            self.text += piece
+        return piece
 
 
 _CACHE_KWARGS = ("cache", "past_key_values")  # generate()'s name for it: 5.24+, before
@@ -1009,6 +1069,16 @@ def _interrupts_recorded() -> Iterator[list[KeyboardInterrupt]]:
         yield caught
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Run the block whole: SIGINT meanwhile raises KeyboardInterrupt once it has ended (an
+    error of the block's own comes first). Off the main thread no interrupt is raised at all."""
+    with _interrupts_recorded() as caught:
+        yield
+    if caught:
+        raise caught[0]
 
 
 def _wait_through_interrupts(running) -> None:

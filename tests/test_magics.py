@@ -24,13 +24,16 @@ from IPython.utils.capture import capture_output
 
 from llava_nb.magics import Answer, LlavaMagics
 from llava_nb.models import REGISTRY
-from tests.conftest import loopback_server
+from tests.conftest import events, loopback_server
+from tests.test_remote import CHUNK, END, SSE, _thought, stand_in
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_QUESTION = "Describe every little detail of the picture please. " * 200  # > 1024 tokens
 
 
 # ---------------------------------------------------------------- fixtures and helpers
+
+__all__ = ["stand_in"]  # a fixture shared with test_remote
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +281,34 @@ def test_output_variable(shell, magics):
         result, cap = ask(shell, f"-o {name}", "What is this?")
         one_error(cap, "-o", f"'{name}' is not a Python variable name")
         assert name not in shell.user_ns and len(magics.chats["default"].history) == 1
+
+
+def test_a_front_end_that_ignores_display_updates_still_shows_a_kept_answer(shell, magics):
+    """jupyter console prints displays but not their updates: with -o VAR (no cell value) it
+    showed the "…" placeholder and never the answer."""
+    result, cap = ask(shell, "-o reply", "What is this?")
+    printed = [o.data["text/markdown"] for o in cap.outputs if not o.update]
+    assert result is None and printed == ["…", shell.user_ns.pop("reply")]
+
+
+def test_a_reasoning_model_on_a_server_shows_thinking_until_its_answer(shell, magics, stand_in):
+    """A reasoning model sends no answer while it thinks (a minute at times): the cell showed
+    "…" all the while, as if hung."""
+    thought = _thought("reasoning_content", "Let me see. ")
+    with stand_in([(200, SSE, events(thought, CHUNK, END, "[DONE]")[2])]) as server:
+        cmd(shell, f"load {server.url}")
+        result, cap = ask(shell, "", "Hello?")
+    assert result == "Hi" and quiet(cap)
+    shown = [o.data["text/markdown"] for o in cap.outputs]
+    assert shown == ["…", "*thinking…*", "Hi", ""], shown
+
+
+def test_output_variable_never_hides_a_builtin(shell, magics):
+    """`-o print` put the answer over print() in the notebook, silently."""
+    for name in ("print", "len", "id", "input", "display"):
+        result, cap = ask(shell, f"-o {name}", "What is this?")
+        one_error(cap, "-o", f"'{name}' is a Python builtin", f"-o {name}_answer")
+        assert result is None and name not in shell.user_ns and not magics.chats
 
 
 def test_attention_without_an_image_is_refused_before_asking(shell, magics):
@@ -923,6 +954,7 @@ def test_interrupt_keeps_the_partial_answer(shell, magics, endless_llava):
     assert turn.question == "Go on and on." and turn.interrupted
     final = cap.outputs[-1].data["text/markdown"]
     assert final == turn.answer + " *(interrupted)*"
+    assert not cap.outputs[-1].update  # a display of its own: jupyter console prints it too
     assert shell.user_ns.pop("partial") == turn.answer  # -o VAR gets the partial answer
     assert elapsed < 5
     history = markdown(cmd(shell, "history")[0])
@@ -1088,43 +1120,77 @@ def test_values_read_as_text_where_markdown_is_not_shown(shell, magics):
     assert "**You:**" in shell.display_formatter.format(values[2])[0]["text/plain"]
 
 
+def _interrupt_unload(release: threading.Event) -> None:
+    """Send a real SIGINT once the main thread has waited in `Model.unload` for 50 ms (for the
+    model's lock, held by another thread), then `release` that thread."""
+    from llava_nb.models import Model
+
+    def waiting_in_unload() -> bool:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        return frame is not None and frame.f_code is Model.unload.__code__
+
+    deadline = time.monotonic() + 30
+    while not waiting_in_unload() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)
+    if waiting_in_unload():
+        os.kill(os.getpid(), SIGINT)
+        time.sleep(0.2)
+    release.set()
+
+
+def _holding(model, release: threading.Event) -> threading.Thread:
+    """A thread holding `model`'s lock until `release`, as a panel's answer finishing does."""
+    held = threading.Event()
+
+    def answer_finishing() -> None:
+        with model._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=answer_finishing)
+    holder.start()
+    held.wait(30)
+    return holder
+
+
+def test_an_interrupted_unload_releases_all_the_same_and_prints_one_line(shell, magics):
+    """`%llava unload` interrupted (a real SIGINT) while it waits for an answer to finish:
+    the model is released whole, and the interrupt is one line, not a traceback."""
+    cmd(shell, "load")
+    model, release = magics.current, threading.Event()
+    holder = _holding(model, release)
+    interrupter = threading.Thread(target=_interrupt_unload, args=(release,))
+    interrupter.start()
+    try:
+        _, cap = cmd(shell, "unload")
+        interrupter.join()
+        time.sleep(0.05)  # a late interrupt would land here, not in pytest
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the magic as a traceback")
+    finally:
+        release.set()
+        holder.join()
+    one_error(cap, f"interrupted while releasing {model.model_id}; released all the same")
+    assert cap.stdout.strip() == f"llava_nb: unloaded {model.model_id}"
+    assert not model.loaded and model.status()["state"] == "unloaded"
+
+
 def test_an_interrupt_while_the_old_model_is_released_prints_one_line(shell, magics, tmp_path):
     """`%llava load other` releases the model used before, after the answer a panel's thread is
     finishing on it; an interrupt landing there (a real SIGINT) leaves one line, the new model
     in use and the old one wholly released."""
-    from llava_nb.models import Model, get_model
+    from llava_nb.models import get_model
     from llava_nb.testing import make_tiny_llava
 
     cmd(shell, "load")
     old = magics.current
     other = get_model(make_tiny_llava(tmp_path / "other", "llava"))
     other.load()  # loaded already: the command goes straight to releasing the old model
-    held, release = threading.Event(), threading.Event()
-
-    def answer_finishing() -> None:  # another thread holds the old model, as a panel's does
-        with old._lock:
-            held.set()
-            release.wait(30)
-
-    def releasing() -> bool:
-        frame = sys._current_frames().get(threading.main_thread().ident)
-        while frame is not None and frame.f_code is not Model.unload.__code__:
-            frame = frame.f_back
-        return frame is not None
-
-    def interrupt_while_releasing() -> None:
-        deadline = time.monotonic() + 30
-        while not releasing() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        os.kill(os.getpid(), SIGINT)
-        time.sleep(0.2)
-        release.set()
-
-    holder = threading.Thread(target=answer_finishing)
-    holder.start()
-    held.wait(30)
+    release = threading.Event()
+    holder = _holding(old, release)
     try:
-        cap = _load_with_an_interrupt(shell, other.model_id, interrupt_while_releasing)
+        cap = _load_with_an_interrupt(shell, other.model_id, lambda: _interrupt_unload(release))
     finally:
         release.set()
         holder.join()

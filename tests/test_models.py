@@ -220,6 +220,71 @@ def test_streamed_pieces_add_up_to_the_answer(tiny_llava, photo):
     assert len(generation.token_ids) == 30 or generation.token_ids[-1] == 2  # length or </s>
 
 
+BYTE_FALLBACK_WORDS = ["▁Hello", "▁world", "x", "▁again"]
+
+
+def _byte_fallback_tokenizer():
+    """A tokenizer that decodes as Llama's (llava-1.5's) does: "<0xE2>" tokens are bytes, and a
+    run of them holding an invalid byte decodes to U+FFFD for every byte of the run."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tokens = special + [f"<0x{b:02X}>" for b in range(256)] + BYTE_FALLBACK_WORDS
+    vocab = {token: i for i, token in enumerate(tokens)}
+    bpe = models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>")
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stray_byte_llava(tmp_path_factory) -> str:
+    """A tiny LLaVA with a byte-fallback tokenizer that always answers "Hello world€", one
+    stray byte pair (E2 41), then "x again": decoded whole, the stray bytes turn the € before
+    them into U+FFFD too."""
+    from llava_nb.testing import llava_parts
+
+    tok = _byte_fallback_tokenizer()
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8)  # fmt: skip
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=1024)  # fmt: skip
+    model_class, config, processor = llava_parts("llava", tok, vision, text)
+    model = model_class(config)
+    ids = tok.convert_tokens_to_ids
+    answer = ids(["▁Hello", "▁world", "<0xE2>", "<0x82>", "<0xAC>", "<0xE2>", "<0x41>", "x",
+                  "▁again", "</s>"])  # fmt: skip
+    # the first token always a little likelier; each next one far likelier after its two
+    bias = [[[answer[0]], 50.0]]
+    bias += [[answer[i - 2 : i + 1], 1000.0] for i in range(2, len(answer))]
+    bias += [[answer[0:2], 1000.0]]
+    model.generation_config.sequence_bias = bias
+    model.generation_config.pad_token_id = tok.pad_token_id
+    path = tmp_path_factory.mktemp("stray") / "llava"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_streamed_pieces_survive_a_decode_that_rewrites_earlier_text(stray_byte_llava):
+    """Decoded whole, "Hello world€" became "Hello world�����x again" once a stray byte came:
+    no later decode began with what was shown, and streaming stopped for good (" again" and
+    the rest never came, and the chat kept text the stream never showed)."""
+    generation = Model(stray_byte_llava).generate(_question("Hi?"), max_new_tokens=20)
+    pieces = list(generation)
+    assert generation._decode(generation.token_ids) == "Hello world�����x again"  # the setup
+    assert "".join(pieces) == generation.text == "Hello world€��x again"
+    assert pieces[:3] == ["Hello", " world", "€"]
+
+
 def test_stop_ends_generation_within_a_token_or_two(tiny_llava):
     generation = Model(tiny_llava).generate(_question(), max_new_tokens=900)
     pieces = iter(generation)
@@ -245,6 +310,35 @@ def test_sampling_is_reproducible_with_a_seed(tiny_llava):
     greedy = model.generate(_question(), max_new_tokens=20).wait()
     for tiny in (1e-300, 5e-324, 1e-6):  # would overflow the logits: greedy, as in vLLM
         assert model.generate(_question(), max_new_tokens=20, temperature=tiny).wait() == greedy
+
+
+def test_a_seeded_answer_leaves_the_callers_random_numbers_alone(tiny_llava):
+    """`seed=` reseeded torch's global generator: a notebook's own random numbers after a
+    seeded question changed. They stay as they were; the answer is still `generate`'s after
+    `torch.manual_seed(seed)`, as the README promises."""
+    import torch
+
+    from llava_nb.chat import Chat
+
+    settings = {"max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9}
+    chat = Chat(tiny_llava)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    answer = chat.ask("Tell me a story.", seed=7, **settings)
+    assert torch.equal(torch.rand(4), expected)
+    assert Chat(chat.model).ask("Tell me a story.", seed=7, **settings) == answer
+
+    model, processor = chat.model.model, chat.model.processor
+    inputs = processor.apply_chat_template(
+        chat.messages()[:1], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    torch.manual_seed(7)
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=True, **settings)
+    prompt = inputs["input_ids"].shape[1]
+    assert processor.decode(out[0, prompt:], skip_special_tokens=True) == answer
 
 
 def test_numpy_numbers_are_settings_and_become_plain_ones():
@@ -573,6 +667,65 @@ def test_unload_stops_an_answer_and_keeps_it(tiny_llava):
     with pytest.raises(GenerationError, match="was unloaded before this answer began; ask"):
         list(waiting)
     assert chat.history == [turn] and chat.ask("Again?", max_new_tokens=2)  # loads again
+
+
+def _interrupt_while_unloading(release: threading.Event) -> threading.Thread:
+    """Send a real SIGINT to the process (as a kernel's Stop does) once the main thread has
+    waited in `Model.unload` for 50 ms (for the model's lock, held elsewhere), then `release`."""
+    import signal
+
+    def waiting_in_unload() -> bool:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        return frame is not None and frame.f_code is Model.unload.__code__
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while not waiting_in_unload() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        if waiting_in_unload():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the main thread has taken it by now
+        release.set()
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    return interrupter
+
+
+def test_an_interrupt_during_unload_ends_the_release_then_reaches_the_caller(tiny_llava):
+    """Ctrl-C while unload waits for an answer finishing on another thread (a panel's): cut
+    short, the model stayed marked loaded with its weights. It releases whole, tells its
+    listeners, and only then raises the interrupt, once."""
+    model = Model(tiny_llava).load()
+    events: list[str] = []
+    model.on_state_change(events.append)
+    held, release = threading.Event(), threading.Event()
+
+    def answer_finishing() -> None:
+        with model._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=answer_finishing)
+    holder.start()
+    held.wait(30)
+    interrupter = _interrupt_while_unloading(release)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.unload()
+        interrupter.join()
+        time.sleep(0.05)  # a second interrupt would land here, failing the test
+    finally:
+        release.set()
+        holder.join()
+    assert not model.loaded and model.status()["state"] == "unloaded"
+    assert events == ["unloaded"] and model._generator is None
+    model.load()
+    unloading = threading.Thread(target=model.unload)  # no signal handlers off the main thread
+    unloading.start()
+    unloading.join()
+    assert not model.loaded and events == ["unloaded", "loading", "loaded", "unloaded"]
 
 
 def test_a_second_interrupt_waits_for_the_answer_to_end():
