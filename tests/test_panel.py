@@ -18,14 +18,20 @@ import threading
 import time
 from pathlib import Path
 
+import comm
 import nbformat
 import pytest
+from comm.base_comm import BaseComm
 from PIL import Image
 
 import llava_nb as ln
 from llava_nb.chat import same_turns
-from llava_nb.panel import MAX_UPLOAD_BYTES, THUMBNAIL_PX, ChatPanel
+from llava_nb.panel import MAX_UPLOAD_BYTES, THUMBNAIL_PX, UPDATE_INTERVAL_S, ChatPanel
+from tests.conftest import events
 from tests.test_notebook import execute, kernel_env, no_traceback, results  # noqa: F401
+from tests.test_remote import CHUNK, END, SSE, _thought, stand_in
+
+__all__ = ["stand_in"]  # a fixture shared with test_remote
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "02_chat_panel.ipynb"
@@ -68,6 +74,47 @@ def thumbnail_size(uri: str) -> tuple[int, int]:
 
     assert uri.startswith("data:image/jpeg;base64,")
     return image_from_data_uri(uri).size
+
+
+class RecordingComm(BaseComm):
+    """A widget's comm that keeps what the kernel sends its front ends (no kernel in tests)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.sent: list[dict] = []  # each message's data: open, update, custom
+        super().__init__(**kwargs)
+
+    def publish_msg(self, msg_type: str, data=None, metadata=None, buffers=None, **keys) -> None:
+        self.sent.append(data or {})
+
+    def sent_bytes(self, start: int = 0) -> int:
+        """The size of the messages from the `start`-th on, as JSON."""
+        return sum(len(json.dumps(data)) for data in self.sent[start:])
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Widgets made in the test get a RecordingComm: `panel.comm.sent`."""
+    monkeypatch.setattr(comm, "create_comm", RecordingComm)
+
+
+def front_end_live_answer(sent: list[dict]) -> list[str]:
+    """The live answer a front end shows after each message, built as js/src/panel.js does:
+    the state (at opening, or asked again) holds all of it; a "live" message says to keep the
+    first `offset` characters and append `text`."""
+    shown, text = [], None
+    for data in sent:
+        state = data.get("state", {})
+        if "live_answer" in state:  # the comm's opening, or an update from request_state
+            text = state["live_answer"]
+        elif data.get("method") == "custom" and data["content"]["type"] == "live":
+            live = data["content"]
+            kept = text.encode("utf-16-le")[: 2 * live["offset"]]  # JavaScript's string units
+            assert len(kept) == 2 * live["offset"]
+            text = kept.decode("utf-16-le") + live["text"]  # (fails if it cuts an emoji in two)
+        else:
+            continue
+        shown.append(text)
+    return shown
 
 
 def record(panel: ChatPanel, name: str) -> list:
@@ -158,6 +205,45 @@ def test_stop_ends_the_answer_and_keeps_it_marked_stopped(endless_llava):
     assert [t.interrupted for t in chat.history] == [True, False]
 
 
+def test_a_growing_answer_goes_out_as_its_new_pieces(endless_llava, recorded):
+    """While an answer streams, the front ends get what was added, not all of it each time
+    (60,000 characters sent whole every 50 ms were 1.2 MB/s); they stay in step through a
+    rewritten end, a view that asks for all of it, and the answer's end."""
+    panel = ChatPanel(ln.Chat(endless_llava, max_new_tokens=1000))
+    panel.live_question = {"question": "A very long answer?", "images": []}
+    opened = len(panel.comm.sent)
+    text, updates = "", 0
+    while len(text) < 60_000:  # as the worker grows it, one update every 50 ms
+        text += "Some **bold** words and `code` in a sentence, " * 5 + "\n\n"
+        panel.live_answer = text
+        updates += 1
+    per_second = panel.comm.sent_bytes(opened) / (updates * UPDATE_INTERVAL_S)
+    print(f"{len(text):,} characters: {per_second / 1000:,.1f} kB/s sent while it streamed")
+    assert per_second < 10_000  # 253 characters added per update: 6 kB/s, not 600 kB/s
+    assert front_end_live_answer(panel.comm.sent)[-1] == text
+    assert panel.get_state()["live_answer"] == text  # a view opened now starts from all of it
+
+    start = len(panel.comm.sent)
+    panel.live_answer = text[:-10] + "rewritten 🙂"  # the decode changed its last characters
+    panel.live_answer += " more"  # after an emoji: two units in JavaScript, one in Python
+    message(panel, "resync")  # a view that missed a change asks for all of it
+    shown = front_end_live_answer(panel.comm.sent)
+    assert shown[-3:] == [text[:-10] + "rewritten 🙂", panel.live_answer, panel.live_answer]
+    assert panel.comm.sent_bytes(start) - len(json.dumps(panel.live_answer)) < 300  # whole: once
+
+    del panel.comm.sent[opened:]  # a real answer, Stop, Undo: its first message is whole
+    message(panel, "send", text="Tell me everything.")
+    deadline = time.monotonic() + WAIT_S
+    while len(panel.live_answer) < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    message(panel, "stop")
+    finish(panel)
+    shown = front_end_live_answer(panel.comm.sent)
+    assert shown[-1] == "" and panel.chat.history[0].answer.startswith(max(shown, key=len))
+    message(panel, "undo")
+    assert front_end_live_answer(panel.comm.sent)[-1] == ""
+
+
 def test_regenerate_and_new_chat(tiny_llava, photo):
     chat = ln.Chat(tiny_llava, max_new_tokens=6)
     chat.ask("What is this?", photo)
@@ -179,6 +265,22 @@ def test_regenerate_and_new_chat(tiny_llava, photo):
     assert chat.history == [] and panel.turns == []
     message(panel, "regenerate")
     assert "no answer to regenerate" in panel.error and not panel.busy
+
+
+def test_new_chat_keeps_the_images_attached_for_the_next_question(tiny_llava, photo_bytes):
+    """New chat forgets the turns, not the images attached to the question not yet sent (as
+    the typed question stays in its box): often the new chat is for them."""
+    panel = ChatPanel(ln.Chat(tiny_llava, max_new_tokens=4))
+    message(panel, "send", text="Hello?")
+    finish(panel)
+    message(panel, "attach", [photo_bytes], name="hopper.jpg")
+    message(panel, "clear")
+    assert panel.chat.history == [] and panel.turns == []
+    assert len(panel.attachments) == 1 and panel.error == ""
+    message(panel, "send", text="Who is this?")
+    finish(panel)
+    (turn,) = panel.chat.history
+    assert turn.question == "Who is this?" and len(turn.images) == 1
 
 
 def test_a_regeneration_stopped_or_failed_keeps_the_previous_answer(endless_llava):
@@ -701,3 +803,18 @@ def test_panel_notebook_runs_headless(kernel_env, tmp_path):  # noqa: F811
     assert [cell.source for cell in panels] == ["%llava panel", code[-2].source]
     history = results(cells[-1])[0].data["text/markdown"]
     assert "**You:** *[1 image(s)]* Who is in this picture?" in history
+
+
+def test_a_reasoning_model_on_a_server_shows_thinking_until_its_answer(stand_in):
+    """A reasoning model sends no answer while it thinks (a minute at times): the panel showed
+    "…" all the while, as if hung. Now `thinking` says so, until the answer's first piece."""
+    thought = _thought("reasoning_content", "Let me see. ")
+    with stand_in([(200, SSE, events(thought, thought, CHUNK, END, "[DONE]")[2])]) as server:
+        chat = ln.Chat(server.url)
+        panel, seen = ChatPanel(chat), []
+        panel.observe(lambda change: seen.append(("thinking", change["new"])), "thinking")
+        panel.observe(lambda change: seen.append(("answer", change["new"])), "live_answer")
+        assert chat.ask("Hello?") == "Hi"
+        panel.close()
+    assert seen[:3] == [("thinking", True), ("thinking", False), ("answer", "Hi")], seen
+    assert not panel.thinking

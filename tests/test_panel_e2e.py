@@ -529,16 +529,17 @@ LAST_QUESTION_IN_VIEW = """([messages, text]) => {
 }"""
 
 
-# Grows a panel's live answer from the kernel as its worker does (every 50 ms, all of it), to
-# 60,000 characters of Markdown: far more than the tiny model's context lets it write.
-LONG_ANSWER = """import time
-def stream_long_answer(panel):
+# Grows a panel's live answer from the kernel as its worker does (every 50 ms), to 60,000
+# characters of Markdown: far more than the tiny model's context lets it write.
+LONG_ANSWER = """import threading
+import time
+def stream_long_answer(panel, pause=0.05):
     panel.live_question = {"question": "A very long answer?", "images": []}
     text = ""
     while len(text) < 60_000:
         text += "Some **bold** words and `code` in a sentence, " * 5 + "\\n\\n"
         panel.live_answer = text
-        time.sleep(0.05)
+        time.sleep(pause)
     panel.live_answer = text + "The end."
 stream_long_answer(long_panel)"""
 
@@ -624,6 +625,125 @@ def test_panel_on_a_long_chat_shows_its_end(browser, jupyter, endless_llava, tmp
         mean, worst = page.evaluate(LAG)
         print(f"lag while a 60,000-character answer streamed: {mean:.1f} ms mean, {worst:.0f} max")
         assert mean < 15, (mean, worst)  # the worst: one draw of it all, ~150-250 ms here
+        assert not errors, errors
+
+
+LIVE_TEXT = '.llava-assistant[data-live=""] .llava-text'
+
+# A one-paragraph answer, a word more every 50 ms (its paragraph is redrawn each time), that
+# then ends as the chat's answers end: one message, the live turn made a turn; on a thread.
+ONE_PARAGRAPH = """import threading
+import time
+def stream_words(panel, words=200):
+    question = {"question": "One long paragraph?", "images": []}
+    panel.live_question = question
+    text = ""
+    for n in range(words):
+        text += f"word{n} "
+        panel.live_answer = text
+        time.sleep(0.05)
+    with panel.hold_sync():
+        panel.turns = [*panel.turns, {**question, "answer": text, "interrupted": False}]
+        panel.live_question = {}
+        panel.live_answer = ""
+threading.Thread(target=stream_words, args=(long_panel,)).start()"""
+
+# Selects the first word of the answer being written; null if there is none yet.
+SELECT_A_WORD = """(live) => {
+    const body = document.querySelector(live);
+    if (!body) return null;
+    const walker = document.createTreeWalker(body, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+        const word = /word\\d+/.exec(node.data);
+        if (word) {
+            getSelection().setBaseAndExtent(node, word.index, node, word.index + word[0].length);
+            return word[0];
+        }
+    }
+    return null;
+}"""
+
+# The selected text, if the selection lies in the last answer of the first panel; else null.
+SELECTED_IN_LAST_ANSWER = """() => {
+    const answer = [...document.querySelectorAll(".llava-assistant .llava-text")].at(-1);
+    const selection = getSelection();
+    const inside = answer.contains(selection.anchorNode) && answer.contains(selection.focusNode);
+    return inside ? selection.toString() : null;
+}"""
+
+LIVE_LENGTH = "(live) => document.querySelector(live)?.innerText.length ?? -1"
+GROWN = """([live, length]) => {
+    const body = document.querySelector(live);
+    return body !== null && body.innerText.length > length;
+}"""
+
+
+def test_a_streaming_answer_keeps_the_selection_and_reaches_every_view(browser, jupyter, tmp_path):
+    """A reasoning model's thinking shows in place of the answer. A word selected in an answer
+    being written stays selected while it grows and when it ends (each redraw replaced the
+    answer's nodes, and the selection went with them). The answer goes out as pieces: a second
+    view of the panel opened mid-answer, and the page reloaded mid-answer, show all of it, no
+    piece lost or doubled."""
+    from playwright.sync_api import expect
+
+    screenshot = screenshot_path(tmp_path, "chat_panel_selection.png")
+    with browser_page(browser, screenshot) as (page, errors):
+        url, _ = jupyter
+        page.goto(url)
+        page.wait_for_selector(".jp-Notebook .jp-Cell")
+        kernel_idle(page)
+        run_new_cell(page, "import llava_nb as ln\nlong_panel = ln.ChatPanel()\nlong_panel")
+        panel = page.locator(".llava-panel").first
+        expect(panel).to_be_visible()
+
+        # a reasoning model thinking before its answer (as its chat's on_thinking sets it)
+        asked = "long_panel.live_question = {'question': 'Think?', 'images': []}"
+        run_new_cell(page, f"{asked}\nlong_panel.thinking = True")
+        stand_in = panel.locator(".llava-assistant .llava-typing")
+        expect(stand_in).to_have_text("thinking…")
+        run_new_cell(page, "long_panel.thinking = False")
+        expect(stand_in).to_have_text("…")
+        run_new_cell(page, "long_panel.live_question = {}")
+        expect(stand_in).to_have_count(0)
+
+        run_new_cell(page, ONE_PARAGRAPH)
+        word = page.wait_for_function(SELECT_A_WORD, arg=LIVE_TEXT).json_value()
+        for _ in range(3):  # three redraws at least, each with more of the answer
+            length = page.evaluate(LIVE_LENGTH, LIVE_TEXT)
+            page.wait_for_function(GROWN, arg=[LIVE_TEXT, length])
+            assert page.evaluate(SELECTED_IN_LAST_ANSWER) == word
+        expect(panel.locator(".llava-assistant").last).to_contain_text("word199")
+        expect(panel.locator(LIVE_TEXT)).to_have_count(0)  # ended: drawn as a turn
+        assert page.evaluate(SELECTED_IN_LAST_ANSWER) == word  # still
+
+        # a second view of the panel, opened while a long answer streams (from a thread: the
+        # kernel stays free), shows all of it: the same text as the first view, to its end
+        chunk = "Some **bold** words and `code` in a sentence, " * 5 + "\n\n"
+        paragraphs = -(-60_000 // len(chunk)) + 1  # and "The end."
+        on_a_thread = "threading.Thread(target=stream_long_answer, args=(long_panel, {})).start()"
+        stream = LONG_ANSWER.replace("stream_long_answer(long_panel)", on_a_thread.format(0.05))
+        run_new_cell(page, stream)
+        kernel_idle(page)
+        run_new_cell(page, "long_panel")
+        views = page.locator(".llava-panel")
+        expect(views).to_have_count(2)
+        for view in (views.first, views.nth(1)):
+            expect(view.locator(LIVE_TEXT)).to_contain_text("The end.")
+            expect(view.locator(LIVE_TEXT).locator("p")).to_have_count(paragraphs)
+        texts = [view.locator(LIVE_TEXT).inner_text() for view in (views.first, views.nth(1))]
+        assert texts[0] == texts[1]
+
+        # the page reloaded mid-answer: its views start from all the answer has so far
+        run_new_cell(page, on_a_thread.format(0.1))
+        kernel_idle(page)
+        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        page.reload()
+        page.wait_for_selector(".jp-Notebook .jp-Cell")
+        for view in (views.first, views.nth(1)):
+            expect(view.locator(LIVE_TEXT)).to_contain_text("The end.")
+            expect(view.locator(LIVE_TEXT).locator("p")).to_have_count(paragraphs)
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"screenshot: {screenshot}")
         assert not errors, errors
 
 

@@ -50,6 +50,38 @@ function h(tag, attrs = {}, ...children) {
   return node;
 }
 
+/** Draw `html` into `body`, keeping its leading blocks that did not change: a selection in them,
+ * or a drag selecting them, is not cut short by the redraw. */
+function patchHtml(body, html) {
+  const fresh = document.createElement("template");
+  fresh.innerHTML = html;
+  const old = [...body.childNodes];
+  const next = [...fresh.content.childNodes];
+  let same = 0;
+  while (same < old.length && same < next.length && old[same].isEqualNode(next[same])) same++;
+  for (const node of old.slice(same)) node.remove();
+  body.append(...next.slice(same));
+}
+
+/** A point in `root` as the count of characters before it, and back: a selection outlives the
+ * nodes it was in, the text before it being the same. */
+function textOffset(root, node, offset) {
+  const range = document.createRange();
+  range.selectNodeContents(root);
+  range.setEnd(node, offset);
+  return range.toString().length;
+}
+function textPoint(root, offset) {
+  const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+  let last = null;
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    if (offset <= node.length) return [node, offset];
+    offset -= node.length;
+    last = node;
+  }
+  return last ? [last, last.length] : [root, 0];
+}
+
 function megabytes(bytes) {
   return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
@@ -67,7 +99,7 @@ function userMessage(turn) {
   );
 }
 
-function assistantMessage(text, { interrupted = false, live = false } = {}) {
+function assistantMessage(text, { interrupted = false, live = false, thinking = false } = {}) {
   const body = h("div", { class: "llava-text llava-markdown" });
   body.innerHTML = markdown(text);
   const message = h(
@@ -75,9 +107,14 @@ function assistantMessage(text, { interrupted = false, live = false } = {}) {
     { class: "llava-msg llava-assistant", "data-role": "assistant", "data-live": live },
     body,
   );
-  if (live && !text) message.append(h("span", { class: "llava-typing" }, "…"));
+  if (live && !text) message.append(h("span", { class: "llava-typing" }, typing(thinking)));
   if (interrupted) message.append(h("div", { class: "llava-stopped" }, "stopped"));
   return message;
+}
+
+/** The live answer's stand-in until its text comes: a reasoning model says it is thinking. */
+function typing(thinking) {
+  return thinking ? "thinking…" : "…";
 }
 
 function render({ model, el }) {
@@ -179,8 +216,29 @@ function render({ model, el }) {
     if (following) messages.scrollTop = messages.scrollHeight;
   }
   function keepBottom(update) {
-    update();
+    keepSelection(update);
     toBottom();
+  }
+
+  /** Run `update` (a redraw), then select again what was selected in a message, if the redraw
+   * replaced the nodes it was in: the user may be copying a word from an answer being written. */
+  function keepSelection(update) {
+    const selection = document.getSelection();
+    const texts = () => [...messages.querySelectorAll(".llava-text")];
+    const within = selection.rangeCount && texts().find(
+      (text) => text.contains(selection.anchorNode) && text.contains(selection.focusNode));
+    if (!within) return update();
+    const { anchorNode, anchorOffset, focusNode, focusOffset } = selection;
+    const index = texts().indexOf(within);
+    const anchor = textOffset(within, anchorNode, anchorOffset);
+    const focus = textOffset(within, focusNode, focusOffset);
+    update();
+    const moved = selection.anchorNode !== anchorNode || selection.anchorOffset !== anchorOffset
+      || selection.focusNode !== focusNode || selection.focusOffset !== focusOffset;
+    const text = texts()[index];
+    if (moved && text) {
+      selection.setBaseAndExtent(...textPoint(text, anchor), ...textPoint(text, focus));
+    }
   }
   messages.addEventListener("scroll", () => {
     following = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
@@ -189,8 +247,36 @@ function render({ model, el }) {
   resized.observe(messages);
   messages.addEventListener("load", toBottom, true); // a thumbnail's height comes once it loads
 
-  // A growing answer is parsed and drawn whole each time: a long one costs tens of ms a draw,
-  // more than the kernel's 50 ms between updates, and the page froze. Each draw waits four times
+  // The answer being written, as this view has it: the kernel sends what changed (keep the first
+  // `offset` characters, append `text`), not all of it each time. `synced`: false from a change
+  // this view cannot apply (it opened mid-answer, or missed one) until the kernel sends it whole.
+  let liveText = "";
+  let synced = true;
+  let askedWhole = -Infinity;
+  function askWhole() {
+    synced = false;
+    // asked again (once a second at most) while changes come and it does not: after a reload
+    // the first request was seen to go unanswered
+    if (performance.now() - askedWhole < 1000) return;
+    askedWhole = performance.now();
+    post({ type: "resync" });
+  }
+  function applyLive(offset, text) {
+    if (offset === 0) {
+      synced = true;
+      if (text === liveText) return;
+      liveText = text;
+    } else if (synced && offset <= liveText.length) {
+      liveText = liveText.slice(0, offset) + text;
+    } else {
+      return askWhole();
+    }
+    // emptied: the answer ended or another starts, drawn whole with the state that says so
+    if (liveText) drawLiveAnswer();
+  }
+
+  // A growing answer is parsed whole each time: a long one costs tens of ms a draw, more than the
+  // kernel's 50 ms between updates, and the page froze. Each draw waits four times
   // as long as the last took (and for the next frame), so the page keeps most of its time.
   let liveRedraw = null;
   let nextDraw = 0;
@@ -204,7 +290,8 @@ function render({ model, el }) {
       }
       const live = model.get("live_question");
       if (live && live.question !== undefined) {
-        nodes.push(userMessage(live), assistantMessage(model.get("live_answer"), { live: true }));
+        const thinking = model.get("thinking");
+        nodes.push(userMessage(live), assistantMessage(liveText, { live: true, thinking }));
       }
       if (!nodes.length) nodes.push(h("div", { class: "llava-empty" }, "No messages yet."));
       messages.replaceChildren(...nodes);
@@ -217,9 +304,12 @@ function render({ model, el }) {
       if (!liveRedraw) return; // drawMessages came first
       liveRedraw = null;
       const live = messages.querySelector('.llava-assistant[data-live=""]');
-      if (!live) return drawMessages();
+      if (!live) return answering() ? drawMessages() : undefined; // else: it ended, drawn so
       const start = performance.now();
-      keepBottom(() => live.replaceWith(assistantMessage(model.get("live_answer"), { live: true })));
+      keepBottom(() => {
+        patchHtml(live.querySelector(".llava-text"), markdown(liveText));
+        if (liveText) live.querySelector(".llava-typing")?.remove();
+      });
       nextDraw = performance.now() + 4 * (performance.now() - start);
     }), Math.max(0, nextDraw - performance.now()));
   }
@@ -421,13 +511,28 @@ function render({ model, el }) {
   model.on("change:draft", onDraft);
   model.on("change:turns", onMessages);
   model.on("change:live_question", onMessages);
-  model.on("change:live_answer", drawLiveAnswer);
+  const onLiveState = () => applyLive(0, model.get("live_answer")); // all of it: the state
+  const onCustom = (message) => {
+    if (message.type === "live") applyLive(message.offset, message.text);
+  };
+  model.on("change:live_answer", onLiveState);
+  model.on("msg:custom", onCustom);
+  const onThinking = () => {
+    const standIn = messages.querySelector('.llava-assistant[data-live=""] .llava-typing');
+    if (standIn) standIn.textContent = typing(model.get("thinking"));
+  };
+  model.on("change:thinking", onThinking);
   for (const name of ["busy", "stoppable", "status", "error", "turns", "live_question"]) {
     model.on(`change:${name}`, onState);
   }
   model.on("change:attachments", drawAttachments);
   model.on("change:temperature", onState);
   model.on("change:max_new_tokens", onState);
+  if (answering()) {
+    // the widget's state had all of the answer when it was made, maybe long before this view
+    liveText = model.get("live_answer");
+    askWhole();
+  }
   drawMessages();
   drawState();
   drawAttachments();
@@ -437,7 +542,9 @@ function render({ model, el }) {
     resized.disconnect();
     model.off("change:turns", onMessages);
     model.off("change:live_question", onMessages);
-    model.off("change:live_answer", drawLiveAnswer);
+    model.off("change:live_answer", onLiveState);
+    model.off("msg:custom", onCustom);
+    model.off("change:thinking", onThinking);
     for (const name of ["busy", "stoppable", "status", "error", "turns", "live_question"]) {
       model.off(`change:${name}`, onState);
     }
