@@ -158,6 +158,7 @@ class Chat:
                 unhook()
 
         unfollow = self.on_change(follow)
+        follow("start", None, "")  # an answer under way: its thinking from now on
 
         def unsubscribe() -> None:
             unfollow()
