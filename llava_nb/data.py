@@ -6,7 +6,8 @@
 Formats: LLaVA JSON (the `conversations` format of LLaVA's custom-data docs) or JSONL, rows of
 chat `messages` with image parts and an `images` column (Hugging Face / TRL), a CSV of
 image,question,answer (or image,caption), a pandas DataFrame or a list of dicts in either shape,
-or a folder of images with a captions file (captions.csv/.jsonl/.json or metadata.jsonl/.csv).
+or a folder of images with a captions file (captions.csv/.jsonl/.json or metadata.jsonl/.csv; a
+.json one may also map names to captions: {"cat.jpg": "A cat.", ...}).
 Loading never fails on a bad row: the row is kept with its problem, and `validate()` lists it.
 """
 
@@ -286,8 +287,8 @@ def _captions_file(folder: Path) -> Path:
     has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
     found = "images but no captions file" if has_images else "no images and no captions file"
     raise DataError(
-        f"folder '{folder}' has {found}; add captions.csv (columns image,caption) "
-        "or captions.jsonl next to the images"
+        f"folder '{folder}' has {found}; add captions.csv (columns image,caption), "
+        'captions.jsonl or captions.json ({"file.jpg": "caption", ...}) next to the images'
     )
 
 
@@ -298,7 +299,7 @@ def _read_file(path: Path) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")
         if suffix == ".json":
-            records = _unwrap(json.loads(text))
+            records = _unwrap(json.loads(text), path)
         elif suffix == ".jsonl":
             records = _jsonl(text, path)
         elif suffix in (".csv", ".tsv"):
@@ -309,15 +310,32 @@ def _read_file(path: Path) -> list[Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
         raise DataError(f"data file '{path}' cannot be read ({e}); check the file") from None
     if not isinstance(records, list):
-        raise DataError(f"data file '{path}' holds no list of rows; see the LLaVA JSON format")
+        raise DataError(
+            f"data file '{path}' holds a {type(records).__name__}, not rows; use a list of rows "
+            f'(LLaVA JSON) or, for captions, {{"file.jpg": "caption", ...}}'
+        )
     return records
 
 
-def _unwrap(records: Any) -> Any:
+def _is_image_name(key: Any) -> bool:
+    return isinstance(key, str) and key.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _unwrap(records: Any, path: Path) -> Any:
     """A top-level object is one row, unless it wraps the rows: {"data": [...]} or a single key
-    holding a list (e.g. {"train": [...]}), which is what people export."""
+    holding a list (e.g. {"train": [...]}), which is what people export; or it maps image file
+    names to captions ({"cat.jpg": "A cat.", ...}: a folder's captions.json, often)."""
     if not isinstance(records, dict):
         return records
+    named = [_is_image_name(key) for key in records]
+    if named and all(named):
+        return [{"id": key, "image": key, "caption": value} for key, value in records.items()]
+    if any(named):
+        other = next(key for key in records if not _is_image_name(key))
+        raise DataError(
+            f"data file '{path}' maps image names to captions, but its key {other!r} is not an "
+            f'image file name; use {{"file.jpg": "caption", ...}} or a list of rows'
+        )
     if isinstance(records.get("data"), list):
         return records["data"]
     rows = next(iter(records.values())) if len(records) == 1 else None

@@ -568,14 +568,20 @@ def _check_finished(run=None) -> None:
 
 
 def _clear_stale_builds(target: Path) -> None:
-    """Remove temporary build folders whose process is gone (killed before cleaning up)."""
+    """Remove temporary build folders whose process is gone (killed before cleaning up). Each
+    records its process as a fine-tuning run does (pid, machine, start time): a pid given to a
+    later process since is not taken for a build in progress."""
+    from llava_nb.training.train import process_running
+
     for folder in target.parent.glob(f".{target.name}-building-*"):
         try:
-            os.kill(int((folder / "pid").read_text()), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
+            owner = json.loads((folder / "pid").read_text())
         except (OSError, ValueError):
-            pass  # no pid yet (just made), or not ours to judge
+            continue  # no pid yet (just made), or not ours to judge
+        if isinstance(owner, int):  # written by an earlier version: the pid alone
+            owner = {"pid": owner}
+        if isinstance(owner, dict) and process_running(owner) is False:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _last_loss(run) -> float | None:
@@ -602,7 +608,7 @@ def build(
     data and the initial weights: the same seed and recipe give the same model.
     """
     import llava_nb.training.adapters as adapters
-    from llava_nb.training.train import finetune
+    from llava_nb.training.train import finetune, this_process
 
     unknown = sorted(set(recipe) - set(RECIPE))
     if unknown:
@@ -630,7 +636,7 @@ def build(
     target.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_builds(target)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
-    (work / "pid").write_text(str(os.getpid()))
+    (work / "pid").write_text(json.dumps(this_process()))
     timings: dict[str, float] = {}
     losses: dict[str, float | None] = {}
 

@@ -323,6 +323,34 @@ def test_a_json_object_holding_one_list_of_rows_is_read_as_those_rows(tmp_path):
     assert "found columns: 'train', 'test'" in report.problems[0].message
 
 
+def test_a_captions_json_mapping_image_names_to_captions(images):
+    """A folder's captions.json written as {"file.jpg": "caption"} was read as one row whose
+    columns were the file names ("no answer"); other shapes get one line naming the forms."""
+    captions = {"red.png": "A red square.", "blue.png": "A blue square.", "broken.jpg": 3}
+    (images / "captions.json").write_text(json.dumps(captions))
+    data = ln.data.load(images)
+    assert [(s.id, s.turns[0].question, s.turns[0].answer) for s in data] == [
+        ("red.png", ln.data.CAPTION_PROMPT, "A red square."),
+        ("blue.png", ln.data.CAPTION_PROMPT, "A blue square."),
+        ("broken.jpg", ln.data.CAPTION_PROMPT, "3"),
+    ]
+    assert data[1].images == [str(images / "blue.png")]
+    assert [p.row for p in data.validate().problems] == [2]  # broken.jpg is no picture
+
+    (images / "captions.json").write_text(json.dumps({"red.png": "Red.", "license": "CC0"}))
+    with pytest.raises(DataError, match=r"^data file '.*captions\.json' maps image names to "
+                       r"captions, but its key 'license' is not an image file name; use "
+                       r'\{"file\.jpg": "caption", \.\.\.\} or a list of rows$'):  # fmt: skip
+        ln.data.load(images)
+    (images / "captions.json").write_text(json.dumps("A red square."))
+    with pytest.raises(DataError, match=r"^data file '.*' holds a str, not rows; use a list of "
+                       r"rows \(LLaVA JSON\) or, for captions, \{"):  # fmt: skip
+        ln.data.load(images)
+    (images / "captions.json").unlink()
+    with pytest.raises(DataError, match=r"captions\.jsonl or captions\.json \(\{\"file\.jpg\""):
+        ln.data.load(images)
+
+
 def test_split_is_seeded_and_keeps_both_sides(images):
     rows = [{"image": str(images / "red.png"), "answer": f"Red {i}."} for i in range(10)]
     data = ln.data.load(rows)
@@ -518,7 +546,7 @@ def test_checking_rows_does_not_process_their_pixels(tiny_llava):
     check costs about the same whatever the images' size."""
     import time
 
-    from llava_nb.training.train import _usable, load_processor_and_config
+    from llava_nb.training.train import _bad_rows, load_processor_and_config
 
     processor, _ = load_processor_and_config(tiny_llava)
 
@@ -526,7 +554,7 @@ def test_checking_rows_does_not_process_their_pixels(tiny_llava):
         picture = Image.new("RGB", (size, size), "red")
         data = ln.data.load([{"image": picture, "question": "Q?", "answer": "A."}] * 40)
         start = time.perf_counter()
-        _usable(data, processor, 1024, "data", quiet=True)
+        _bad_rows(data, processor, 1024)
         return time.perf_counter() - start
 
     seconds(32)  # warm up

@@ -105,6 +105,51 @@ def test_offline_default_falls_back_to_the_demo(monkeypatch, capsys):
     assert "LLAVA_NB_MODEL" in lines[0]
 
 
+def test_a_stale_build_folder_is_told_from_a_build_in_progress(tmp_path):
+    """A temporary build folder names the process building it. It was judged by the pid alone:
+    once that process was gone and its pid given to another, the folder was kept as a build in
+    progress, for good. The start time recorded with the pid (as a fine-tuning run's file
+    records it, by the same function) tells them apart."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from llava_nb.training.train import this_process
+
+    if "started" not in this_process():
+        pytest.skip("no /proc/<pid>/stat here: the pid alone is recorded")
+
+    def building(name: str, owner) -> Path:
+        folder = tmp_path / f".demo-{demo.VERSION}-building-{name}"
+        folder.mkdir()
+        if owner is not None:
+            (folder / "pid").write_text(json.dumps(owner))
+        return folder
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        stat = Path(f"/proc/{other.pid}/stat").read_text()
+        started = int(stat.rpartition(")")[2].split()[19])
+        here = socket.gethostname()
+        running = building("running", {"pid": other.pid, "host": here, "started": started})
+        reused = building("reused", {"pid": other.pid, "host": here, "started": started + 1})
+        old = building("old", other.pid)  # an earlier version's file: the pid alone
+        elsewhere = building("elsewhere", {"pid": 1, "host": f"not-{here}", "started": 1})
+        mine = building("mine", this_process())  # what build() writes for itself
+        fresh = building("fresh", None)  # its pid not written yet
+        demo._clear_stale_builds(tmp_path / f"demo-{demo.VERSION}")
+        assert not reused.exists()
+        assert all(f.exists() for f in (running, old, elsewhere, mine, fresh))
+    finally:
+        other.kill()
+        other.wait()
+    demo._clear_stale_builds(tmp_path / f"demo-{demo.VERSION}")
+    assert not running.exists() and not old.exists()  # that process is gone
+    assert all(f.exists() for f in (elsewhere, mine, fresh))
+    assert json.loads((mine / "pid").read_text())["pid"] == os.getpid()
+
+
 # ---------------------------------------------------------------- a reduced build (conftest)
 
 

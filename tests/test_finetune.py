@@ -621,6 +621,54 @@ def stopped_at_step3(tiny_llava, tmp_path) -> tuple[dict, Path]:
     return settings, tmp_path / "run" / "adapter_model.safetensors"
 
 
+class InterruptAfter(TrainerCallback):
+    """Interrupts as the kernel does after step `step`: the run stops after the next one."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_a_resume_checks_the_rows_again_only_when_they_changed(tiny_llava, tmp_path, capsys):
+    """Every call checked every row again (each image read, each row encoded: 1-4 ms a row),
+    also a resume of the same run on the same files. Now a resume takes the result from the
+    run file while the rows, the settings and each image file's size and time are the same;
+    a changed image is checked again. A row that is never trained on (its image unreadable)
+    shows it: a check is the only thing that opens its image."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i, row in enumerate(squares(8)):
+        row["image"].save(images / f"{i}.png")
+        rows.append({**row, "image": f"images/{i}.png"})
+    broken = images / "broken.png"
+    broken.write_bytes(b"not a picture")
+    rows.append({"image": "images/broken.png", "question": QUESTION, "answer": "It is red."})
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    data = ln.data.load(tmp_path / "train.json")
+    settings = dict(max_steps=8, output_dir=tmp_path / "run", **{**SETTINGS, "batch_size": 2})
+    settings["progress"] = True
+
+    first = ln.finetune(tiny_llava, data, callbacks=[InterruptAfter(1)], **settings)
+    assert first.status == "interrupted" and first.step == 2
+    assert "skipping 1 of 9 rows of data" in capsys.readouterr().err
+    with opens_of(broken) as opened:
+        second = ln.finetune(tiny_llava, data, callbacks=[InterruptAfter(3)], **settings)
+    assert second.status == "interrupted" and second.step == 4
+    assert opened == []  # not checked again
+    assert "skipping 1 of 9 rows of data" in capsys.readouterr().err  # as the record says
+
+    Image.new("RGB", (40, 40), (230, 20, 20)).save(broken, format="PNG")  # readable now
+    with opens_of(broken) as opened:
+        third = ln.finetune(tiny_llava, data, **settings)
+    assert third.status == "finished" and third.step == 8
+    assert opened  # checked again, and trained on
+    assert "skipping" not in capsys.readouterr().err
+
+
 def test_each_progress_line_shows_its_own_steps_loss(tiny_llava, tmp_path, monkeypatch, capsys):
     """Trainer calls on_step_end before it logs the step: a line drawn there showed the loss
     of the log before (so step N came twice at the end, and a resumed run began with the
@@ -747,31 +795,74 @@ def test_a_failed_adapter_write_is_recorded_and_the_next_call_writes_it(
     assert written.keys() == final.keys() and all(torch.equal(written[k], final[k]) for k in final)
 
 
+class FilesLimitedAfterStep(TrainerCallback):
+    """After step `step` the process may write no file over 4 KB: the next checkpoint's write
+    fails for real (EFBIG, as on a full disk), while the small run file still fits."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+
 def test_a_checkpoint_that_cannot_be_written_fails_the_run_and_keeps_the_last_one(
     tiny_llava, tmp_path, capsys
 ):
-    """The disk fills up during training: the checkpoint being written is cut short; the run
-    is recorded as failed, the complete checkpoint before it stays, and the next call resumes
-    from it, passing over the cut one."""
-
-    class FilesLimitedAfterStep3(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-
+    """The disk fills up during training: the checkpoint being written is cut short. That came
+    out as the raw OSError with Trainer's traceback, and left the cut folder behind. Now it is
+    one FinetuneError naming the step, the complete checkpoint before it and the fix; the cut
+    folder is gone (its space freed, never resumed from); the next call resumes."""
     out = tmp_path / "run"
     settings = dict(max_steps=6, save_every=2, output_dir=out, **{**SETTINGS, "batch_size": 2})
-    with file_size_limit_lifted(), pytest.raises(Exception, match="File too large"):
-        ln.finetune(tiny_llava, squares(8), callbacks=[FilesLimitedAfterStep3()], **settings)
+    message = (
+        r"^could not write checkpoint-4 at step 4 of 6 \(.*File too large.*\); the training so "
+        r"far is kept in checkpoint-2; free some space on that disk and run ln\.finetune again "
+        r"with the same output_dir to resume from there, or start over in an output_dir on a "
+        r"disk with room$"
+    )
+    with file_size_limit_lifted(), pytest.raises(FinetuneError, match=message) as error:
+        ln.finetune(tiny_llava, squares(8), callbacks=[FilesLimitedAfterStep(3)], **settings)
+    assert "\n" not in str(error.value) and error.value.__cause__ is None
     record = json.loads((out / "llava_nb_run.json").read_text())
     assert record["status"] == "failed" and "File too large" in record["error"]
+    assert record["error"].startswith("writing checkpoint-4 at step 4 failed: ")
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
-    assert not (out / "checkpoint-4" / "trainer_state.json").exists()
+    assert not (out / "checkpoint-4").exists()
     capsys.readouterr()
     run = ln.finetune(tiny_llava, squares(8), **{**settings, "progress": True})
     err = capsys.readouterr().err
-    assert "checkpoint-4 in" in err and "is incomplete" in err
-    assert "failed (" in err and "resuming from checkpoint-2" in err
+    assert "failed (writing checkpoint-4 at step 4 failed: " in err
+    assert "resuming from checkpoint-2" in err
+    assert run.status == "finished" and run.step == 6
+
+
+def test_a_first_checkpoint_that_cannot_be_written_says_none_was_saved(tiny_llava, tmp_path):
+    settings = dict(max_steps=4, save_every=2, output_dir=tmp_path / "run",
+                    **{**SETTINGS, "batch_size": 2})  # fmt: skip
+    with file_size_limit_lifted(), pytest.raises(FinetuneError, match=r"^could not write "
+                                                 r"checkpoint-2 at step 2 of 4 \(.*\); no "
+                                                 r"checkpoint was saved yet; free some space .* "
+                                                 r"to start over, or start over in"):  # fmt: skip
+        ln.finetune(tiny_llava, squares(4), callbacks=[FilesLimitedAfterStep(1)], **settings)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_a_checkpoint_whose_state_was_cut_short_is_not_resumed_from(tiny_llava, tmp_path, capsys):
+    """A process killed (or a disk filled) while trainer_state.json was written leaves a part
+    of it: the checkpoint was taken as complete, and the resume failed on it."""
+    out = tmp_path / "run"
+    settings = dict(max_steps=6, save_every=2, output_dir=out, **{**SETTINGS, "batch_size": 2})
+    first = ln.finetune(tiny_llava, squares(8), callbacks=[interrupt_after_step2()], **settings)
+    assert first.status == "interrupted" and first.step == 3
+    state = out / "checkpoint-3" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])
+    capsys.readouterr()
+    run = ln.finetune(tiny_llava, squares(8), **{**settings, "progress": True})
+    err = capsys.readouterr().err
+    assert "checkpoint-3 in" in err and "is incomplete" in err
+    assert "resuming from checkpoint-2" in err
     assert run.status == "finished" and run.step == 6
 
 
@@ -1111,6 +1202,73 @@ def test_align_trains_the_projector_and_optionally_the_vision_tower(tiny_llava, 
     assert run.config["lr"] == 5e-3 and run.status == "finished"
 
 
+def saved_modules(folder: Path, module: str) -> dict[str, torch.Tensor]:
+    """The weights of `module` (saved whole) in an adapter file, by their names in the base."""
+    weights = load_file(folder / "adapter_model.safetensors")
+    named = {k.removeprefix("base_model.model."): v for k, v in weights.items()}
+    return {k: v for k, v in named.items() if module in k and "lora_" not in k}
+
+
+def test_instruct_starts_from_an_alignment_with_no_merge(run, tiny_llava, tmp_path):
+    """Going from stage "align" to "instruct" needed ln.merge_adapter in between: the base given
+    again started from its own projector, and the alignment was lost. Now the alignment's folder
+    is the model to start from: the projector (and the vision tower it trained, kept frozen)
+    goes on from there, and the result is still a plain PEFT adapter of the base."""
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    captions = [{"image": r["image"], "caption": r["answer"]} for r in squares(6)]
+    ln.finetune(
+        tiny_llava, captions, stage="align", train_vision=True, max_steps=3,
+        output_dir=tmp_path / "align", **SETTINGS,
+    )  # fmt: skip
+    aligned = saved_modules(tmp_path / "align", "multi_modal_projector")
+    aligned_vision = saved_modules(tmp_path / "align", "vision_tower")
+
+    class FirstProjector(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.weights = {
+                n.removeprefix("base_model.model.").replace(".modules_to_save.default", ""): p
+                for n, p in model.named_parameters()
+                if "multi_modal_projector.modules_to_save" in n
+            }
+            self.weights = {n: p.detach().clone() for n, p in self.weights.items()}
+
+    first = FirstProjector()
+    tuned = ln.finetune(
+        tmp_path / "align", squares(8), max_steps=3, output_dir=tmp_path / "instruct",
+        callbacks=[first], **SETTINGS,
+    )  # fmt: skip
+    assert first.weights.keys() == aligned.keys()
+    assert all(torch.equal(first.weights[k], aligned[k]) for k in aligned)
+    assert tuned.config["base"] == os.path.normpath(tiny_llava)
+    assert tuned.config["train_vision"] is False and tuned.config["start"].startswith(
+        f"{(tmp_path / 'align').resolve()} (sha256 "
+    )
+    projector = saved_modules(tmp_path / "instruct", "multi_modal_projector")
+    assert any(not torch.equal(projector[k], aligned[k]) for k in aligned)  # trained on
+    vision = saved_modules(tmp_path / "instruct", "vision_tower")
+    assert vision.keys() == aligned_vision.keys()
+    assert all(torch.equal(vision[k], aligned_vision[k]) for k in vision)  # carried, frozen
+
+    plain = PeftModel.from_pretrained(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava), tuned.adapter_path
+    )
+    loaded = plain.base_model.model.model
+    for name, module in (("multi_modal_projector", loaded.multi_modal_projector),
+                         ("vision_tower", loaded.vision_tower)):  # fmt: skip
+        active = module.modules_to_save["default"].state_dict()
+        saved = saved_modules(tmp_path / "instruct", name)
+        assert all(torch.equal(active[k], saved[f"model.{name}.{k}"]) for k in active)
+    again = ln.finetune(tmp_path / "align", squares(8), max_steps=3,
+                        output_dir=tmp_path / "instruct", **SETTINGS)  # fmt: skip
+    assert again.status == "finished"  # the same start: the finished run is found
+
+    with pytest.raises(FinetuneError, match=r"holds a stage 'instruct' adapter, which a new run "
+                       r"cannot start from; merge it first"):  # fmt: skip
+        ln.finetune(run.adapter_path, squares(4), output_dir=tmp_path / "x", **SETTINGS)
+
+
 def test_group_by_length_batches_similar_lengths_in_random_order(tiny_llava, tmp_path, monkeypatch):
     import random
 
@@ -1407,3 +1565,5 @@ def test_finetune_notebook_runs_offline(tmp_path):
     aligned = texts(by_source["%%llava_finetune"], "execute_result")[0].data["text/plain"]
     assert "finished, step=3/3" in aligned
     assert not [o for o in by_source["%%llava_finetune"].outputs if o.get("name") == "stderr"]
+    instructed = by_source["instructed = ln.finetune("]  # stage 2 from the alignment's folder
+    assert "finished, step=3/3" in texts(instructed, "execute_result")[0].data["text/plain"]

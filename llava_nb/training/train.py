@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import functools
 import gc
+import hashlib
 import inspect
 import json
 import math
@@ -47,9 +48,9 @@ COUNTS = ("r", "alpha", "max_steps", "batch_size", "grad_accum", "max_length", "
           "eval_every")  # fmt: skip
 # settings a run records only when they differ from these defaults (runs recorded before the
 # settings existed still resume); compared with the defaults filled in
-OPTIONAL = {"projector_lr": None, "group_by_length": False}
+OPTIONAL = {"projector_lr": None, "group_by_length": False, "start": None}
 # recorded settings that are not finetune arguments as written: no "pass ..." hint for them
-DERIVED = ("base", "base_shape", "data", "eval_data")
+DERIVED = ("base", "base_shape", "data", "eval_data", "start")
 
 
 class FinetuneError(LlavaError):
@@ -132,6 +133,64 @@ def fingerprint(config) -> dict[str, Any]:
     }
 
 
+def _starting_point(model: Any) -> tuple[Any, Path | None]:
+    """The base to train, and the stage "align" run to start from when `model` is one (its
+    output_dir or FinetuneRun): the training then goes on from its projector (and vision tower,
+    when it trained one) with no merge step in between, and its adapter, like any, loads on
+    the plain base. A stage "instruct" adapter is no start: its LoRA would be left out."""
+    if isinstance(model, FinetuneRun):
+        model = model.adapter_path
+    if not isinstance(model, str | os.PathLike) or not Path(model).expanduser().is_dir():
+        return model, None
+    folder = Path(model).expanduser().resolve()
+    record = read_run(folder, FinetuneError, "pass its base model, or delete that run file")
+    if record is None:
+        return model, None  # a checkpoint folder
+    if record["config"].get("stage") != "align":
+        raise FinetuneError(
+            f"'{model}' holds a stage {record['config'].get('stage')!r} adapter, which a new run "
+            "cannot start from; merge it first (ln.merge_adapter(base, adapter, 'merged/')) and "
+            "pass the merged folder"
+        )
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise FinetuneError(
+            f"'{model}' holds no adapter yet; run ln.finetune with output_dir='{model}' to "
+            "finish that alignment first"
+        )
+    return record["config"]["base"], folder
+
+
+def _start_label(folder: Path) -> str:
+    """The alignment adapter a run starts from, as its record names it: the folder and its
+    weights' hash (the same folder trained again is another start)."""
+    digest = hashlib.sha256()
+    with open(folder / "adapter_model.safetensors", "rb") as weights:  # with a vision tower: GBs
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return f"{folder} (sha256 {digest.hexdigest()[:16]})"
+
+
+def _start_from(model, folder: Path) -> list[str]:
+    """Put an alignment adapter's saved modules (the projector, the vision tower when it was
+    trained) into the freshly loaded base; their names, to save them with the new adapter.
+    Its LoRA is frozen at zero (stage "align"): nothing of it is left out."""
+    from peft.utils import load_peft_weights
+
+    state = load_peft_weights(str(folder), device="cpu")
+    saved = {
+        name.removeprefix("base_model.model."): weights
+        for name, weights in state.items()
+        if "lora_" not in name
+    }
+    unexpected = model.load_state_dict(saved, strict=False).unexpected_keys  # shapes: checked
+    if unexpected:
+        raise FinetuneError(
+            f"'{folder}' does not fit its base ({unexpected[0]} is not in it); train the "
+            "alignment again, or pass the base model"
+        )
+    return sorted({m for m in ("multi_modal_projector", "vision_tower") for n in saved if m in n})
+
+
 def _device(preferred: str | None = None) -> str:
     """The `Model`'s device when it names one (one process); else this process's GPU, or CPU."""
     import torch
@@ -183,11 +242,15 @@ def _load_for_training(model_id: str, method: str, device: str):
     return model
 
 
-def _wrap(model, stage: str, method: str, r: int, alpha: int, dropout: float, target: str, vision):
+def _wrap(
+    model, stage: str, method: str, r: int, alpha: int, dropout: float, target: str, vision,
+    carried: list[str],
+):  # fmt: skip
     """The PEFT model: LoRA on the language model only, projector (and vision tower) saved whole.
 
     Stage "align" trains the projector alone; its adapter still carries a frozen, zero LoRA so
-    that plain PEFT loads it like any other.
+    that plain PEFT loads it like any other. `carried`: modules a start adapter changed, saved
+    with this one (so that it loads on the plain base), frozen unless this run trains them.
     """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -202,7 +265,8 @@ def _wrap(model, stage: str, method: str, r: int, alpha: int, dropout: float, ta
             )
     names = TARGETS[target] if stage == "instruct" else ("q_proj",)
     pattern = rf".*\.language_model\..*\.({'|'.join(names)})"
-    saved = ["multi_modal_projector"] + (["vision_tower"] if vision else [])
+    vision_saved = vision or "vision_tower" in carried
+    saved = ["multi_modal_projector"] + (["vision_tower"] if vision_saved else [])
     config = LoraConfig(
         r=r if stage == "instruct" else 1,
         lora_alpha=alpha if stage == "instruct" else 1,
@@ -217,10 +281,9 @@ def _wrap(model, stage: str, method: str, r: int, alpha: int, dropout: float, ta
             model = get_peft_model(model, config)
     except ValueError as e:
         raise FinetuneError(f"cannot put LoRA on this model's language model ({e})") from None
-    if stage == "align":
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.requires_grad_(False)
+    for name, parameter in model.named_parameters():
+        if (stage == "align" and "lora_" in name) or (not vision and "vision_tower" in name):
+            parameter.requires_grad_(False)
     for parameter in model.parameters():  # trainable weights in fp32 (mixed precision on GPU)
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
@@ -278,20 +341,39 @@ def _training_now(record: dict[str, Any]) -> int | None:
     """The id of another live process on this machine that recorded the run as "running"
     (two runs in one folder would write over each other's checkpoints); None otherwise."""
     pid = record.get("pid")
-    if record.get("status") != "running" or not isinstance(pid, int) or pid == os.getpid():
+    if record.get("status") != "running" or pid == os.getpid():
         return None
-    if record.get("host") != socket.gethostname():
-        return None  # another machine's process cannot be asked
+    return pid if process_running(record) else None  # another machine's: cannot be asked
+
+
+def this_process() -> dict[str, Any]:
+    """This process as a file records it, for `process_running` to recognise later: its pid,
+    the machine, and when it started (where /proc tells), which tells it from a later process
+    given the same pid."""
+    started = _process_start(os.getpid())
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            **({"started": started} if started is not None else {})}  # fmt: skip
+
+
+def process_running(record: dict[str, Any]) -> bool | None:
+    """Whether the process a record names (`this_process()`; "started" may be missing, as in
+    files written before it was recorded) is still running; None where that cannot be told:
+    another machine's process, or no pid."""
+    pid, started = record.get("pid"), record.get("started")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if record.get("host", socket.gethostname()) != socket.gethostname():
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:  # alive, another user's
         pass
-    started, now = record.get("started"), _process_start(pid)
-    if isinstance(started, int) and now is not None and now != started:
-        return None  # the pid was given to another process since
-    return pid
+    except OSError:  # a pid beyond what this system gives out
+        return False
+    now = _process_start(pid)
+    return not (isinstance(started, int) and now is not None and now != started)
 
 
 def _process_start(pid: int) -> int | None:
@@ -463,13 +545,47 @@ def _checked_callbacks(callbacks: Any) -> list:
     return items
 
 
-def _usable(data: Dataset, processor, limit: int, name: str, quiet: bool) -> list[int]:
+def _checked_rows(
+    datasets: dict[str, Dataset], processor, config: dict[str, Any], record: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The rows of each dataset that cannot be trained on, by name, under the key that decides
+    them. Checking reads every image and encodes every row (1-4 ms a row), so a resumed run
+    takes them from its record while that key is the same: the same rows, base and max_length,
+    and every image file of the same size and modification time."""
+    key = _rows_key(datasets, config)
+    checked = (record or {}).get("checked")
+    if isinstance(checked, dict) and checked.get("key") == key:
+        return checked
+    limit = config["max_length"]
+    return {"key": key, **{name: _bad_rows(d, processor, limit) for name, d in datasets.items()}}
+
+
+def _bad_rows(data: Dataset, processor, limit: int) -> list[int]:
+    """The rows `data.validate(model, max_length=limit)` lists."""
     from llava_nb.training.collate import check_lengths
 
-    report = data.validate()
-    bad = {p.row for p in report.problems}
+    bad = {p.row for p in data.validate().problems}
     bad |= {row for row, _ in check_lengths(data, processor, limit, skip=bad)}
-    rows = [i for i in range(len(data)) if i not in bad]
+    return sorted(bad)
+
+
+def _rows_key(datasets: dict[str, Dataset], config: dict[str, Any]) -> str:
+    settings = [config[k] for k in ("base", "base_shape", "max_length", "data", "eval_data")]
+    digest = hashlib.sha256(json.dumps([settings, sorted(datasets)]).encode())
+    files = {str(i) for d in datasets.values() for s in d for i in s.images if isinstance(i, str)}
+    for file in sorted(files):
+        try:
+            stat = os.stat(file)
+            digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # missing (or a URL): as it is now
+            digest.update(f"{file}\0-\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _usable(data: Dataset, bad: list[int], limit: int, name: str, quiet: bool) -> list[int]:
+    """The rows to train on: all but the `bad` ones (an error if none is left, a notice if some
+    are skipped)."""
+    rows = sorted(set(range(len(data))) - set(bad))
     listed = f"{name}.validate(model, max_length={limit})"  # the check that lists them
     if not rows:
         raise FinetuneError(
@@ -544,7 +660,9 @@ def finetune(
     """Fine-tune a LLaVA checkpoint on image-text data; return the run (adapter in output_dir).
 
     stage "align": the projector only (LLaVA stage 1, image-caption pairs). stage "instruct":
-    LoRA on the language model with the projector trainable (stage 2, conversations).
+    LoRA on the language model with the projector trainable (stage 2, conversations). `model`:
+    an `ln.Model`, a checkpoint id or folder, or a stage "align" run (its output_dir or
+    FinetuneRun), which training then goes on from, with no merge step in between.
     method "qlora": 4-bit NF4 base, gradient checkpointing. `train_vision=True` also trains the
     vision tower whole (a model whose vision encoder is not pretrained). `warmup` is the
     fraction of steps with a rising learning rate (cosine decay after). `projector_lr`: the
@@ -553,8 +671,9 @@ def finetune(
     batches samples of similar length together (transformers' `LengthGroupedSampler`, batches
     in random order): less padding, so faster when lengths vary. Interrupting saves a
     checkpoint and the adapter; calling again with the same output_dir resumes exactly. Running
-    out of memory, a callback's error, or a row that cannot be read during training raises a
-    one-line `FinetuneError` naming the step and the checkpoint the training so far is kept in.
+    out of memory, a callback's error, a row that cannot be read or a checkpoint that cannot be
+    written (a full disk) during training raises a one-line `FinetuneError` naming the step and
+    the checkpoint the training so far is kept in.
     `progress=False` shows nothing; `callbacks` are extra transformers `TrainerCallback`s.
     """
     from llava_nb.training.collate import context_length
@@ -591,6 +710,7 @@ def finetune(
         model = default_model_id()
     if data is None:
         raise FinetuneError("no training data; pass data=ln.data.load('train.json')")
+    model, start = _starting_point(model)
     model_id = base_id(model)
     data = load(data)
     eval_data = load(eval_data) if eval_data is not None else None
@@ -625,6 +745,8 @@ def finetune(
         config["projector_lr"] = projector_lr
     if group_by_length:
         config["group_by_length"] = True
+    if start is not None:
+        config["start"] = _start_label(start)
     out = Path(output_dir).expanduser()
     # other processes of a multi-process run only read: the first one may be writing already
     record = _check_output_dir(out, config) if main else _read_run(out)
@@ -633,28 +755,42 @@ def finetune(
             print(f"llava_nb: {out} already holds this finished run; delete it to train again")
         return _run_from(out, record)
     # after the finished run is found: encoding every row to check it takes a while on big data
-    rows = _usable(data, processor, limit, "data", quiet=not main)
-    eval_rows = _usable(eval_data, processor, limit, "eval_data", not main) if eval_data else None
+    datasets = {"data": data, **({"eval_data": eval_data} if eval_data is not None else {})}
+    checked = _checked_rows(datasets, processor, config, record)
+    rows = _usable(data, checked["data"], limit, "data", quiet=not main)
+    eval_rows = None
+    if eval_data is not None:
+        eval_rows = _usable(eval_data, checked["eval_data"], limit, "eval_data", not main)
     checkpoint = _resumable(out, record, say=main and progress) if record is not None else None
     if record is not None and main and progress:
         print(_resume_notice(out, record, checkpoint), file=sys.stderr)
     return _train(
         model_id, getattr(model, "device", None), processor, data, rows, eval_data, eval_rows,
-        config, out, record, checkpoint,
+        config, out, record, checkpoint, start=start, checked=checked,
         eval_every=eval_every, save_every=save_every, progress=progress,
         callbacks=callbacks,
     )  # fmt: skip
 
 
 def _checkpoints(out: Path) -> list[tuple[int, Path, bool]]:
-    """(step, folder, complete) of the Trainer checkpoints in `out`, newest first. Trainer
-    writes trainer_state.json last, so a save cut short (a second interrupt) lacks it."""
+    """(step, folder, complete) of the Trainer checkpoints in `out`, newest first."""
     found = []
     for folder in out.glob("checkpoint-*"):
         step = folder.name.removeprefix("checkpoint-")
         if step.isdigit() and folder.is_dir():
-            found.append((int(step), folder, (folder / "trainer_state.json").is_file()))
+            found.append((int(step), folder, _complete(folder, int(step))))
     return sorted(found, reverse=True)
+
+
+def _complete(folder: Path, step: int) -> bool:
+    """Whether a checkpoint was written whole. Trainer writes trainer_state.json last, so a save
+    cut short lacks it, or (the process killed, or the disk full, while writing it) holds a
+    part of it: whole, it is JSON that names the checkpoint's step."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == step
 
 
 def _resumable(out: Path, record: dict[str, Any], say: bool) -> Path | None:
@@ -764,7 +900,7 @@ def _labelled_logits_only(inputs: dict[str, Any]) -> dict[str, Any]:
 
 def _train(
     model_id, device, processor, data, rows, eval_data, eval_rows, config, out, record,
-    checkpoint, *, eval_every, save_every, progress, callbacks,
+    checkpoint, *, start, checked, eval_every, save_every, progress, callbacks,
 ) -> FinetuneRun:  # fmt: skip
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
@@ -777,6 +913,7 @@ def _train(
     cuda = device.startswith("cuda")
     set_seed(config["seed"])
     model = _load_for_training(model_id, config["method"], device)
+    carried = _start_from(model, start) if start is not None else []
     model = _wrap(
         model,
         config["stage"],
@@ -786,6 +923,7 @@ def _train(
         config["dropout"],
         config["target"],
         config["train_vision"],
+        carried,
     )
     total = _steps(len(rows), config, world)
     bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -836,10 +974,16 @@ def _train(
                 _projector_groups(optimizer, self.model, config["projector_lr"])
             return optimizer
 
-        def _save_checkpoint(self, *args, **kwargs):
+        def _save_checkpoint(self, model, trial, *args, **kwargs):
             run_control.saving = True
+            step = self.state.global_step
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{step}"
             try:
-                return super()._save_checkpoint(*args, **kwargs)
+                return super()._save_checkpoint(model, trial, *args, **kwargs)
+            except Exception as e:  # a full disk: OSError, or safetensors' own error
+                if not _complete(folder, step):  # never resumed from; and its space is free
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise _CheckpointFailed(folder.name, e) from e
             finally:
                 run_control.saving = False
 
@@ -880,11 +1024,9 @@ def _train(
         trainer.add_callback(Progress(recorder))
     main = trainer.is_world_process_zero()
     if main:
-        started = _process_start(os.getpid())  # with the pid: tells this process from a later one
         _write_run(out, {"config": config, "status": "running", "step": resumed,
                          "max_steps": total, "history": earlier, "metrics": {},
-                         "pid": os.getpid(), "host": socket.gethostname(),
-                         **({"started": started} if started is not None else {})})  # fmt: skip
+                         "checked": checked, **this_process()})  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     status = "finished"
@@ -918,7 +1060,7 @@ def _train(
                 ) from None
             if main:  # the next call says so, and resumes from the newest checkpoint
                 ran = {**(record or {}), "config": config, "max_steps": total, "step": step,
-                       "history": recorder.history}  # fmt: skip
+                       "history": recorder.history, "checked": checked}  # fmt: skip
                 _record_failure(out, record if unchanged else ran,
                                 failed[0] if failed else first_line(e))  # fmt: skip
             if failed is None:  # not the user's to fix: the traceback says where it broke
@@ -950,7 +1092,7 @@ def _train(
         if main:
             ended = {"config": config, "status": status, "step": state.global_step,
                      "max_steps": state.max_steps, "history": recorder.history,
-                     "metrics": metrics}  # fmt: skip
+                     "metrics": metrics, "checked": checked}  # fmt: skip
             try:
                 _save_adapter(trainer, out)  # the plain PEFT adapter, at the top of output_dir
                 _write_run(out, ended)
@@ -1004,6 +1146,14 @@ class _RowFailed(Exception):
         self.name, self.row, self.sample_id, self.error = name, row, sample_id, error
 
 
+class _CheckpointFailed(Exception):
+    """A checkpoint could not be written during training (a full disk, most often)."""
+
+    def __init__(self, name: str, error: Exception) -> None:
+        super().__init__(f"{name}: {first_line(error)}")
+        self.name, self.error = name, error
+
+
 def _raised_by(error: BaseException, callbacks: list) -> tuple[Any, str] | None:
     """The user's callback (and its method) that `error` was raised in, if it was."""
     frames = error.__traceback__
@@ -1020,9 +1170,9 @@ def _failure(
     callbacks: list, saved: str | None,
 ) -> tuple[str, str] | None:  # fmt: skip
     """For a failure the user can fix (out of memory, their callback, a row that cannot be read
-    now): the reason to record and the one-line message, given the steps `done`, whether one
-    had begun, and the newest complete checkpoint `saved` (None: there is none); None for any
-    other failure."""
+    now, a checkpoint that cannot be written): the reason to record and the one-line message,
+    given the steps `done`, whether one had begun, and the newest complete checkpoint `saved`
+    (None: there is none); None for any other failure."""
     step = done + in_step
     at = f"at step {step}" if step else "before the first step"
     of = f"{at} of {total}" if step else at
@@ -1039,6 +1189,12 @@ def _failure(
             f"row {error.row} of {name} ({error.sample_id!r}) could not be read {of} ({why}); "
             f"{kept}; make that row readable again ({name}.validate() lists such rows), then "
             f"{again}"
+        )
+    if isinstance(error, _CheckpointFailed):  # written after a step, so none has begun
+        why = first_line(error.error)
+        return f"writing {error.name} {at} failed: {why}", (
+            f"could not write {error.name} {of} ({why}); {kept}; free some space on that disk "
+            f"and {again}, or start over in an output_dir on a disk with room"
         )
     from llava_nb.models import _is_oom  # CUDA's, MPS's and the CPU's ways of saying it
 
