@@ -1011,7 +1011,7 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
     every parallel region of an answer waits for sleeping threads (on 2 cores, 4-bit decoding
     ran at 0.67x of plain `generate`)."""
     outcome: dict[str, Any] = {}
-    finished = threading.Event()  # not join(): an interrupted join marks a live thread ended
+    finished = threading.Event()
 
     def run() -> None:
         try:
@@ -1022,33 +1022,23 @@ def _on_a_thread_of_its_own(work: Callable[[], Any]) -> Any:
             finished.set()
 
     worker = threading.Thread(target=run, name="llava_nb-load", daemon=True)
-    # An interrupt landing in start() or just after it would escape while the thread loads on:
-    # one is recorded there instead, and raised once the work ends. One that came before
-    # raises here, with no thread started.
+    # Interrupts are recorded from start() until the thread has ended: one landing anywhere in
+    # between (even just after start(), before the wait) would escape while the thread loads
+    # on. One that came before raises here, with no thread started.
     with _interrupts_recorded() as caught:
         worker.start()
-    interrupted = None
-    while caught or not finished.is_set():
-        try:
-            if caught:
-                raise caught.pop()
-            finished.wait()
-        except KeyboardInterrupt as e:
-            if interrupted is None:
+        while not finished.wait(0.05):  # a recorded interrupt does not end a wait: look again
+            if caught and worker.ident not in _STOP_ASKED:
                 print("llava_nb: stopping once loading ends (it cannot stop halfway)",
                       file=sys.stderr, flush=True)  # fmt: skip
                 _STOP_ASKED.add(worker.ident)
-            interrupted = e
-    try:
         worker.join()  # its pool gone before any answer starts
-    except KeyboardInterrupt as e:
-        interrupted = e
     _STOP_ASKED.discard(worker.ident)
     if "error" in outcome:
         raise outcome.pop("error")
-    if interrupted is not None:
+    if caught:
         outcome.clear()  # not kept alive by this frame in the interrupt's traceback
-        raise interrupted
+        raise caught[-1]
     return outcome.pop("value")  # the thread's closure keeps no reference to it
 
 
