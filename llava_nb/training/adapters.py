@@ -2,11 +2,14 @@
 
 A loaded model keeps every adapter it was given (LoRA layers and saved modules injected with
 PEFT, each under its own name); switching is a flag on each layer, so the base is never
-reloaded. The model's class does not change: everything that reads the model keeps working.
+reloaded. The few that PEFT cannot hold side by side (a LoRA inside a module another adapter
+saves whole) make way for each other, and load again when next used. The model's class does
+not change: everything that reads the model keeps working.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,15 +18,18 @@ from typing import Any
 
 from llava_nb.errors import LlavaError, first_line
 
-_REGISTRY = "_llava_nb_adapters"  # attribute on the loaded model: {key: adapter name}
+# attribute on the loaded model: {key: adapter name}, for every adapter it has loaded; those
+# in its peft_config are in it now
+_REGISTRY = "_llava_nb_adapters"
 
 
 class AdapterError(LlavaError):
     """An adapter folder is missing, not a PEFT adapter, or was built for another base model."""
 
 
-def check_adapter(path: str | os.PathLike) -> Path:
-    """The adapter folder, if it holds a PEFT adapter; else a clear error."""
+def check_adapter(path: str | os.PathLike, *, merge: bool = False) -> Path:
+    """The adapter folder, if it holds a PEFT adapter of a kind llava_nb can swap into a loaded
+    model (with `merge`: merge into a checkpoint); else a clear error, before any model loads."""
     if not isinstance(path, str | os.PathLike) or not str(path).strip():
         raise AdapterError(f"an adapter is a folder path (a finetune output_dir), got {path!r}")
     folder = Path(path).expanduser()
@@ -41,7 +47,39 @@ def check_adapter(path: str | os.PathLike) -> Path:
         raise AdapterError(
             f"'{path}' holds no adapter (no adapter_config.json); point at a finetune output_dir"
         )
+    _check_kind(folder.resolve(), merge)
     return folder.resolve()
+
+
+KINDS = "LoRA (DoRA and rsLoRA too), LoHa, LoKr, IA3 and AdaLoRA"
+
+
+def _check_kind(folder: Path, merge: bool) -> None:
+    """Refuse the PEFT kinds that cannot work here, naming them: prompt learning adds tokens
+    instead of changing weights, and VeRA-like kinds keep state shared across layers, which
+    peft can only hold in a wrapped model (merging takes them)."""
+    try:
+        kind = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return  # damaged: _read_adapter names the problem
+    from peft.config import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING.get(kind)
+    if config_class is None:
+        return  # a kind this peft does not know: _read_adapter says so
+    if issubclass(config_class, PromptLearningConfig) or kind == "ADAPTION_PROMPT":
+        raise AdapterError(
+            f"'{folder}' is a {kind} adapter: it adds learned prompt tokens and has no weights "
+            f"to swap into or merge with the model; train a LoRA adapter (ln.finetune), or use "
+            f"one of the kinds llava_nb takes: {KINDS}"
+        )
+    if not merge and getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(kind), "uses_shared_state", False):
+        raise AdapterError(
+            f"'{folder}' is a {kind} adapter, whose layers share state that peft cannot swap "
+            f"into a loaded model; merge it (ln.merge_adapter) and load the merged folder, or "
+            f"use one of the kinds llava_nb swaps in: {KINDS}"
+        )
 
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -66,14 +104,8 @@ def _read_adapter(folder: Path, base_config) -> tuple[Any, dict[str, Any]]:
         ) from None
     except (OSError, ValueError, TypeError) as e:
         raise AdapterError(f"'{file}' is damaged ({first_line(e)}){_DAMAGED}") from None
-    if config.is_prompt_learning or config.is_adaption_prompt:
-        kind = getattr(config.peft_type, "value", config.peft_type)
-        raise AdapterError(
-            f"'{folder}' is a {kind} adapter: it adds learned prompt tokens and has no weights "
-            "to swap into or merge with the model; train a LoRA adapter (ln.finetune)"
-        )
     config.inference_mode = True
-    _check_base(folder, base_config)
+    _check_base(folder, config, base_config)
     weights = next((folder / n for n in WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
         raise AdapterError(f"'{folder}' holds no adapter weights ({WEIGHTS[0]}){_DAMAGED}")
@@ -84,19 +116,38 @@ def _read_adapter(folder: Path, base_config) -> tuple[Any, dict[str, Any]]:
     return config, state
 
 
-def _check_base(folder: Path, config) -> None:
+def _check_base(folder: Path, adapter_config, config) -> None:
+    """Refuse an adapter built for another LLaVA family: a NeXT adapter fits a 1.5 model's
+    shapes, so loading alone would not tell, and the answers would be quietly off."""
     from llava_nb.training.train import fingerprint, read_run
 
     fix = "delete it to use the folder as a plain PEFT adapter"
     record = read_run(folder, AdapterError, fix)
-    if record is None:
-        return  # a plain PEFT adapter from elsewhere: shapes are checked when loading
+    if record is None:  # a plain PEFT adapter from elsewhere: peft records the base's class
+        _check_family(folder, adapter_config, config)
+        return  # shapes are checked when loading
     shape = record["config"].get("base_shape")
     if shape and shape != fingerprint(config):
         base = record["config"].get("base")
         raise AdapterError(
             f"adapter '{folder}' was built for another base model ({base}); "
             "use it with that model, or train one for this model"
+        )
+
+
+def _check_family(folder: Path, adapter_config, config) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from llava_nb.models import FAMILIES
+
+    trained_on = (adapter_config.auto_mapping or {}).get("base_model_class")
+    families = {MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[f]: f for f in FAMILIES}
+    family = families.get(trained_on)
+    if family is not None and family != config.model_type:
+        base = adapter_config.base_model_name_or_path or trained_on
+        raise AdapterError(
+            f"adapter '{folder}' was built for a {FAMILIES[family]} model ({base}), not this "
+            f"{FAMILIES.get(config.model_type, config.model_type)} one; use it with that model"
         )
 
 
@@ -120,10 +171,13 @@ def _load_weights(model, state: dict[str, Any], name: str) -> None:
     set_peft_model_state_dict(model, state, adapter_name=name)
 
 
-def _inject(model, folder: Path, name: str) -> None:
+def _inject(model, folder: Path, name: str) -> str | None:
+    """Put `folder`'s adapter into the model under `name`; None, or why it does not fit (the
+    model then stays as it was)."""
     from peft import inject_adapter_in_model
 
     config, state = _read_adapter(folder, model.config)
+    _check_quantized(folder, config, model)
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
     try:
         with warnings.catch_warnings():  # several adapters on one model is the design here
@@ -132,11 +186,48 @@ def _inject(model, folder: Path, name: str) -> None:
         _load_weights(model, state, name)
     except (ValueError, RuntimeError, KeyError) as e:
         _remove(model, name)
-        raise AdapterError(
-            f"adapter '{folder}' does not fit this model ({first_line(e)}); it was built for "
-            "another base model"
-        ) from None
+        return first_line(e)
     model.eval()
+    return None
+
+
+def _check_quantized(folder: Path, config, model) -> None:
+    """Refuse a kind peft has no 4-bit/8-bit layers for (LoHa, LoKr): it would be built from
+    the packed weights' shapes and fail, or answer wrongly."""
+    import importlib.util
+
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    bits = next((b for b in (4, 8) if getattr(model, f"is_loaded_in_{b}bit", False)), None)
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+    if bits and importlib.util.find_spec(f"{tuner.__module__.rpartition('.')[0]}.bnb") is None:
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        raise AdapterError(
+            f"'{folder}' is a {kind} adapter, which peft cannot put on {bits}-bit weights; load "
+            "the model with quantization='none', or merge the adapter (ln.merge_adapter) and "
+            "load the merged folder"
+        )
+
+
+def _take_out_all(model) -> None:
+    """Unwrap every adapter layer: the model as it was loaded. PEFT cannot put a LoRA layer
+    into a module another adapter saves whole (modules_to_save), nor the reverse."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    kinds = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    for name, module in sorted(wrappers, key=lambda item: -item[0].count(".")):  # innermost first
+        if isinstance(module, ModulesToSaveWrapper):
+            plain = module.original_module
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            plain = module.unload_and_optionally_merge_module(False, False, None)
+        else:
+            plain = module.get_base_layer()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def _remove(model, name: str) -> None:
@@ -147,7 +238,9 @@ def _remove(model, name: str) -> None:
 
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.delete_adapter(name)
+            with warnings.catch_warnings():  # "... was active which is now deleted": it was not
+                warnings.filterwarnings("ignore", ".*which is now deleted", UserWarning)
+                module.delete_adapter(name)
         elif isinstance(module, AuxiliaryTrainingWrapper) and name in module._adapters:
             module.delete_adapter(name, new_active_adapters=[])
     configs = getattr(model, "peft_config", None)
@@ -176,11 +269,19 @@ def activate(model, path: str | os.PathLike | None) -> None:
                 f"{e}; use_adapter(None) (%llava adapter none) answers with the base model"
             ) from None
         key = _key(folder)
-        if key not in adapters:
-            name = f"llava_nb_{len(adapters)}"
+        name = adapters.get(key, f"llava_nb_{len(adapters)}")
+        if name not in getattr(model, "peft_config", {}):  # new, or taken out to make way
             with torch.inference_mode(False):
-                _inject(model, folder, name)
-            adapters[key] = name
+                misfit = _inject(model, folder, name)
+                if misfit is not None and getattr(model, "peft_config", None):
+                    _take_out_all(model)  # it may fit beside none (they load again when used)
+                    misfit = _inject(model, folder, name)
+            if misfit is not None:
+                raise AdapterError(
+                    f"adapter '{folder}' does not fit this model ({misfit}); it was built for "
+                    "another base model"
+                )
+            adapters[key] = name  # never dropped: a new key means new weights (caches go)
             setattr(model, _REGISTRY, adapters)
         name = adapters[key]
     if not adapters:
@@ -215,7 +316,7 @@ def merge_adapter(model: Any, adapter: str | os.PathLike, output_dir: str | os.P
         unwritable,
     )
 
-    folder = check_adapter(adapter)
+    folder = check_adapter(adapter, merge=True)
     if not isinstance(output_dir, str | os.PathLike) or not str(output_dir).strip():
         raise AdapterError(f"output_dir must be a folder path, got {output_dir!r}")
     out = Path(output_dir).expanduser()
