@@ -325,6 +325,7 @@ def _assemble(path: Path, work: Path, seed: int, vision_steps: int) -> float:
     )
 
     language_model, tokenizer = _language_model(work)
+    _check_finished()  # reading the GGUF file takes a while: a stop meanwhile ends it here
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text_config = language_model.config.to_dict()
@@ -436,6 +437,7 @@ def _pretrain_vision(vision, image_processor, steps: int, seed: int, batch: int 
     parameters = [*vision.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=max(steps, 1))
+    _check_finished()
     rows = shapes_dataset(steps * batch, seed=10_000 + seed)
     vision.train()
     recent: list[float] = []
