@@ -65,7 +65,7 @@ def _spawn(*args: str, cwd=None):
         env=_env(),
         encoding="utf-8",
         codec_errors="replace",
-        timeout=60,
+        timeout=120,
         dimensions=(50, 1000),  # wide: readline never wraps what we type
     )
     child.expect_exact(PROMPT)
@@ -113,7 +113,7 @@ def _run(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.Com
         input=stdin.encode(),
         capture_output=True,
         env=_env() | (env or {}),
-        timeout=120,
+        timeout=300,
     )
     result.stdout = result.stdout.decode("utf-8")  # bytes: no newline translation
     result.stderr = result.stderr.decode("utf-8", "replace")
@@ -191,7 +191,7 @@ def test_ctrl_c_stops_an_answer_not_the_program(slow_llava, tmp_path):
     child = _spawn("--model", slow_llava, "--max-new-tokens", "1000")
     child.sendline("Tell me a long story.")
     child.expect_exact("Tell me a long story.\r\n")
-    child.read_nonblocking(1, timeout=60)  # the answer has started
+    child.read_nonblocking(1, timeout=120)  # the answer has started
     child.sendintr()
     child.expect_exact(" [interrupted]\r\n\r\n" + PROMPT)
 
@@ -223,7 +223,7 @@ def test_answers_redirected_from_a_terminal_chat(tiny_llava, tmp_path):
     answers = tmp_path / "answers.txt"
     command = " ".join([*COMMAND, "chat", "--model", tiny_llava, "--max-new-tokens", str(TOKENS)])
     child = pexpect.spawn(
-        "bash", ["-c", f"{command} > {answers}"], env=_env(), encoding="utf-8", timeout=60
+        "bash", ["-c", f"{command} > {answers}"], env=_env(), encoding="utf-8", timeout=120
     )
     child.expect_exact(PROMPT)
     expected = Chat(tiny_llava, max_new_tokens=TOKENS).ask("What is this?")
@@ -246,23 +246,29 @@ def test_ctrl_c_stops_a_slow_command(tiny_llava):
     """Ctrl-C during a command (an image URL that never arrives) says that command stopped;
     no answer marker is written, and the session goes on."""
     import http.server
-    import time
+    import threading
+
+    fetching, done = threading.Event(), threading.Event()
 
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            time.sleep(30)
+            fetching.set()
+            done.wait(120)
 
     with loopback_server(Slow) as base:
-        child = _spawn("--model", tiny_llava, "--max-new-tokens", str(TOKENS))
-        url = f"{base}/photo.jpg"
-        child.sendline(f"/image {url}")
-        child.expect_exact(f"/image {url}\r\n")
-        time.sleep(1)  # the fetch has started
-        child.sendintr()
-        child.expect_exact(PROMPT)
-        assert child.before.replace("\r\n", "\n").endswith("llava-nb: /image stopped\n")
-        assert _say(child, "/history") == "(no turns yet)\n"
-        _quit_with_ctrl_d(child)
+        try:
+            child = _spawn("--model", tiny_llava, "--max-new-tokens", str(TOKENS))
+            url = f"{base}/photo.jpg"
+            child.sendline(f"/image {url}")
+            child.expect_exact(f"/image {url}\r\n")
+            assert fetching.wait(60)  # the fetch has started: Ctrl-C lands in the command
+            child.sendintr()
+            child.expect_exact(PROMPT)
+            assert child.before.replace("\r\n", "\n").endswith("llava-nb: /image stopped\n")
+            assert _say(child, "/history") == "(no turns yet)\n"
+            _quit_with_ctrl_d(child)
+        finally:
+            done.set()
 
 
 def test_piped_stdin_prints_just_the_answers(tiny_llava, grace):
@@ -419,7 +425,7 @@ def test_serve_without_the_serve_extra_says_how_to_install_it(tiny_llava):
         f"raise SystemExit(main(['serve', '--model', {tiny_llava!r}, '--port', '8765']))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300
     )
     assert result.returncode == 1, result.stderr
     assert result.stdout == ""
@@ -602,7 +608,8 @@ def test_a_reasoning_model_shows_thinking_until_its_answer_starts():
             self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
             self.wfile.write(f"data: {_reasoning('Let me see.')}\n\n".encode())
             self.wfile.flush()
-            thought.wait(30)
+            # longer than the test waits for "thinking…": shown only with the answer fails
+            thought.wait(120)
             for data in (_reasoning(" A greeting."), answer, end, "[DONE]"):
                 self.wfile.write(f"data: {data}\n\n".encode())
 
@@ -613,7 +620,7 @@ def test_a_reasoning_model_shows_thinking_until_its_answer_starts():
         child = _spawn("--model", f"{url}/v1")
         try:
             child.sendline("Hello?")
-            child.expect_exact("thinking…", timeout=15)  # before any answer came
+            child.expect_exact("thinking…", timeout=60)  # before any answer came
         finally:
             thought.set()
         child.expect_exact(PROMPT)
@@ -658,7 +665,7 @@ def test_ctrl_c_stops_piped_questions(slow_llava, tmp_path):
     first = process.stdout.read(1)  # the answer has started
     process.send_signal(signal.SIGINT)
     try:
-        rest, errors = process.communicate(timeout=60)
+        rest, errors = process.communicate(timeout=120)
     finally:
         process.kill()  # a no-op once it has exited
     assert process.returncode == 130, errors

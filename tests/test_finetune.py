@@ -542,7 +542,7 @@ def test_training_inside_a_model_load_stops_when_the_load_is_interrupted(tiny_ll
 
     from transformers import TrainerCallback
 
-    from llava_nb.models import _on_a_thread_of_its_own
+    from llava_nb.models import _on_a_thread_of_its_own, stop_asked
 
     main = threading.main_thread().ident
 
@@ -550,7 +550,9 @@ def test_training_inside_a_model_load_stops_when_the_load_is_interrupted(tiny_ll
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
                 signal.pthread_kill(main, signal.SIGINT)  # as Jupyter's stop button
-                time.sleep(0.5)  # the waiting main thread takes it meanwhile
+                deadline = time.monotonic() + 60  # the waiting main thread takes it: seen here
+                while not stop_asked() and time.monotonic() < deadline:
+                    time.sleep(0.01)
 
     runs = []
 

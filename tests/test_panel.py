@@ -69,6 +69,11 @@ def finish(panel: ChatPanel, error: str = "") -> None:
         assert panel.error == error
 
 
+def tokens(chat: ln.Chat, text: str) -> int:
+    """How many tokens `text` is to the chat's (loaded) model."""
+    return len(chat.model.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def thumbnail_size(uri: str) -> tuple[int, int]:
     from llava_nb.images import image_from_data_uri
 
@@ -187,14 +192,15 @@ def test_stop_ends_the_answer_and_keeps_it_marked_stopped(endless_llava):
     assert "still answering" in other.error and other.draft == "Me too?"  # given back
     other.close()
 
-    stopped_at = time.monotonic()
     assert panel.stoppable  # the panel's own worker reads it: Stop works
     message(panel, "stop")
     finish(panel)
-    assert time.monotonic() - stopped_at < 2
 
     (turn,) = chat.history
     assert turn.interrupted and turn.answer.startswith(growing[-1])
+    # ended at once, far short of its 1000 tokens (told by length, not by a clock: on a loaded
+    # machine the stop and the tokens slow down alike; left to run, it retokenizes to ~1500)
+    assert tokens(chat, turn.answer) < 500
     assert len(panel.turns) == 1 and panel.turns[0]["interrupted"]
     assert panel.turns[0]["answer"] == turn.answer
     assert panel.error == ""
@@ -480,12 +486,11 @@ def test_a_panel_opened_mid_answer_shows_the_live_turn(endless_llava, photo):
 def test_stop_in_a_second_panel_stops_the_answer(endless_llava):
     """Two panels on one chat: the one that did not ask can stop the answer it shows."""
     chat, first, second = _two_panels_answering(endless_llava)
-    stopped_at = time.monotonic()
     message(second, "stop")
     finish(first)
-    assert time.monotonic() - stopped_at < 2
     (turn,) = chat.history
     assert turn.interrupted and second.turns[0]["interrupted"] and second.error == ""
+    assert tokens(chat, turn.answer) < 500  # far short of its 1000 tokens: stopped at once
     message(second, "stop")  # nothing to stop: nothing happens
     assert second.error == "" and not second.busy
 

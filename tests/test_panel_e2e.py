@@ -631,22 +631,26 @@ def test_panel_on_a_long_chat_shows_its_end(browser, jupyter, endless_llava, tmp
 LIVE_TEXT = '.llava-assistant[data-live=""] .llava-text'
 
 # A one-paragraph answer, a word more every 50 ms (its paragraph is redrawn each time), that
-# then ends as the chat's answers end: one message, the live turn made a turn; on a thread.
-ONE_PARAGRAPH = """import threading
+# then ends as the chat's answers end: one message, the live turn made a turn; on a thread. It
+# ends once it has 200 words and the file `enough` exists: the test made it once it saw the
+# redraws it waits for (a fixed 10 s of words could end first on a loaded machine).
+ONE_PARAGRAPH = """import os
+import threading
 import time
-def stream_words(panel, words=200):
-    question = {"question": "One long paragraph?", "images": []}
+def stream_words(panel, enough, words=200):
+    question = {{"question": "One long paragraph?", "images": []}}
     panel.live_question = question
-    text = ""
-    for n in range(words):
-        text += f"word{n} "
+    text, n = "", 0
+    while n < words or not os.path.exists(enough):
+        text += f"word{{n}} "
+        n += 1
         panel.live_answer = text
         time.sleep(0.05)
     with panel.hold_sync():
-        panel.turns = [*panel.turns, {**question, "answer": text, "interrupted": False}]
-        panel.live_question = {}
+        panel.turns = [*panel.turns, {{**question, "answer": text, "interrupted": False}}]
+        panel.live_question = {{}}
         panel.live_answer = ""
-threading.Thread(target=stream_words, args=(long_panel,)).start()"""
+threading.Thread(target=stream_words, args=(long_panel, {enough!r})).start()"""
 
 # Selects the first word of the answer being written; null if there is none yet.
 SELECT_A_WORD = """(live) => {
@@ -706,12 +710,14 @@ def test_a_streaming_answer_keeps_the_selection_and_reaches_every_view(browser, 
         run_new_cell(page, "long_panel.live_question = {}")
         expect(stand_in).to_have_count(0)
 
-        run_new_cell(page, ONE_PARAGRAPH)
+        enough = tmp_path / "enough"
+        run_new_cell(page, ONE_PARAGRAPH.format(enough=str(enough)))
         word = page.wait_for_function(SELECT_A_WORD, arg=LIVE_TEXT).json_value()
         for _ in range(3):  # three redraws at least, each with more of the answer
             length = page.evaluate(LIVE_LENGTH, LIVE_TEXT)
             page.wait_for_function(GROWN, arg=[LIVE_TEXT, length])
             assert page.evaluate(SELECTED_IN_LAST_ANSWER) == word
+        enough.touch()  # the answer may end now
         expect(panel.locator(".llava-assistant").last).to_contain_text("word199")
         expect(panel.locator(LIVE_TEXT)).to_have_count(0)  # ended: drawn as a turn
         assert page.evaluate(SELECTED_IN_LAST_ANSWER) == word  # still

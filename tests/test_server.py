@@ -442,15 +442,16 @@ def test_client_disconnect_stops_generation(server, client, model):
 def test_a_client_gone_halfway_through_its_question_is_no_error(server, client, caplog):
     import socket
 
-    url, _service = server
+    url, service = server
     host, port = url.removeprefix("http://").split(":")
+    before = service.stats["requests"]
     with socket.create_connection((host, int(port))) as raw:  # promises 1000 bytes, sends 12
         raw.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Authorization: Bearer " + KEY.encode() + b"\r\n"
             b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"messages":'
         )
-        time.sleep(0.2)
+        wait_for(lambda: service.stats["requests"] > before, what="the question to be read")
     time.sleep(1)  # the server has seen the disconnect
     assert ask(client, [user("hi")], max_tokens=2)
     assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
@@ -814,7 +815,7 @@ def test_a_trickling_or_misredirecting_image_host_is_a_400(strict_client, monkey
             start = time.monotonic()
             with pytest.raises(openai.BadRequestError, match="took over 1 s to send") as error:
                 ask(strict_client, with_image(url + path))
-            assert time.monotonic() - start < 5, path
+            assert time.monotonic() - start < 10, path  # a 1 s deadline; hours before it
             assert error.value.body["param"] == "messages[0].content[0].image_url"
         with pytest.raises(
             openai.BadRequestError,
@@ -866,11 +867,12 @@ def test_slow_image_urls_leave_threads_for_other_requests(model, monkeypatch):
         time.sleep(0.5)  # the old pool's threads are all fetching now
         with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60) as c:
             c.served = model.model_id
-            start = time.monotonic()
             answer = ask(c, [user("Say hi.")], max_tokens=4)
-            took = time.monotonic() - start
+            ended = sum(f.done() for f in trickling)
         assert answer.choices[0].finish_reason in ("stop", "length")
-        assert took < 6, f"a text question waited {took:.1f} s behind slow image fetches"
+        # answered while every fetch still trickles (each ends at its 12 s deadline): an order,
+        # not a time (a bound of 6 s was at the mercy of a loaded machine)
+        assert ended == 0, f"a text question waited behind slow image fetches ({ended} ended first)"
         assert [f.result().status_code for f in trickling] == [400] * 6
 
 
@@ -883,7 +885,7 @@ def test_a_client_gone_while_its_image_is_fetched_frees_the_image_thread(model, 
     import llava_nb.server
 
     monkeypatch.setattr(llava_nb.server, "_blocked", lambda _ip: False)  # loopback as public
-    monkeypatch.setattr(llava_nb.server, "FETCH_DEADLINE_S", 20)
+    monkeypatch.setattr(llava_nb.server, "FETCH_DEADLINE_S", 30)
     monkeypatch.setattr(llava_nb.server, "IMAGE_READ_THREADS", 1)
     app = create_app(model, allow_image_urls=True)
     log: list[tuple[str, float]] = []
@@ -908,9 +910,9 @@ def test_a_client_gone_while_its_image_is_fetched_frees_the_image_thread(model, 
         )
         assert answer.status_code == 200, answer.text
     when = dict(log)
-    late = when["/a.png"] - left
-    assert late < 3, f"the next request's image was fetched {late:.1f} s after the client left"
-    assert when["hung up"] - left < 3
+    late = when["/a.png"] - left  # held to the deadline: 30 s; 1 s here, 10 s for a loaded machine
+    assert late < 10, f"the next request's image was fetched {late:.1f} s after the client left"
+    assert when["hung up"] - left < 10
 
 
 def test_include_usage_puts_a_null_usage_in_every_other_chunk(server, model):
