@@ -646,7 +646,7 @@ class ChatSession:
             return
         printed = ""
         try:
-            with closing(pieces), self._thinking_shown() as thinking:
+            with closing(pieces), thinking_shown(self.chat, self.stderr) as thinking:
                 for piece in pieces:
                     thinking.erase()
                     self._out(self._shown(piece))
@@ -666,18 +666,6 @@ class ChatSession:
         finally:
             if len(chat.history) > turns:  # the question was asked: its images are in the chat
                 self.pending.clear()
-
-    @contextmanager
-    def _thinking_shown(self) -> Iterator[_ThinkingLine]:
-        """A `_ThinkingLine` that a reasoning model's thinking shows, on a terminal only; the
-        caller erases it when the answer starts, the exit in any case."""
-        line = _ThinkingLine(self.stderr)
-        unfollow = self.chat.on_thinking(line.show) if self.stderr.isatty() else lambda: None
-        try:
-            yield line
-        finally:
-            unfollow()
-            line.erase()
 
     def _pending_hint(self) -> str:
         """After a failed question: the attached images stay for the next one, unless dropped
@@ -865,6 +853,20 @@ class _ThinkingLine:
             self.stream.write("\r" + " " * len(THINKING) + "\r")
             self.stream.flush()
         self.shown, self.over = False, True
+
+
+@contextmanager
+def thinking_shown(chat: Any, stream: TextIO) -> Iterator[_ThinkingLine]:
+    """A `_ThinkingLine` on `stream` that `chat`'s reasoning model shows, on a terminal only
+    (terminal chat, IPython in a terminal); the caller erases it when the answer starts, the
+    exit in any case."""
+    line = _ThinkingLine(stream)
+    unfollow = chat.on_thinking(line.show) if stream.isatty() else lambda: None
+    try:
+        yield line
+    finally:
+        unfollow()
+        line.erase()
 
 
 def _unknown_command(name: str) -> str:

@@ -763,12 +763,16 @@ def _prints_displays(shell) -> bool:
 
 
 def _print_stream(chat, pieces) -> tuple[str, bool]:
-    """Print the answer as it grows, on one text, as a terminal chat does. Returns the answer
-    as the chat recorded it, and whether it was interrupted."""
+    """Print the answer as it grows, on one text, as a terminal chat does (with its
+    "thinking…" while a server's reasoning model thinks). Returns the answer as the chat
+    recorded it, and whether it was interrupted."""
+    from llava_nb.cli import thinking_shown
+
     turns, written = len(chat.history), False
     try:
-        with closing(pieces):
+        with closing(pieces), thinking_shown(chat, sys.stdout) as thinking:
             for piece in pieces:
+                thinking.erase()
                 sys.stdout.write(piece)
                 sys.stdout.flush()
                 written = True

@@ -424,15 +424,17 @@ class Model:
                 try:
                     _on_a_thread_of_its_own(self._load)
                 except KeyboardInterrupt:
-                    if self.model is None:  # it came before the load began: nothing loaded
-                        self._release()
-                    else:  # it came during a load that then succeeded: keep it
-                        self._state = "loaded"
-                    self._listeners.tell(self._state)
+                    with _interrupts_recorded():  # a second Stop: this one is raised anyway
+                        if self.model is None:  # it came before the load began: nothing loaded
+                            self._release()
+                        else:  # it came during a load that then succeeded: keep it
+                            self._state = "loaded"
+                        self._listeners.tell(self._state)
                     raise
                 except BaseException:
-                    self._release()
-                    self._listeners.tell("failed")
+                    with _interrupts_recorded():  # a Stop now would leave half the release
+                        self._release()  # undone, while the error stops the cell anyway
+                        self._listeners.tell("failed")
                     raise
                 self._state = "loaded"
                 self._listeners.tell("loaded")

@@ -4,7 +4,9 @@ import contextlib
 import http.server
 import json
 import os
+import sys
 import threading
+import time
 
 import pytest
 
@@ -152,3 +154,149 @@ def web_server():
             yield url + "/v1"
 
     return serve
+
+
+CHUNK = completion("chat.completion.chunk", {"delta": {"content": "Hi"}, "finish_reason": None})
+END = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "stop"})
+SSE = {"content-type": "text/event-stream"}
+
+
+def thinking_chunk(field: str, text: str) -> str:
+    """A chunk of a reasoning model's thinking: vLLM and llama.cpp send it as
+    `reasoning_content`, Ollama (and newer vLLM) as `reasoning`; Ollama's content is ""."""
+    delta = {"content": ""} if field == "reasoning" else {}
+    return completion(
+        "chat.completion.chunk", {"delta": {**delta, field: text}, "finish_reason": None}
+    )
+
+
+@contextlib.contextmanager
+def thinking_server(answer: str = "Hi there"):
+    """A reasoning model's server on loopback: it streams a first piece of thinking, then
+    nothing until the test sets the event it yields with its URL (ending in /v1), then more
+    thinking and `answer`. HTTP/1.0: each stream ends when its connection closes."""
+    thought = threading.Event()
+    chunks = [
+        thinking_chunk("reasoning_content", " A greeting."),
+        completion("chat.completion.chunk", {"delta": {"content": answer}}),
+        END,
+        "[DONE]",
+    ]
+
+    class Thinker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(MODELS[2])
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            first = thinking_chunk("reasoning_content", "Let me see.")
+            self.wfile.write(f"data: {first}\n\n".encode())
+            self.wfile.flush()
+            thought.wait(120)  # longer than tests wait for "thinking…"
+            self.wfile.write("".join(f"data: {data}\n\n" for data in chunks).encode())
+
+        def log_message(self, *args):
+            pass
+
+    try:
+        with loopback_server(Thinker) as url:
+            yield url + "/v1", thought
+    finally:
+        thought.set()
+
+
+@pytest.fixture
+def stand_in():
+    """`stand_in(answers)`: an OpenAI-compatible stand-in on loopback (http.server) that
+    answers its chat completions in turn with `answers`, (status, headers, body) each (the last
+    from then on), and records their JSON bodies in `.requests`; /old/v1/... redirects to
+    /v1/... with the status `.redirect`, and a GET of /v1/chat/completions gets 405, as from
+    vLLM; each answer waits `.delay` seconds first. It yields the stand-in; `.url` ends in
+    /v1."""
+    import contextlib
+    import http.server
+    from types import SimpleNamespace
+
+    @contextlib.contextmanager
+    def serve(answers: list[tuple[int, dict[str, str], bytes]]):
+        state = SimpleNamespace(requests=[], redirect=301, delay=0.0)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in {"content-length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/old/"):
+                    self._send(state.redirect, {"location": self.path.removeprefix("/old")}, b"")
+                elif self.path == "/v1/models":
+                    self._send(200, {"content-type": "application/json"}, MODELS[2])
+                else:
+                    self._send(405, {"content-type": "application/json"},
+                               b'{"detail": "Method Not Allowed"}')  # fmt: skip
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path.startswith("/old/"):
+                    self.do_GET()
+                    return
+                state.requests.append(json.loads(body))
+                time.sleep(state.delay)
+                self._send(*(answers.pop(0) if len(answers) > 1 else answers[0]))
+
+            def log_message(self, *args):
+                pass
+
+        with loopback_server(Handler) as url:
+            state.url = url + "/v1"
+            yield state
+
+    return serve
+
+
+def interrupt_in_unload(release: threading.Event) -> None:
+    """Send a real SIGINT once the main thread waits in `Model.unload` (for the model's lock,
+    held by another thread) with its interrupts recorded, then `release` that thread."""
+    import signal
+
+    from llava_nb.models import Model
+
+    def waiting_in_unload() -> bool:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        handler = getattr(signal.getsignal(signal.SIGINT), "__qualname__", "")
+        in_unload = frame is not None and frame.f_code is Model.unload.__code__
+        return in_unload and handler.startswith("_interrupts_recorded.")
+
+    try:
+        deadline = time.monotonic() + 60
+        while not waiting_in_unload():
+            assert time.monotonic() < deadline, "the main thread never waited in unload"
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # most often taken in the lock's wait; later, it is still recorded
+    finally:
+        release.set()
+
+
+def holding_lock(model, release: threading.Event) -> threading.Thread:
+    """A thread holding `model`'s lock until `release`, as a panel's answer finishing does."""
+    held = threading.Event()
+
+    def answer_finishing() -> None:
+        with model._lock:
+            held.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=answer_finishing)
+    holder.start()
+    held.wait(60)
+    return holder

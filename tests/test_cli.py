@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from llava_nb.chat import Chat
-from tests.conftest import completion, events, loopback_server
+from tests.conftest import completion, events, loopback_server, thinking_chunk, thinking_server
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -576,48 +576,12 @@ def test_a_chat_with_an_adapter_on_a_server_names_the_terminal_fixes(web_server,
     assert not any(hint in result.stderr for hint in ("ln.Model", "chat.model", "use_adapter"))
 
 
-def _reasoning(text: str) -> str:
-    """A chunk of a reasoning model's thinking, as vLLM and llama.cpp stream it."""
-    return completion(
-        "chat.completion.chunk", {"delta": {"reasoning_content": text}, "finish_reason": None}
-    )
-
-
 def test_a_reasoning_model_shows_thinking_until_its_answer_starts():
     """A reasoning model streams no answer while it thinks (a minute at times): the chat
     looked hung. A terminal shows "thinking…" meanwhile, erased in place once the answer
     starts; the thinking itself is not shown, and a file of answers gets none of it."""
-    import http.server
-    import threading
-
-    thought = threading.Event()  # the test saw "thinking…": the server may answer
-    answer = completion("chat.completion.chunk", {"delta": {"content": "Hi there"}})
-    end = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "stop"})
-
-    class Thinker(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"object": "list", "data": [{"id": "m"}]}')
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["content-length"]))
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
-            self.wfile.write(f"data: {_reasoning('Let me see.')}\n\n".encode())
-            self.wfile.flush()
-            # longer than the test waits for "thinking…": shown only with the answer fails
-            thought.wait(120)
-            for data in (_reasoning(" A greeting."), answer, end, "[DONE]"):
-                self.wfile.write(f"data: {data}\n\n".encode())
-
-        def log_message(self, *args):
-            pass
-
-    with loopback_server(Thinker) as url:
-        child = _spawn("--model", f"{url}/v1")
+    with thinking_server() as (url, thought):
+        child = _spawn("--model", url)
         try:
             child.sendline("Hello?")
             child.expect_exact("thinking…", timeout=60)  # before any answer came
@@ -627,7 +591,7 @@ def test_a_reasoning_model_shows_thinking_until_its_answer_starts():
         erased = "\r" + " " * len("thinking…") + "\r"
         assert child.before.replace("\r\n", "\n") == erased + "Hi there\n\n"
         _quit_with_ctrl_d(child)
-        result = _run("chat", "--model", f"{url}/v1", stdin="Hello?\n")
+        result = _run("chat", "--model", url, stdin="Hello?\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Hi there\n" and "thinking" not in result.stderr
 
@@ -638,7 +602,9 @@ def test_a_reasoning_model_out_of_context_names_the_terminal_fix(web_server):
     usage = {"completion_tokens": 12, "prompt_tokens": 4084, "total_tokens": 4096}
     end = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "length"})
     end = json.dumps(json.loads(end) | {"usage": usage})
-    with web_server({"/v1/chat/completions": events(_reasoning("Hmm."), end, "[DONE]")}) as url:
+    with web_server(
+        {"/v1/chat/completions": events(thinking_chunk("reasoning_content", "Hmm."), end, "[DONE]")}
+    ) as url:
         result = _run("chat", "--model", url, "--max-new-tokens", "1000", stdin="Hello?\n")
     assert result.returncode == 1 and result.stdout == ""
     assert _said(result.stderr) == [

@@ -24,16 +24,23 @@ from IPython.utils.capture import capture_output
 
 from llava_nb.magics import Answer, LlavaMagics
 from llava_nb.models import REGISTRY
-from tests.conftest import events, loopback_server
-from tests.test_remote import CHUNK, END, SSE, _thought, stand_in
+from tests.conftest import (
+    CHUNK,
+    END,
+    SSE,
+    events,
+    holding_lock,
+    interrupt_in_unload,
+    loopback_server,
+    thinking_chunk,
+    thinking_server,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_QUESTION = "Describe every little detail of the picture please. " * 200  # > 1024 tokens
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-__all__ = ["stand_in"]  # a fixture shared with test_remote
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +301,7 @@ def test_a_front_end_that_ignores_display_updates_still_shows_a_kept_answer(shel
 def test_a_reasoning_model_on_a_server_shows_thinking_until_its_answer(shell, magics, stand_in):
     """A reasoning model sends no answer while it thinks (a minute at times): the cell showed
     "…" all the while, as if hung."""
-    thought = _thought("reasoning_content", "Let me see. ")
+    thought = thinking_chunk("reasoning_content", "Let me see. ")
     with stand_in([(200, SSE, events(thought, CHUNK, END, "[DONE]")[2])]) as server:
         cmd(shell, f"load {server.url}")
         result, cap = ask(shell, "", "Hello?")
@@ -587,16 +594,8 @@ def test_reload_ext_keeps_the_chats_settings_and_model(shell, magics):
 
 def test_a_cell_does_not_wait_on_a_model_busy_elsewhere(shell, magics):
     ask(shell, "", "First?")
-    model, held, release = magics.current, threading.Event(), threading.Event()
-
-    def panel_answering() -> None:  # another thread holds the model, as a panel's does
-        with model._lock:
-            held.set()
-            release.wait(120)
-
-    worker = threading.Thread(target=panel_answering)
-    worker.start()
-    held.wait(60)
+    release = threading.Event()
+    worker = holding_lock(magics.current, release)  # as a panel's answer does
     try:
         start = time.monotonic()
         _, cap = ask(shell, "", "Second?")
@@ -1128,52 +1127,13 @@ def test_values_read_as_text_where_markdown_is_not_shown(shell, magics):
     assert "**You:**" in shell.display_formatter.format(values[2])[0]["text/plain"]
 
 
-def _interrupt_unload(release: threading.Event) -> None:
-    """Send a real SIGINT once the main thread waits in `Model.unload` (for the model's lock,
-    held by another thread) with its interrupts recorded, then `release` that thread."""
-    import signal
-
-    from llava_nb.models import Model
-
-    def waiting_in_unload() -> bool:
-        frame = sys._current_frames().get(threading.main_thread().ident)
-        handler = getattr(signal.getsignal(SIGINT), "__qualname__", "")
-        in_unload = frame is not None and frame.f_code is Model.unload.__code__
-        return in_unload and handler.startswith("_interrupts_recorded.")
-
-    try:
-        deadline = time.monotonic() + 60
-        while not waiting_in_unload():
-            assert time.monotonic() < deadline, "the main thread never waited in unload"
-            time.sleep(0.001)
-        os.kill(os.getpid(), SIGINT)
-        time.sleep(0.2)  # most often taken in the lock's wait; later, it is still recorded
-    finally:
-        release.set()
-
-
-def _holding(model, release: threading.Event) -> threading.Thread:
-    """A thread holding `model`'s lock until `release`, as a panel's answer finishing does."""
-    held = threading.Event()
-
-    def answer_finishing() -> None:
-        with model._lock:
-            held.set()
-            release.wait(120)
-
-    holder = threading.Thread(target=answer_finishing)
-    holder.start()
-    held.wait(60)
-    return holder
-
-
 def test_an_interrupted_unload_releases_all_the_same_and_prints_one_line(shell, magics):
     """`%llava unload` interrupted (a real SIGINT) while it waits for an answer to finish:
     the model is released whole, and the interrupt is one line, not a traceback."""
     cmd(shell, "load")
     model, release = magics.current, threading.Event()
-    holder = _holding(model, release)
-    interrupter = threading.Thread(target=_interrupt_unload, args=(release,))
+    holder = holding_lock(model, release)
+    interrupter = threading.Thread(target=interrupt_in_unload, args=(release,))
     interrupter.start()
     try:
         _, cap = cmd(shell, "unload")
@@ -1201,9 +1161,9 @@ def test_an_interrupt_while_the_old_model_is_released_prints_one_line(shell, mag
     other = get_model(make_tiny_llava(tmp_path / "other", "llava"))
     other.load()  # loaded already: the command goes straight to releasing the old model
     release = threading.Event()
-    holder = _holding(old, release)
+    holder = holding_lock(old, release)
     try:
-        cap = _load_with_an_interrupt(shell, other.model_id, lambda: _interrupt_unload(release))
+        cap = _load_with_an_interrupt(shell, other.model_id, lambda: interrupt_in_unload(release))
     finally:
         release.set()
         holder.join()
@@ -1219,44 +1179,72 @@ def test_an_interrupt_while_the_old_model_is_released_prints_one_line(shell, mag
 # ---------------------------------------------------------------- terminal IPython
 
 
-def test_terminal_ipython_prints_the_streamed_answer_once(endless_llava, tmp_path):
-    """In IPython in a terminal (a real pty; displays are printed there, never updated) the
-    answer streams on one growing text, printed once: not a new line per partial answer, nor a
-    placeholder, nor the answer again as the cell's value."""
-    import pexpect
+class _TerminalIPython:
+    """IPython in a terminal (a real pty; displays are printed there, never updated), typed
+    into as a user does."""
 
-    env = {
-        **_env(),
-        "IPYTHONDIR": str(tmp_path / "ipython"),
-        "HF_HUB_OFFLINE": "1",
-        "TERM": "xterm",
-    }
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False"],
-        env=env,
-        encoding="utf-8",
-        timeout=120,
-        dimensions=(40, 200),
-    )
-    prompts = iter(range(1, 100))
-    child.expect(rf"In \[{next(prompts)}\]")
+    def __init__(self, tmp_path: Path) -> None:
+        import pexpect
 
-    def run(*lines: str, interrupt: bool = False) -> str:
-        """Type a cell as a user does (Esc-Enter runs it); what it printed, colours stripped.
-        With `interrupt`, Ctrl-C once the answer has begun to stream."""
+        env = {
+            **_env(),
+            "IPYTHONDIR": str(tmp_path / "ipython"),
+            "HF_HUB_OFFLINE": "1",
+            "TERM": "xterm",
+        }
+        self.child = pexpect.spawn(
+            sys.executable,
+            ["-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False"],
+            env=env,
+            encoding="utf-8",
+            timeout=120,
+            dimensions=(40, 200),
+        )
+        self.prompts = iter(range(1, 100))
+        self.child.expect(rf"In \[{next(self.prompts)}\]")
+
+    def type(self, *lines: str) -> None:
+        """Type a cell (Esc-Enter runs it) and wait until it runs."""
         for line in lines[:-1]:
-            child.send(line + "\r")
-        child.send(lines[-1] + "\x1b\r")
-        begun = ""
-        if interrupt:
-            child.expect("\x1b\\[\\?2004l.")  # the cell runs and has printed a first piece
-            begun = child.after
-            child.sendintr()
-        child.expect(rf"In \[{next(prompts)}\]")
-        printed = (begun + child.before).split("\x1b[?2004l")[-1]  # from where the cell ran
+            self.child.send(line + "\r")
+        self.child.send(lines[-1] + "\x1b\r")
+        self.child.expect("\x1b\\[\\?2004l")  # bracketed paste off: the cell runs
+
+    def printed(self, begun: str = "") -> str:
+        """What the running cell printed (after `begun`, already read), colours stripped."""
+        self.child.expect(rf"In \[{next(self.prompts)}\]")
+        printed = begun + self.child.before
         return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", printed).replace("\r\n", "\n")
 
+    def run(self, *lines: str, interrupt: bool = False) -> str:
+        """Type a cell; what it printed. With `interrupt`, Ctrl-C once the answer has begun to
+        stream."""
+        self.type(*lines)
+        begun = ""
+        if interrupt:
+            self.child.expect(".")  # a first piece of the answer
+            begun = self.child.after
+            self.child.sendintr()
+        return self.printed(begun)
+
+    def close(self) -> None:
+        import pexpect
+
+        try:
+            self.child.sendline("exit")
+            self.child.expect(pexpect.EOF, timeout=30)
+        except pexpect.ExceptionPexpect:
+            pass  # a test that failed mid-cell: its own error says why
+        finally:
+            self.child.close(force=True)
+
+
+def test_terminal_ipython_prints_the_streamed_answer_once(endless_llava, tmp_path):
+    """In IPython in a terminal the answer streams on one growing text, printed once: not a
+    new line per partial answer, nor a placeholder, nor the answer again as the cell's
+    value."""
+    ipython = _TerminalIPython(tmp_path)
+    run = ipython.run
     try:
         run("%load_ext llava_nb")
         run(f"%llava config model={endless_llava!r} max_new_tokens=12")
@@ -1275,13 +1263,30 @@ def test_terminal_ipython_prints_the_streamed_answer_once(endless_llava, tmp_pat
                 ".chats['default'].history[-1].__dict__, default=str))"
             ).strip()
         )
-        child.sendline("exit")
-        child.expect(pexpect.EOF)
     finally:
-        child.close(force=True)
+        ipython.close()
     assert answer and printed.strip("\n") == answer.strip("\n"), printed
     assert "Out[" not in printed and "…" not in printed
     # Ctrl-C: the partial answer stays on its line, marked; the chat keeps it
     assert last["question"] == "Go on and on." and last["interrupted"]
     assert stopped.rstrip("\n").endswith(" (interrupted)") and "Traceback" not in stopped
     assert last["answer"] and last["answer"].strip("\n") in stopped
+
+
+def test_terminal_ipython_shows_thinking_until_the_answer_starts(tmp_path):
+    """A server's reasoning model streams no answer while it thinks: a terminal IPython cell
+    shows "thinking…" meanwhile, as the terminal chat does, erased in place once the answer
+    starts."""
+    with thinking_server() as (url, thought):
+        ipython = _TerminalIPython(tmp_path)
+        try:
+            ipython.run("%load_ext llava_nb")
+            ipython.run(f"%llava load {url}")
+            ipython.type("%%llava", "Hello?")
+            ipython.child.expect_exact("thinking…", timeout=60)  # before any answer came
+            thought.set()
+            printed = ipython.printed()
+        finally:
+            ipython.close()
+    erased = "\r" + " " * len("thinking…") + "\r"
+    assert printed.startswith(erased + "Hi there\n"), repr(printed)

@@ -19,6 +19,7 @@ from llava_nb.models import (
     default_model_id,
     get_model,
 )
+from tests.conftest import holding_lock, interrupt_in_unload
 
 
 def _question(text="What is in this picture?", image=None):
@@ -653,6 +654,31 @@ def test_an_interrupt_before_the_load_began_leaves_the_model_unloaded(tiny_llava
     assert model.load().loaded
 
 
+def test_an_interrupt_while_a_failed_load_cleans_up_lets_it_finish(tmp_path, monkeypatch):
+    """A Stop pressed as a failed load released what it held cut the release short and took
+    the failure's place: the error line was lost, and views never heard "failed"."""
+    import signal
+
+    from transformers import LlamaConfig
+
+    from llava_nb import models
+
+    LlamaConfig(hidden_size=64, num_hidden_layers=1).save_pretrained(tmp_path / "llama")
+    trim = models._trim_process_heap
+
+    def interrupted_midway() -> None:
+        signal.raise_signal(signal.SIGINT)  # as a kernel's Stop, in the middle of the release
+        trim()
+
+    monkeypatch.setattr(models, "_trim_process_heap", interrupted_midway)
+    model = Model(str(tmp_path / "llama"))
+    events: list[str] = []
+    model.on_state_change(events.append)
+    with pytest.raises(ModelError, match="'llama' model, not LLaVA"):
+        model.load()
+    assert events == ["loading", "failed"] and model.status()["state"] == "unloaded"
+
+
 INTERRUPTED_LOAD = """
 import signal, sys, threading, time
 import llava_nb as ln
@@ -748,31 +774,6 @@ def test_unload_stops_an_answer_and_keeps_it(tiny_llava):
     assert chat.history == [turn] and chat.ask("Again?", max_new_tokens=2)  # loads again
 
 
-def _interrupt_while_unloading(release: threading.Event) -> threading.Thread:
-    """Send a real SIGINT to the process (as a kernel's Stop does) once the main thread waits
-    in `Model.unload` (for the model's lock, held elsewhere) with its interrupts recorded,
-    then `release`."""
-    import signal
-
-    def waiting_in_unload() -> bool:
-        frame = sys._current_frames().get(threading.main_thread().ident)
-        handler = getattr(signal.getsignal(signal.SIGINT), "__qualname__", "")
-        in_unload = frame is not None and frame.f_code is Model.unload.__code__
-        return in_unload and handler.startswith("_interrupts_recorded.")
-
-    def interrupt() -> None:
-        try:
-            _wait_until(waiting_in_unload)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.2)  # most often taken in the lock's wait; later, it is still recorded
-        finally:
-            release.set()
-
-    interrupter = threading.Thread(target=interrupt)
-    interrupter.start()
-    return interrupter
-
-
 def test_an_interrupt_during_unload_ends_the_release_then_reaches_the_caller(tiny_llava):
     """Ctrl-C while unload waits for an answer finishing on another thread (a panel's): cut
     short, the model stayed marked loaded with its weights. It releases whole, tells its
@@ -780,17 +781,10 @@ def test_an_interrupt_during_unload_ends_the_release_then_reaches_the_caller(tin
     model = Model(tiny_llava).load()
     events: list[str] = []
     model.on_state_change(events.append)
-    held, release = threading.Event(), threading.Event()
-
-    def answer_finishing() -> None:
-        with model._lock:
-            held.set()
-            release.wait(120)
-
-    holder = threading.Thread(target=answer_finishing)
-    holder.start()
-    held.wait(60)
-    interrupter = _interrupt_while_unloading(release)
+    release = threading.Event()
+    holder = holding_lock(model, release)
+    interrupter = threading.Thread(target=interrupt_in_unload, args=(release,))
+    interrupter.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             model.unload()

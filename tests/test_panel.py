@@ -27,11 +27,8 @@ from PIL import Image
 import llava_nb as ln
 from llava_nb.chat import same_turns
 from llava_nb.panel import MAX_UPLOAD_BYTES, THUMBNAIL_PX, UPDATE_INTERVAL_S, ChatPanel
-from tests.conftest import events
+from tests.conftest import CHUNK, END, SSE, events, thinking_chunk
 from tests.test_notebook import execute, kernel_env, no_traceback, results  # noqa: F401
-from tests.test_remote import CHUNK, END, SSE, _thought, stand_in
-
-__all__ = ["stand_in"]  # a fixture shared with test_remote
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "02_chat_panel.ipynb"
@@ -813,7 +810,7 @@ def test_panel_notebook_runs_headless(kernel_env, tmp_path):  # noqa: F811
 def test_a_reasoning_model_on_a_server_shows_thinking_until_its_answer(stand_in):
     """A reasoning model sends no answer while it thinks (a minute at times): the panel showed
     "…" all the while, as if hung. Now `thinking` says so, until the answer's first piece."""
-    thought = _thought("reasoning_content", "Let me see. ")
+    thought = thinking_chunk("reasoning_content", "Let me see. ")
     with stand_in([(200, SSE, events(thought, thought, CHUNK, END, "[DONE]")[2])]) as server:
         chat = ln.Chat(server.url)
         panel, seen = ChatPanel(chat), []

@@ -10,7 +10,7 @@ import pytest
 import llava_nb as ln
 from llava_nb.models import ContextFullError, GenerationError, ModelError, get_model
 from llava_nb.remote import RemoteModel, is_remote
-from tests.conftest import MODELS, completion, events, loopback_server
+from tests.conftest import CHUNK, END, MODELS, SSE, completion, events, thinking_chunk
 
 
 def _closed_port() -> int:
@@ -269,8 +269,6 @@ def test_a_url_that_is_not_a_model_server_is_one_clear_error(web_server):
             assert chat.history == []
 
 
-CHUNK = completion("chat.completion.chunk", {"delta": {"content": "Hi"}, "finish_reason": None})
-END = completion("chat.completion.chunk", {"delta": {}, "finish_reason": "stop"})
 ANSWER = completion(
     "chat.completion", {"message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
 )
@@ -315,59 +313,6 @@ def test_a_host_that_never_answers_is_given_up_on(monkeypatch):
         assert time.monotonic() - started < 10
 
 
-@pytest.fixture
-def stand_in():
-    """`stand_in(answers)`: an OpenAI-compatible stand-in on loopback (http.server) that
-    answers its chat completions in turn with `answers`, (status, headers, body) each (the last
-    from then on), and records their JSON bodies in `.requests`; /old/v1/... redirects to
-    /v1/... with the status `.redirect`, and a GET of /v1/chat/completions gets 405, as from
-    vLLM; each answer waits `.delay` seconds first. It yields the stand-in; `.url` ends in
-    /v1."""
-    import contextlib
-    import http.server
-    from types import SimpleNamespace
-
-    @contextlib.contextmanager
-    def serve(answers: list[tuple[int, dict[str, str], bytes]]):
-        state = SimpleNamespace(requests=[], redirect=301, delay=0.0)
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
-                self.send_response(status)
-                for name, value in {"content-length": str(len(body)), **headers}.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                if self.path.startswith("/old/"):
-                    self._send(state.redirect, {"location": self.path.removeprefix("/old")}, b"")
-                elif self.path == "/v1/models":
-                    self._send(200, {"content-type": "application/json"}, MODELS[2])
-                else:
-                    self._send(405, {"content-type": "application/json"},
-                               b'{"detail": "Method Not Allowed"}')  # fmt: skip
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                if self.path.startswith("/old/"):
-                    self.do_GET()
-                    return
-                state.requests.append(json.loads(body))
-                time.sleep(state.delay)
-                self._send(*(answers.pop(0) if len(answers) > 1 else answers[0]))
-
-            def log_message(self, *args):
-                pass
-
-        with loopback_server(Handler) as url:
-            state.url = url + "/v1"
-            yield state
-
-    return serve
-
-
-SSE = {"content-type": "text/event-stream"}
 ANSWERED = (200, SSE, events(CHUNK, END, "[DONE]")[2])
 
 
@@ -579,15 +524,6 @@ def test_a_chat_with_an_adapter_is_not_answered_by_a_server_without_it(stand_in,
             Chat.load(saved, model=server.url).ask("Hello?")
 
 
-def _thought(field: str, text: str) -> str:
-    """A chunk of a reasoning model's thinking: vLLM and llama.cpp send it as
-    `reasoning_content`, Ollama (and newer vLLM) as `reasoning`; Ollama's content is ""."""
-    delta = {"content": ""} if field == "reasoning" else {}
-    return completion(
-        "chat.completion.chunk", {"delta": {**delta, field: text}, "finish_reason": None}
-    )
-
-
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
 def test_a_reasoning_model_that_only_thought_is_one_clear_error(stand_in, field):
     """A reasoning model out of tokens while thinking sends only its reasoning: the answer
@@ -597,7 +533,7 @@ def test_a_reasoning_model_that_only_thought_is_one_clear_error(stand_in, field)
         end = completion("chat.completion.chunk", {"delta": {}, "finish_reason": finish})
         return 200, SSE, events(*chunks, *([end] if finish else []), "[DONE]")[2]
 
-    thinking = [_thought(field, "Let me see. "), _thought(field, "The user greets me.")]
+    thinking = [thinking_chunk(field, "Let me see. "), thinking_chunk(field, "The user greets me.")]
     with stand_in([answer("length", *thinking)]) as server:
         chat = ln.Chat(server.url, max_new_tokens=40)
         spent = (
@@ -639,7 +575,7 @@ def test_a_reasoning_model_out_of_context_names_the_context_not_max_new_tokens(s
     usage = {**finish, "choices": [], "usage": LLAMA_CPP_USAGE}
     if not own_chunk:
         finish |= {"usage": LLAMA_CPP_USAGE, "timings": {"prompt_n": 4084, "predicted_n": 12}}
-    chunks = [_thought("reasoning_content", "Let me see."), json.dumps(finish)]
+    chunks = [thinking_chunk("reasoning_content", "Let me see."), json.dumps(finish)]
     body = events(*chunks, *([json.dumps(usage)] if own_chunk else []), "[DONE]")[2]
     with stand_in([(200, SSE, body)]) as server:
         spent = f"^{server.url} spent all 12 tokens \\(max_new_tokens\\) on its model's reasoning"
@@ -662,7 +598,10 @@ def test_a_reasoning_model_s_thinking_streams_to_its_listeners_before_the_answer
     """A reasoning model streams no answer while it thinks (a minute at times), so a view
     showed nothing, as if hung: the thinking now reaches `on_reasoning` as it streams (hooked
     on the chat's "start"), and `thinking` says so until the answer starts."""
-    thinking = [_thought("reasoning_content", "Let me see. "), _thought("reasoning", "Hello.")]
+    thinking = [
+        thinking_chunk("reasoning_content", "Let me see. "),
+        thinking_chunk("reasoning", "Hello."),
+    ]
     with stand_in([(200, SSE, events(*thinking, CHUNK, END, "[DONE]")[2])]) as server:
         chat, seen = ln.Chat(server.url), []
 
@@ -682,7 +621,10 @@ def test_a_reasoning_model_s_thinking_streams_to_its_listeners_before_the_answer
 def test_chat_on_thinking_follows_every_answer_until_unsubscribed(stand_in):
     """`Chat.on_thinking` is what views hook (cells, the terminal, a panel): it reaches each
     answer's generation as it starts, and after unsubscribing, nothing more."""
-    thinking = [_thought("reasoning_content", "Let me see. "), _thought("reasoning", "Hi?")]
+    thinking = [
+        thinking_chunk("reasoning_content", "Let me see. "),
+        thinking_chunk("reasoning", "Hi?"),
+    ]
     body = events(*thinking, CHUNK, END, "[DONE]")[2]
     with stand_in([(200, SSE, body)]) as server:
         chat, seen = ln.Chat(server.url), []
