@@ -642,8 +642,14 @@ def test_an_interrupt_as_the_handler_is_put_back_still_waits_for_the_load(monkey
 def test_an_interrupt_before_the_load_began_leaves_the_model_unloaded(tiny_llava, monkeypatch):
     from llava_nb import models
 
+    recorded = models._interrupts_recorded
+    calls = []
+
     def interrupted():
-        raise KeyboardInterrupt  # before the load thread could start
+        calls.append(True)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # before the load thread could start
+        return recorded()  # the clean-up's own
 
     monkeypatch.setattr(models, "_interrupts_recorded", interrupted)
     model = Model(tiny_llava)
