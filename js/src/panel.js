@@ -252,14 +252,22 @@ function render({ model, el }) {
   // this view cannot apply (it opened mid-answer, or missed one) until the kernel sends it whole.
   let liveText = "";
   let synced = true;
-  let askedWhole = -Infinity;
+  let resyncTimer = null;
   function askWhole() {
     synced = false;
-    // asked again (once a second at most) while changes come and it does not: after a reload
-    // the first request was seen to go unanswered
-    if (performance.now() - askedWhole < 1000) return;
-    askedWhole = performance.now();
+    if (resyncTimer !== null) return; // asked already: asking again each second
     post({ type: "resync" });
+    // asked again each second until the answer comes (or is over, drawn as a turn): after a
+    // reload requests were seen to go unanswered, and asking again only on the answer's next
+    // change never asked again once its last change had come
+    resyncTimer = setInterval(() => {
+      if (synced || !answering()) {
+        clearInterval(resyncTimer);
+        resyncTimer = null;
+      } else {
+        post({ type: "resync" });
+      }
+    }, 1000);
   }
   function applyLive(offset, text) {
     if (offset === 0) {
@@ -539,6 +547,7 @@ function render({ model, el }) {
 
   return () => {
     clearTimeout(liveRedraw);
+    clearInterval(resyncTimer);
     resized.disconnect();
     model.off("change:turns", onMessages);
     model.off("change:live_question", onMessages);
