@@ -652,7 +652,10 @@ class ChatSession:
                     self._out(self._shown(piece))
                     printed += piece
         except KeyboardInterrupt:
-            self._out(INTERRUPTED + self._end)
+            # the tokens made as the interrupt came are kept too: shown, the text is what is kept
+            answer = chat.history[-1].answer if len(chat.history) > turns else printed
+            rest = answer[len(printed) :] if answer.startswith(printed) else ""
+            self._out(self._shown(rest) + INTERRUPTED + self._end)
             if not self.interactive:
                 raise  # piped: Ctrl-C ends the run
         except LlavaError as e:

@@ -768,19 +768,22 @@ def _print_stream(chat, pieces) -> tuple[str, bool]:
     recorded it, and whether it was interrupted."""
     from llava_nb.cli import thinking_shown
 
-    turns, written = len(chat.history), False
+    turns, printed = len(chat.history), ""
     try:
         with closing(pieces), thinking_shown(chat, sys.stdout) as thinking:
             for piece in pieces:
                 thinking.erase()
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-                written = True
+                printed += piece
     except KeyboardInterrupt:
-        print(" (interrupted)", flush=True)
-        return (chat.history[-1].answer if len(chat.history) > turns else ""), True
+        answer = chat.history[-1].answer if len(chat.history) > turns else ""
+        # the tokens made as the interrupt came are kept too: shown, the text is what is kept
+        rest = answer[len(printed) :] if answer.startswith(printed) else ""
+        print(rest + " (interrupted)", flush=True)
+        return answer, True
     except BaseException:
-        if written:  # the error line goes on a line of its own
+        if printed:  # the error line goes on a line of its own
             print(flush=True)
         raise
     print(flush=True)
