@@ -740,7 +740,7 @@ def test_a_streaming_answer_keeps_the_selection_and_reaches_every_view(browser, 
         assert texts[0] == texts[1]
 
         # the page reloaded mid-answer: its views start from all the answer has so far. The
-        # kernel records the panel's messages: in some runs (8 of 27 here) none sent from the
+        # kernel records the panel's messages: in about 1 run in 3 here none sent from the
         # reloaded page reached the kernel at all, while the kernel's reached the views: the
         # page's channel to the kernel, not the panel, and the test says so then
         received = tmp_path / "received"
