@@ -654,7 +654,7 @@ class ChatSession:
         except KeyboardInterrupt:
             # the tokens made as the interrupt came are kept too: shown, the text is what is kept
             answer = chat.history[-1].answer if len(chat.history) > turns else printed
-            rest = answer[len(printed) :] if answer.startswith(printed) else ""
+            rest = unshown(answer, printed)
             self._out(self._shown(rest) + INTERRUPTED + self._end)
             if not self.interactive:
                 raise  # piped: Ctrl-C ends the run
@@ -664,7 +664,7 @@ class ChatSession:
             self._fail(f"{e}{self._pending_hint() if len(chat.history) == turns else ''}")
         else:
             answer = chat.history[-1].answer if len(chat.history) > turns else printed
-            rest = answer[len(printed) :] if answer.startswith(printed) else ""
+            rest = unshown(answer, printed)
             self._out(self._shown(rest) + self._end)
         finally:
             if len(chat.history) > turns:  # the question was asked: its images are in the chat
@@ -856,6 +856,12 @@ class _ThinkingLine:
             self.stream.write("\r" + " " * len(THINKING) + "\r")
             self.stream.flush()
         self.shown, self.over = False, True
+
+
+def unshown(answer: str, printed: str) -> str:
+    """What the chat kept of `answer` beyond the `printed` pieces (tokens made as the stream
+    ended or was interrupted); nothing when the kept text does not continue what was shown."""
+    return answer[len(printed) :] if answer.startswith(printed) else ""
 
 
 @contextmanager

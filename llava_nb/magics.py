@@ -766,7 +766,7 @@ def _print_stream(chat, pieces) -> tuple[str, bool]:
     """Print the answer as it grows, on one text, as a terminal chat does (with its
     "thinking…" while a server's reasoning model thinks). Returns the answer as the chat
     recorded it, and whether it was interrupted."""
-    from llava_nb.cli import thinking_shown
+    from llava_nb.cli import thinking_shown, unshown
 
     turns, printed = len(chat.history), ""
     try:
@@ -779,7 +779,7 @@ def _print_stream(chat, pieces) -> tuple[str, bool]:
     except KeyboardInterrupt:
         answer = chat.history[-1].answer if len(chat.history) > turns else ""
         # the tokens made as the interrupt came are kept too: shown, the text is what is kept
-        rest = answer[len(printed) :] if answer.startswith(printed) else ""
+        rest = unshown(answer, printed)
         print(rest + " (interrupted)", flush=True)
         return answer, True
     except BaseException:
